@@ -114,10 +114,15 @@ def export(model, out, tower, precision, normalize, opset, force, arch):
 @main.command()
 @click.argument("model")
 @click.option("--images", "images_dir", default=None, type=click.Path(), help="Probe image folder.")
-@click.option("--labels", "labels_path", default=None, type=click.Path(), help="Labels CSV for the images.")
-@click.option("--tower", type=click.Choice(["vision", "text", "both"]), default="vision", show_default=True)
-@click.option("--attributes", default=None, help="Protected attribute column (default: from the labels).")
-@click.option("--top-k", type=int, default=3, show_default=True, help="Heads the proposed plan soft-prunes.")
+@click.option("--labels", "labels_path", default=None, type=click.Path(),
+              help="Labels CSV for the images (also adds scores along supervised CAVs).")
+@click.option("--tower", type=click.Choice(["vision", "text", "both"]), default="vision", show_default=True,
+              help="text: audited from prompts, no images needed (with --images the bias is measured on them).")
+@click.option("--attributes", default=None,
+              help="Protected attribute (default: the labels' column; a world: its group; else gender for text).")
+@click.option("--prompts", "prompts_path", default=None, type=click.Path(),
+              help="Group prompts per attribute, JSON/YAML {attribute: {group: [prompts]}} (default: built-in).")
+@click.option("--top-k", type=int, default=3, show_default=True, help="Heads the proposed plan soft-prunes (per tower).")
 @click.option("--k", type=int, default=50, show_default=True, help="MaxSkew@K.")
 @click.option("--n-probe", type=int, default=1200, show_default=True, help="World models: probe images generated.")
 @click.option("--ablation", type=click.Choice(["mean", "zero"]), default="mean", show_default=True)
@@ -125,45 +130,75 @@ def export(model, out, tower, precision, normalize, opset, force, arch):
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @_user_errors
-def audit(model, images_dir, labels_path, tower, attributes, top_k, k, n_probe, ablation, no_sweep, batch_size, out_dir):
+def audit(model, images_dir, labels_path, tower, attributes, prompts_path, top_k, k, n_probe, ablation, no_sweep,
+          batch_size, out_dir):
     """Locate bias in single attention heads; write audit.json, heatmaps, report.md and plan.json."""
     from .audit import AuditOptions, audit_vision
     from .audit_report import write_audit
+    from .audit_text import (TextAuditOptions, audit_text, image_embeddings, supervised_image_cavs,
+                             supervised_vision_scores, text_probe, world_text_probe)
+    from .cav import prompt_set
     from .loading import load
     from .probe import folder_probe_set, world_probe_set
     from .world_checkpoint import world_params_of
 
-    if tower != "vision":
-        raise click.ClickException("text-tower audit is not available yet; use --tower vision (it needs images)")
     if (images_dir is None) != (labels_path is None):
         raise click.UsageError("--images and --labels go together")
+    attribute = attributes.split(",")[0] if attributes else None
     loaded = load(model)
-    extra = []
+    params = world_params_of(loaded)
+    extra, probe = [], None
     if images_dir:
-        probe = folder_probe_set(images_dir, labels_path, attributes.split(",")[0] if attributes else None,
-                                 loaded.preprocess)
-    else:
-        params = world_params_of(loaded)
+        probe = folder_probe_set(images_dir, labels_path, attribute, loaded.preprocess)
+    elif tower != "text":
         if params is None:
             raise click.ClickException(
                 f"the vision audit needs probe images: pass --images DIR --labels CSV "
-                f"({model} carries no world to generate them from)")
+                f"({model} carries no world to generate them from); --tower text audits from prompts")
         probe = world_probe_set(params, loaded.preprocess, n_probe)
-        extra = [f"a {params.group_word(g)} shape" for g in range(params.n_groups)] + \
-                [f"a {c}" for c in params.concepts]
-    options = AuditOptions(k=k, top_k=top_k, batch_size=batch_size, ablation=ablation, sweep=not no_sweep)
-    bar = _StageBar()
-    result = audit_vision(loaded.model, probe, loaded.tokenizer, options, extra, progress=bar)
+        extra = [f"a {params.group_word(g)} shape" for g in range(params.n_groups)] + [f"a {c}" for c in params.concepts]
+    text_probe_set = None
+    if tower != "vision":  # build (and so validate) the prompts before any model pass
+        attr = attribute or (probe.attribute if probe is not None else ("group" if params is not None else "gender"))
+        if params is not None and attr == "group" and prompts_path is None:
+            text_probe_set = world_text_probe(params)
+        else:
+            text_probe_set = text_probe(attr, prompt_set(attr, prompts_path))
+    image_emb = cavs = None
+    if labels_path:  # supervised CAVs from the labelled images
+        image_emb = image_embeddings(loaded.model, probe, batch_size)
+        cavs = supervised_image_cavs(loaded.model, probe, batch_size, image_emb)
+    result = text_result = None
+    if tower != "text":
+        options = AuditOptions(k=k, top_k=top_k, batch_size=batch_size, ablation=ablation, sweep=not no_sweep)
+        result = audit_vision(loaded.model, probe, loaded.tokenizer, options, extra, progress=_StageBar())
+        if cavs is not None:
+            result.scores.update(supervised_vision_scores(loaded.model, probe, cavs, batch_size))
+        result.plan.source = {"arch": loaded.arch, "sha256": loaded.sha256}
+    if text_probe_set is not None:
+        options = TextAuditOptions(k=k, top_k=top_k, batch_size=batch_size, ablation=ablation,
+                                   sweep=not no_sweep)
+        text_result = audit_text(loaded.model, loaded.tokenizer, text_probe_set, options, images=probe,
+                                 image_emb=image_emb, supervised=cavs)
+        text_result.plan.source = {"arch": loaded.arch, "sha256": loaded.sha256}
     context = {"model": loaded.source, "sha256": loaded.sha256, "ablation": ablation,
-               "conventions": {"k": k, "target": "uniform", "reduce": "mean", "zero_count": 1.0},
-               "probe": {"n_images": len(probe), "attribute": probe.attribute, "n_queries": len(probe.queries),
-                         **probe.source}}
-    result.plan.source = {"arch": loaded.arch, "sha256": loaded.sha256}
-    write_audit(out_dir, result, context)
-    click.echo(f"unedited: mean MaxSkew@{k} {result.baseline.get('max_skew', float('nan')):.4f}")
-    if result.spearman_gradient_vs_ablation is not None:
-        click.echo(f"Spearman (d) gradient vs (c) ablation: {result.spearman_gradient_vs_ablation:.3f}")
-    click.echo("top heads: " + ", ".join(f"L{l}.H{h}" for l, h in result.cheap_rank[:top_k]))
+               "conventions": {"k": k, "target": "uniform", "reduce": "mean", "zero_count": 1.0}}
+    if probe is not None:
+        context["probe"] = {"n_images": len(probe), "attribute": probe.attribute, "n_queries": len(probe.queries),
+                            **probe.source}
+    write_audit(out_dir, result, context, text=text_result)
+    if result is not None:
+        click.echo(f"unedited: mean MaxSkew@{k} {result.baseline.get('max_skew', float('nan')):.4f}")
+        if result.spearman_gradient_vs_ablation is not None:
+            click.echo(f"Spearman (d) gradient vs (c) ablation: {result.spearman_gradient_vs_ablation:.3f}")
+        click.echo("top heads: " + ", ".join(f"L{l}.H{h}" for l, h in result.cheap_rank[:top_k]))
+    if text_result is not None:
+        measure = text_result.measure
+        click.echo(f"text tower: unedited {measure} {text_result.baseline[measure]:.4f}")
+        if text_result.spearman_gradient_vs_ablation is not None:
+            click.echo(f"text tower: Spearman (d) gradient vs (c) ablation: "
+                       f"{text_result.spearman_gradient_vs_ablation:.3f}")
+        click.echo("text tower top heads: " + ", ".join(f"L{l}.H{h}" for l, h in text_result.cheap_rank[:top_k]))
     click.echo(f"wrote {out_dir}/audit.json, report.md, plan.json and heatmaps")
 
 
