@@ -74,9 +74,6 @@ def main() -> None:
     if args.memory_child:
         memory_child(args.memory_child, args.device)
         return
-    from surgery.ablation import SweepOptions, ablation_sweep, evaluate_head_set, head_means
-    from surgery.audit import text_embeddings
-
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     model, probe, tokenizer = setup(args.n, args.device)
     with torch.no_grad():
@@ -100,8 +97,16 @@ def main() -> None:
     print(f"1. plain forward {plain:.2f} s | audit (a, b, d) {audit:.2f} s | ratio {audit / plain:.2f} (target <= 3)"
           f" | stages {json.dumps({k: round(v, 2) for k, v in result.timings.items()})}")
 
-    if "sweep" in args.skip:
-        return
+    if "sweep" not in args.skip:
+        sweep_ratio(args, tokenizer, sync)
+    if "memory" not in args.skip:
+        memory_rows(args)
+
+
+def sweep_ratio(args, tokenizer, sync) -> None:
+    from surgery.ablation import SweepOptions, ablation_sweep, evaluate_head_set, head_means
+    from surgery.audit import text_embeddings
+
     small, small_probe, _ = setup(args.sweep_n, args.device)
     queries = text_embeddings(small, small_probe.queries, tokenizer)
     means = head_means(small, small_probe)
@@ -118,6 +123,8 @@ def main() -> None:
     print(f"2. sweep of 144 heads on {args.sweep_n} images: reuse {sweep:.1f} s | naive {naive:.1f} s "
           f"(12 heads measured x 12) | naive/reuse {naive / sweep:.2f}")
 
+
+def memory_rows(args) -> None:
     rows = []
     for n in (args.n // 4, args.n):
         out = subprocess.run([sys.executable, __file__, "--memory-child", str(n), "--device", args.device],

@@ -22,7 +22,7 @@ from torch import nn
 
 from . import metrics
 from .attention import HeadMaskedAttention, head_masked
-from .decompose import final_linear_parts, tower_inputs
+from .decompose import final_linear_parts, pooled_embedding, pooled_forward, tower_inputs
 from .probe import ProbeSet
 from .towers import TowerView, get_towers
 
@@ -172,6 +172,33 @@ def soft_max_skew(scores: torch.Tensor, groups: torch.Tensor, n_groups: int, thr
     return (share * torch.log(share * n_groups + 1e-12)).sum(1).mean()
 
 
+def pooled_scores(model: nn.Module, probe: ProbeSet, query_emb: torch.Tensor, batch_size: int = 64,
+                  backend: str = "auto") -> torch.Tensor:
+    """(Q, N) cosine scores of the queries against the unedited model's image embeddings (a
+    no-grad pass that runs the last block for the class token only)."""
+    view = get_towers(model)["vision"]
+    device = next(model.parameters()).device
+    q_emb = query_emb.to(device)
+    out = []
+    with torch.no_grad(), head_masked(model, towers=("vision",), backend=backend):
+        for imgs, _ in probe.batches(batch_size):
+            x, mask, index = tower_inputs(model, "vision", imgs.to(device))
+            residual, _, _ = pooled_forward(view, x, mask, index)
+            out.append((q_emb @ F.normalize(pooled_embedding(view, residual), dim=-1).T).cpu())  # (Q, b)
+    return torch.cat(out, dim=1)
+
+
+def surrogate_gradient(scores: torch.Tensor, groups: torch.Tensor, n_groups: int, k: int) -> tuple[torch.Tensor, float]:
+    """dS/dscores (Q, N) and S for the soft MaxSkew surrogate with its constants fixed at ``scores``."""
+    scores = scores.detach().clone()
+    threshold, tau = soft_topk_params(scores, k)
+    scores.requires_grad_(True)
+    with torch.enable_grad():
+        value = soft_max_skew(scores, groups, n_groups, threshold, tau)
+        (d_scores,) = torch.autograd.grad(value, scores)  # (Q, N)
+    return d_scores, value.item()
+
+
 def gradient_scores(model: nn.Module, probe: ProbeSet, query_emb: torch.Tensor, means: torch.Tensor | None,
                     k: int = 50, batch_size: int = 64, backend: str = "auto",
                     scores: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
@@ -180,38 +207,43 @@ def gradient_scores(model: nn.Module, probe: ProbeSet, query_emb: torch.Tensor, 
     S is :func:`soft_max_skew` of the neutral queries. With ``means`` each head moves along the
     mean-ablation direction (z_h - mean_h), else toward 0. Exact and streamed in two passes: the
     scores (Q, N) and dS/dscores without a graph (pass ``scores`` if already computed, e.g. by
-    the decomposition pass), then one backward per batch of ``sum(dS/ds * s)`` through the network
-    to the head scales; weights are frozen for it, so no weight gradient is computed.
+    the decomposition pass), then one forward and backward per batch of ``sum(dS/ds * s)`` to the
+    head scales alone: weights are frozen (no weight gradient), the input needs none, and the last
+    block runs for the class token only (:func:`surgery.decompose.pooled_forward`).
     """
+    if scores is None:
+        scores = pooled_scores(model, probe, query_emb, batch_size, backend)
+    d_scores, value = surrogate_gradient(scores, probe.groups, len(probe.group_names), k)
+    return head_scale_gradient(model, probe, query_emb, d_scores, means, batch_size, backend), value
+
+
+def head_scale_gradient(model: nn.Module, probe: ProbeSet, query_emb: torch.Tensor, d_scores: torch.Tensor,
+                        means: torch.Tensor | None, batch_size: int = 64, backend: str = "auto") -> torch.Tensor:
+    """(L, H): ``sum_qi d_scores[q, i] * d score_qi / d s_h`` at s = 1 (mean fill with ``means``)."""
     tower = "vision"
     view = get_towers(model)[tower]
     device = next(model.parameters()).device
     q_emb = query_emb.to(device)
-    n_groups = len(probe.group_names)
     frozen = [p for p in model.parameters() if p.requires_grad]
-    with head_masked(model, towers=(tower,), backend=backend), _frozen(frozen):
-        if scores is None:
-            with torch.no_grad():
-                scores = torch.cat([(q_emb @ _encode(model, view, imgs.to(device)).T).cpu()
-                                    for imgs, _ in probe.batches(batch_size)], dim=1)  # (Q, N)
-        scores = scores.detach().clone()
-        threshold, tau = soft_topk_params(scores, k)
-        scores.requires_grad_(True)
-        value = soft_max_skew(scores, probe.groups, n_groups, threshold, tau)
-        (d_scores,) = torch.autograd.grad(value, scores)  # (Q, N)
-        mask = torch.ones(view.n_layers, view.n_heads, device=device, requires_grad=True)
+    mask = torch.ones(view.n_layers, view.n_heads, device=device, dtype=q_emb.dtype, requires_grad=True)
+    grad = torch.zeros(view.n_layers, view.n_heads, device=device, dtype=q_emb.dtype)
+    with head_masked(model, towers=(tower,), backend=backend), _frozen(frozen), torch.enable_grad():
         for layer, block in enumerate(view.blocks):
             block.attn.set_head_mask(mask[layer])
             block.attn.set_head_fill(means[layer].to(device) if means is not None else None)
         try:
             for imgs, sl in probe.batches(batch_size):
-                emb = _encode(model, view, imgs.to(device))  # (b, D)
-                ((q_emb @ emb.T) * d_scores[:, sl].to(device)).sum().backward()
+                x, attn_mask, index = tower_inputs(model, tower, imgs.to(device))
+                residual, _, _ = pooled_forward(view, x, attn_mask, index)
+                emb = F.normalize(pooled_embedding(view, residual), dim=-1)  # (b, D)
+                seed = d_scores[:, sl].to(device=device, dtype=emb.dtype)  # (Q, b)
+                (g,) = torch.autograd.grad(((seed.T @ q_emb) * emb).sum(), mask)
+                grad += g
         finally:
             for block in view.blocks:
                 block.attn.set_head_mask(None)
                 block.attn.set_head_fill(None)
-    return mask.grad.detach().cpu(), value.item()
+    return grad.detach().cpu()
 
 
 @contextlib.contextmanager
@@ -234,12 +266,15 @@ def _encode(model: nn.Module, view: TowerView, images: torch.Tensor, post=None) 
 @torch.no_grad()
 def evaluate_head_set(model: nn.Module, probe: ProbeSet, heads, means: torch.Tensor | None,
                       query_emb: torch.Tensor, class_emb: torch.Tensor | None = None, k: int = 50,
-                      batch_size: int = 256, backend: str = "auto", post=None) -> dict:
+                      batch_size: int = 256, backend: str = "auto", post=None,
+                      caption_emb: torch.Tensor | None = None) -> dict:
     """Mean MaxSkew@K (and concept accuracy) with ``heads`` ablated together (mean if ``means``).
 
     ``heads``: a list of (layer, head) removed entirely, or a dict (layer, head) -> kept scale.
     ``post``: optional map applied to the (unnormalised) embeddings, e.g. an embedding-site
     neuron deactivation (residual-site ones run as hooks on the final norm by themselves).
+    ``caption_emb (N, D)``: the text embedding of each probe image's caption (``probe.captions``);
+    adds ``recall``, text->image hit@5 with identical captions merged.
     """
     view = get_towers(model)["vision"]
     device = next(model.parameters()).device
@@ -262,4 +297,8 @@ def evaluate_head_set(model: nn.Module, probe: ProbeSet, heads, means: torch.Ten
     out = {"max_skew": float(metrics.max_skew_at_k(query_emb @ emb.T, probe.groups, k, len(probe.group_names)).mean())}
     if class_emb is not None:
         out["accuracy"] = float(((class_emb @ emb.T).argmax(0) == probe.concepts).double().mean())
+    if caption_emb is not None:
+        from .probe import caption_recall
+
+        out["recall"] = caption_recall(emb, caption_emb, probe.captions)
     return out

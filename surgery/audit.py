@@ -30,7 +30,9 @@ from . import metrics
 from .ablation import SweepOptions, ablation_sweep, gradient_scores
 from .cav import zero_shot_cavs
 from .head_scores import GroupAccuracyAccumulator, SeparationAccumulator, mean_rank, spearman
-from .decompose import decompose
+from .attention import head_masked
+from .decompose import (decompose, final_linear_parts, head_contributions, pooled_embedding,  # noqa: F401
+                        pooled_forward, tower_inputs)
 from .errors import SurgeryError
 from .plan import HeadEdit, SurgeryPlan
 from .probe import ProbeSet
@@ -103,28 +105,40 @@ def text_embeddings(model: nn.Module, texts: list[str], tokenizer: dict) -> torc
 
 
 def projections(model: nn.Module, probe: ProbeSet, directions: torch.Tensor, batch_size: int,
-                keep_layers: int = 0, keep_images: int = 0, query_emb: torch.Tensor | None = None):
+                keep_layers: int = 0, keep_images: int = 0, query_emb: torch.Tensor | None = None,
+                backend: str = "sdpa"):
     """One streamed decomposition pass: head contributions projected on ``directions`` (K, D),
     (N, L, H, K); the full contributions (n_keep, keep_layers, H, D) of the last ``keep_layers``
     layers for the first ``keep_images`` images (for TextSpan) or None; and, with ``query_emb``
     (Q, D), the queries' cosine scores against the embeddings (Q, N) or None; and every head's
     mean output over images and tokens (L, H, d), for mean ablation.
+
+    Only the class token's head outputs are projected (never every token's), straight onto the
+    directions: ``c . u = (gamma * centre(W_O z)) / sigma . (P u)`` (:mod:`surgery.decompose`),
+    and the last block runs for the class token only (:func:`surgery.decompose.pooled_forward`).
     """
+    view = get_towers(model)["vision"]
     device = next(model.parameters()).device
     dirs = directions.to(device)
     out, kept, scores = [], [], []
     n_kept, sums, count = 0, None, 0
-    for images, _ in probe.batches(batch_size):
-        dec = decompose(model, "vision", images.to(device))
-        sums = dec.head_sums.double() if sums is None else sums + dec.head_sums.double()
-        count += images.shape[0] * _n_tokens(model)
-        out.append((dec.heads @ dirs.T).cpu())  # (b, L, H, K)
-        if query_emb is not None:
-            scores.append((query_emb.to(device) @ F.normalize(dec.embedding, dim=-1).T).cpu())  # (Q, b)
-        if keep_layers and n_kept < keep_images:
-            take = min(keep_images - n_kept, images.shape[0])
-            kept.append(dec.heads[:take, -keep_layers:].cpu())
-            n_kept += take
+    with torch.no_grad(), head_masked(model, towers=("vision",), backend=backend):
+        for images, _ in probe.batches(batch_size):
+            x, mask, index = tower_inputs(model, "vision", images.to(device))
+            residual, pooled, head_sums = pooled_forward(view, x, mask, index, capture=True, head_sums=True)
+            sums = head_sums.double() if sums is None else sums + head_sums.double()
+            count += x.shape[0] * x.shape[1]
+            sigma, gamma, matrix, constant = final_linear_parts(view, residual)
+            parts = head_contributions(view, pooled)  # (b, L, H, C)
+            parts = gamma * (parts - parts.mean(dim=-1, keepdim=True)) / sigma.view(-1, 1, 1, 1)
+            out.append((parts @ (matrix @ dirs.T)).cpu())  # (b, L, H, K)
+            if query_emb is not None:
+                emb = F.normalize(pooled_embedding(view, residual), dim=-1)
+                scores.append((query_emb.to(device) @ emb.T).cpu())  # (Q, b)
+            if keep_layers and n_kept < keep_images:
+                take = min(keep_images - n_kept, x.shape[0])
+                kept.append((parts[:take, -keep_layers:] @ matrix).cpu())  # (take, keep_layers, H, D)
+                n_kept += take
     means = (sums / count).float().cpu()
     return torch.cat(out), (torch.cat(kept) if kept else None), (torch.cat(scores, 1) if scores else None), means
 
@@ -153,8 +167,10 @@ def audit_vision(model: nn.Module, probe: ProbeSet, tokenizer: dict, options: Au
     basis = cavs.basis().T  # (k, D): orthonormal span of the CAVs (k = 1 for two groups)
     directions = torch.cat([basis, group_emb])  # (k + G, D): everything (a) and (b) need from a head
     keep_layers = min(opt.textspan_layers, view.n_layers)
-    proj, kept, query_scores, means = projections(model, probe, directions, opt.batch_size, keep_layers,
-                                                  opt.textspan_images, query_emb)
+    texts = query_emb if class_emb is None else torch.cat([query_emb, class_emb])  # (Q[+C], D)
+    proj, kept, text_scores, means = projections(model, probe, directions, opt.batch_size, keep_layers,
+                                                 opt.textspan_images, texts, backend=opt.backend)
+    query_scores = text_scores[: query_emb.shape[0]]  # (Q, N)
     k = basis.shape[0]
     separation, group_acc = SeparationAccumulator(G), GroupAccuracyAccumulator(G)
     separation.update(proj[..., :k], probe.groups)
@@ -182,7 +198,7 @@ def audit_vision(model: nn.Module, probe: ProbeSet, tokenizer: dict, options: Au
         spearman_dc = spearman(scores["gradient"], scores["ablation"])
         timings["ablation_sweep_c"] = time.perf_counter() - start
     else:
-        baseline.update(_baseline(model, probe, query_emb, class_emb, opt))
+        baseline.update(_baseline_from_scores(text_scores, query_emb.shape[0], probe, opt.k))
     ranked = mean_rank([scores[name] for name in CHEAP_SCORES])
     plan = SurgeryPlan(
         heads=[HeadEdit("vision", l, h, 0.0, opt.ablation, means[l, h].tolist() if opt.ablation == "mean" else None)
@@ -197,6 +213,15 @@ def audit_vision(model: nn.Module, probe: ProbeSet, tokenizer: dict, options: Au
         _describe_heads(result, kept, view.n_layers - keep_layers, embed, extra_descriptions or [], opt)
         timings["textspan_ccs"] = time.perf_counter() - start
     return result
+
+
+def _baseline_from_scores(scores: torch.Tensor, n_queries: int, probe: ProbeSet, k: int) -> dict:
+    """Unedited model's mean MaxSkew@K (and concept accuracy) from the decomposition pass's text
+    scores (Q[+C], N): queries first, then class prompts. Saves a forward pass."""
+    out = {"max_skew": float(metrics.max_skew_at_k(scores[:n_queries], probe.groups, k, len(probe.group_names)).mean())}
+    if scores.shape[0] > n_queries and probe.concepts is not None:
+        out["accuracy"] = float((scores[n_queries:].argmax(0) == probe.concepts).double().mean())
+    return out
 
 
 def _baseline(model, probe, query_emb, class_emb, opt) -> dict:

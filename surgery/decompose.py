@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .attention import HeadMaskedAttention, head_masked
@@ -149,3 +150,113 @@ def decompose(model: nn.Module, tower: str, inputs: torch.Tensor) -> Decompositi
 def _layer_scale(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Apply a LayerScale (elementwise gamma) or Identity to a part of shape (..., C)."""
     return module(x)
+
+
+def _pooled_attention(attn: HeadMaskedAttention, xn: torch.Tensor, index: torch.Tensor) -> torch.Tensor | None:
+    """Per-head outputs (B, H, 1, d) of the pooled query row only (keys and values from every token),
+    with the head mask and mean fill applied exactly as :meth:`HeadMaskedAttention.forward_heads`
+    does; None where that module has features this shortcut does not replicate (query/key norms,
+    scaled-cosine attention), so the caller runs the full module. xn (B, N, C): the normalised
+    block input."""
+    from .attention import _math_attention, _sdpa_attention, resolve_backend
+
+    if hasattr(attn, "ln_q") or attn.logit_scale is not None:
+        return None
+    batch, n_tok, width = xn.shape
+    heads, dim = attn.num_heads, attn.head_dim
+    w, b = attn.in_proj_weight, attn.in_proj_bias
+    rows = torch.arange(batch, device=xn.device)
+    q = F.linear(xn[rows, index].unsqueeze(1), w[:width], None if b is None else b[:width])  # (B, 1, C)
+    kv = F.linear(xn, w[width:], None if b is None else b[width:])  # (B, N, 2C)
+    q = q.view(batch, 1, heads, dim).transpose(1, 2)  # (B, H, 1, d)
+    k, v = kv.view(batch, n_tok, 2, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, d)
+    fn = _math_attention if resolve_backend(attn.backend, q) == "math" else _sdpa_attention
+    z = fn(q, k, v, None, None, 0.0)  # (B, H, 1, d)
+    scale = attn._scale(batch, q)  # (H,) | (B, H) | None
+    if scale is not None:
+        z = z * scale.view(-1, heads, 1, 1)
+    if attn.head_fill is not None and attn.head_mask is not None:
+        keep = attn.head_mask.to(z.dtype).view(-1, heads, 1, 1)
+        z = z + (1 - keep) * attn.head_fill.to(device=z.device, dtype=z.dtype).view(1, heads, 1, dim)
+    return z
+
+
+def pooled_forward(view: TowerView, x: torch.Tensor, mask: torch.Tensor | None, index: torch.Tensor,
+                   capture: bool = False, head_sums: bool = False):
+    """Run a swapped tower's blocks on x (B, N, C) and return what the pooled token needs.
+
+    Returns ``(residual (B, C), pooled (B, L, H, d) or None, sums (L, H, d) or None)``: the pooled
+    token's residual before the final norm; with ``capture``, every head's output at the pooled token
+    (mask and fill applied); with ``head_sums``, every head's output summed over batch and tokens.
+    The last block is run for the pooled token only (its other rows cannot reach the embedding):
+    its queries, out_proj and MLP see one row, its keys and values every token, unless it needs all
+    its rows for ``head_sums`` or has an attention mask (text), where only out_proj and the MLP are
+    cut. Equal to the full forward up to float rounding; gradients flow through it as usual.
+    """
+    rows = torch.arange(x.shape[0], device=x.device)
+    pooled, sums = [], []
+    last = len(view.blocks) - 1
+    for layer, block in enumerate(view.blocks):
+        attn: HeadMaskedAttention = block.attn
+        if not isinstance(getattr(block, "ln_attn", nn.Identity()), nn.Identity):
+            raise UnsupportedTowerError("this tower normalises the attention output before the residual "
+                                        "(open_clip scale_attn); not supported")
+        if layer < last:
+            if capture or head_sums:
+                attn.capture = True
+                try:
+                    x = block(x, attn_mask=mask)
+                    z = attn.captured  # (B, H, N, d)
+                finally:
+                    attn.capture, attn.captured = False, None
+                if capture:
+                    pooled.append(z[rows, :, index])  # (B, H, d)
+                if head_sums:
+                    sums.append(z.detach().sum((0, 2)))  # (H, d)
+            else:
+                x = block(x, attn_mask=mask)
+            continue
+        xn = block.ln_1(x)
+        z = None
+        if not head_sums and mask is None:
+            z = _pooled_attention(attn, xn, index)  # (B, H, 1, d)
+        if z is None:
+            z_all = attn.forward_heads(xn, attn_mask=_as_additive(mask, x))  # (B, H, N, d)
+            if head_sums:
+                sums.append(z_all.detach().sum((0, 2)))
+            z = z_all[rows, :, index].unsqueeze(2)  # (B, H, 1, d)
+        if capture:
+            pooled.append(z[:, :, 0])
+        out = z.transpose(1, 2).reshape(x.shape[0], 1, view.width)  # (B, 1, C)
+        if hasattr(attn, "ln_inner"):
+            out = attn.ln_inner(out)
+        out = attn.out_proj(out)
+        h = x[rows, index].unsqueeze(1) + block.ls_1(out)  # (B, 1, C)
+        h = h + block.ls_2(block.mlp(block.ln_2(h)))
+        x = h
+    residual = x[:, 0]  # (B, C)
+    return (residual, torch.stack(pooled, 1) if capture else None, torch.stack(sums) if head_sums else None)
+
+
+def _as_additive(mask: torch.Tensor | None, ref: torch.Tensor) -> torch.Tensor | None:
+    """open_clip's block mask as its block hands it to the attention module (float masks in the
+    activations' dtype; boolean ones as they are)."""
+    return mask.to(ref.dtype) if mask is not None and mask.dtype != torch.bool else mask
+
+
+def head_contributions(view: TowerView, pooled: torch.Tensor) -> torch.Tensor:
+    """Pooled head outputs (B, L, H, d) -> their residual-stream parts (B, L, H, C): each head's
+    slice of its layer's out_proj, then the block's layer scale."""
+    parts = []
+    for layer, block in enumerate(view.blocks):
+        w_o = block.attn.out_proj.weight.view(view.width, view.n_heads, view.head_dim)  # (C, H, d)
+        parts.append(_layer_scale(block.ls_1, torch.einsum("bhd,chd->bhc", pooled[:, layer], w_o)))
+    return torch.stack(parts, 1)
+
+
+def pooled_embedding(view: TowerView, residual: torch.Tensor) -> torch.Tensor:
+    """(B, D) unnormalised embedding from the pooled residual (B, C): final norm, projection."""
+    _, _, matrix, constant = final_linear_parts(view, residual)
+    norm = view.final_norm
+    bias_part = norm.bias @ matrix if norm.bias is not None else 0
+    return norm(residual) @ matrix + constant - bias_part

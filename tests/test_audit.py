@@ -77,3 +77,19 @@ def test_folder_probe_set_streams_and_matches_the_world(tmp_path):
     assert len(probe) == 47 and probe.source["skipped"] == ["000001.png"]
     torch.testing.assert_close(probe.images[1:2], in_memory.images[2:3], atol=1e-6, rtol=0)  # labels stay aligned
     assert probe.group_names[probe.groups[1]] == in_memory.group_names[in_memory.groups[2]]
+
+
+def test_cheap_audit_baseline_comes_from_the_decomposition_pass(world):
+    """Without the sweep the unedited figures come from the one decomposition pass's text scores;
+    they equal a separate plain forward pass."""
+    from surgery.audit import _baseline, text_embeddings
+
+    loaded, probe = world
+    opt = AuditOptions(k=20, sweep=False, textspan_iterations=0)
+    result = audit_vision(loaded.model, probe, loaded.tokenizer, opt)
+    queries = text_embeddings(loaded.model, probe.queries, loaded.tokenizer)
+    classes = text_embeddings(loaded.model, probe.class_prompts, loaded.tokenizer)
+    want = _baseline(loaded.model, probe, queries, classes, opt)
+    assert abs(result.baseline["max_skew"] - want["max_skew"]) < 1e-6
+    assert abs(result.baseline["accuracy"] - want["accuracy"]) < 1e-9
+    assert "ablation" not in result.scores and result.cheap_rank

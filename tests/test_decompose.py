@@ -79,3 +79,35 @@ def test_nonlinear_attention_output_norm_is_refused(images):
     model, _ = build_tiny_clip(seed=0, vision_cfg={"scale_attn": True})
     with pytest.raises(UnsupportedTowerError, match="scale_attn"):
         decompose(model, "vision", images)
+
+
+@pytest.mark.parametrize("overrides", [
+    {},  # the plain tiny CLIP: the last block's pooled-query shortcut
+    {"vision_cfg": {"ls_init_value": 0.5}, "text_cfg": {"ls_init_value": 0.5}},  # LayerScale blocks
+    {"vision_cfg": {"scale_heads": True}, "text_cfg": {"scale_heads": True}},  # learned head_scale in the shortcut
+])
+def test_pooled_forward_equals_the_full_forward(overrides, images, tokens):
+    """The pooled-token forward (last block on the pooled row only) gives the tower's embedding, the
+    pooled head outputs the full forward's, and head sums decompose()'s."""
+    from surgery.attention import head_masked
+    from surgery.decompose import (final_linear_parts, head_contributions, pooled_embedding, pooled_forward,
+                                   project, tower_inputs)
+    from surgery.towers import get_towers
+
+    model, _ = build_tiny_clip(seed=3, **overrides)
+    for tower, x, encode in (("vision", images, model.encode_image), ("text", tokens, model.encode_text)):
+        view = get_towers(model)[tower]
+        dec = decompose(model, tower, x)
+        with torch.no_grad(), head_masked(model, towers=(tower,), backend="math"):
+            inputs, mask, index = tower_inputs(model, tower, x)
+            residual, pooled, sums = pooled_forward(view, inputs, mask, index, capture=True, head_sums=True)
+            emb = pooled_embedding(view, residual)
+            sigma, gamma, matrix, _ = final_linear_parts(view, residual)
+            heads = project(head_contributions(view, pooled), sigma, gamma, matrix)
+            plain, _, none = pooled_forward(view, inputs, mask, index)
+            plain = pooled_embedding(view, plain)
+        assert none is None
+        assert _rel_err(emb, encode(x).detach()) <= 1e-6, tower
+        assert _rel_err(plain, emb) <= 1e-6, tower
+        assert _rel_err(heads, dec.heads) <= 1e-5, tower
+        torch.testing.assert_close(sums, dec.head_sums, atol=1e-5, rtol=1e-5)
