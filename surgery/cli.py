@@ -210,17 +210,21 @@ def audit(model, images_dir, labels_path, tower, attributes, prompts_path, top_k
 @click.option("--attributes", default=None, help="Protected attribute column.")
 @click.option("--max-bias-ratio", type=float, default=0.5, show_default=True, help="Target: MaxSkew after/before.")
 @click.option("--max-accuracy-drop", type=float, default=2.0, show_default=True, help="Target: points of concept accuracy.")
+@click.option("--max-recall-drop", type=float, default=2.0, show_default=True,
+              help="Target: points of text->image Recall@5 (probes with captions: a world's own).")
 @click.option("--max-heads", type=int, default=8, show_default=True)
 @click.option("--k", type=int, default=50, show_default=True)
 @click.option("--n-probe", type=int, default=1200, show_default=True, help="World models: images per generated split.")
+@click.option("--selection-draws", type=click.IntRange(1, 16), default=4, show_default=True,
+              help="World models: independent draws the edit search averages over.")
 @click.option("--tower", type=click.Choice(["vision", "text", "both"]), default="both", show_default=True,
               help="ONNX towers to export.")
 @click.option("--heads-only", is_flag=True, help="Only soft-prune heads (no SAE neurons).")
 @click.option("--neurons-only", is_flag=True, help="Only deactivate SAE neurons (no head edits).")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs (never the input).")
 @_user_errors
-def debias(model_in, out, images_dir, labels_path, attributes, max_bias_ratio, max_accuracy_drop, max_heads, k,
-           n_probe, tower, heads_only, neurons_only, force):
+def debias(model_in, out, images_dir, labels_path, attributes, max_bias_ratio, max_accuracy_drop, max_recall_drop,
+           max_heads, k, n_probe, selection_draws, tower, heads_only, neurons_only, force):
     """Audit IN, choose head edits, bake them, export OUT (.onnx or .safetensors), and compare."""
     from .debias_pipeline import DebiasOptions, run_debias
 
@@ -231,7 +235,8 @@ def debias(model_in, out, images_dir, labels_path, attributes, max_bias_ratio, m
     if heads_only and neurons_only:
         raise click.UsageError("--heads-only and --neurons-only exclude each other")
     options = DebiasOptions(max_bias_ratio=max_bias_ratio, max_accuracy_drop=max_accuracy_drop / 100.0,
-                            max_heads=max_heads, k=k, n_probe=n_probe, tower=tower, force=force,
+                            max_recall_drop=max_recall_drop / 100.0, max_heads=max_heads, k=k, n_probe=n_probe,
+                            selection_draws=selection_draws, tower=tower, force=force,
                             heads=not neurons_only, neurons=not heads_only)
     summary = run_debias(model_in, out, options, images_dir=images_dir, labels_path=labels_path,
                          attribute=attributes.split(",")[0] if attributes else None,

@@ -35,13 +35,18 @@ SELECTION_SEED_OFFSET = 1000  # the selection probe is another draw of the world
 class DebiasOptions:
     max_bias_ratio: float = 0.5  # target: mean MaxSkew@K after / before
     max_accuracy_drop: float = 0.02  # target: concept accuracy drop (fraction)
+    max_recall_drop: float = 0.02  # target: text->image Recall@5 drop (fraction; probes with captions)
     max_heads: int = 8  # most heads edited
     k: int = 50  # MaxSkew@K
     n_probe: int = 1200  # world models: images per generated split
+    selection_draws: int = 4  # world models: independent selection draws the search averages over
     tower: str = "both"  # ONNX towers
     force: bool = False  # overwrite outputs
     heads: bool = True  # search head edits
     neurons: bool = True  # train an SAE and deactivate social neurons (vision embedding)
+    # The edits are chosen on a selection probe (another draw than the report's images); the
+    # accuracy budget is tightened by this much there so that it still holds on the report's split.
+    selection_margin: float = 0.005
 
 
 def run_debias(model_in: str, out: str, options: DebiasOptions, *, images_dir: str | None = None,
@@ -64,21 +69,34 @@ def run_debias(model_in: str, out: str, options: DebiasOptions, *, images_dir: s
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _caption_embeddings(loaded, probe) -> torch.Tensor | None:
+    """(N, D) normalised text embedding of each probe image's caption, or None without captions."""
+    if probe.captions is None:
+        return None
+    unique = sorted(set(probe.captions))
+    emb = text_embeddings(loaded.model, unique, loaded.tokenizer)  # (U, D)
+    index = {text: i for i, text in enumerate(unique)}
+    return emb[torch.tensor([index[t] for t in probe.captions])]
+
+
 def _run(loaded, model_in, out, options, work, plan_path, report_dir, sae_dir, images_dir, labels_path, attribute,
          say) -> dict:
     params = world_params_of(loaded)
     if images_dir:
         probe = folder_probe_set(images_dir, labels_path, attribute, loaded.preprocess)
+        selection_probes = [probe]
         eval_images, eval_labels = images_dir, labels_path
         sae_images = None  # the probe images themselves (labels unused for training)
     elif params is not None:
-        selection = dataclasses.replace(params, seed=params.seed + SELECTION_SEED_OFFSET)
-        probe = world_probe_set(selection, loaded.preprocess, options.n_probe)
+        selection_probes = [
+            world_probe_set(dataclasses.replace(params, seed=params.seed + SELECTION_SEED_OFFSET + i),
+                            loaded.preprocess, options.n_probe) for i in range(max(1, options.selection_draws))]
+        probe = selection_probes[0]
         write_split(generate(params, "eval", options.n_probe), os.path.join(work, "eval"))
         eval_images, eval_labels = os.path.join(work, "eval", "images"), os.path.join(work, "eval", "labels.csv")
         sae_images = images_to_tensor(generate(params, "train", 4000).images, loaded.preprocess)
-        say(f"probing on a generated split of the model's world (selection seed {selection.seed}; "
-            f"report on its own eval split, {options.n_probe} images)")
+        say(f"probing on {len(selection_probes)} generated draws of the model's world (selection seeds "
+            f"{params.seed + SELECTION_SEED_OFFSET}+; report on its own eval split, {options.n_probe} images)")
     else:
         raise SurgeryError(f"vision surgery needs probe images: pass --images DIR --labels CSV "
                            f"({model_in} carries no world to generate them from)")
@@ -90,17 +108,28 @@ def _run(loaded, model_in, out, options, work, plan_path, report_dir, sae_dir, i
                          AuditOptions(k=options.k, sweep=False, textspan_iterations=0))
     queries = text_embeddings(loaded.model, probe.queries, loaded.tokenizer)
     classes = text_embeddings(loaded.model, probe.class_prompts, loaded.tokenizer) if probe.class_prompts else None
-    search_opt = SearchOptions(max_bias_ratio=options.max_bias_ratio, max_accuracy_drop=options.max_accuracy_drop,
-                               max_heads=options.max_heads if options.heads else 0, k=options.k)
+    budget = max(0.0, options.max_accuracy_drop - options.selection_margin)
+    recall_budget = max(0.0, options.max_recall_drop - options.selection_margin)
+    search_opt = SearchOptions(max_bias_ratio=options.max_bias_ratio, max_accuracy_drop=budget,
+                               max_recall_drop=recall_budget, max_heads=options.max_heads if options.heads else 0,
+                               k=options.k)
+    caption_embs = [_caption_embeddings(loaded, p) for p in selection_probes]
     neuron_edit, post, neuron_summary = None, None, None
     if options.neurons:
         say("training an SAE on unlabelled vision embeddings and finding social neurons")
-        from .debias_neurons import choose_neurons
+        from .debias_neurons import NeuronTargets, choose_neurons
 
         train = sae_images if sae_images is not None else probe.images[0:len(probe)]
-        neuron_edit, post, neuron_summary = choose_neurons(loaded.model, train, probe, sae_dir)
+        neuron_edit, post, neuron_summary = choose_neurons(
+            loaded.model, train, selection_probes, sae_dir, queries, classes,
+            NeuronTargets(max_bias_ratio=options.max_bias_ratio, max_accuracy_drop=budget,
+                          max_recall_drop=recall_budget, k=options.k), caption_embs=caption_embs)
+        if neuron_edit is None:
+            say("no social neuron lowered bias within the accuracy budget; continuing with heads only")
+            shutil.rmtree(sae_dir, ignore_errors=True)
     say("choosing head edits (confirmed by forward passes)")
-    search = search_heads(loaded.model, probe, audit, queries, classes, search_opt, post=post)
+    search = search_heads(loaded.model, selection_probes, audit, queries, classes, search_opt, post=post,
+                          caption_embs=caption_embs)
     plan = plan_from_search(search, audit, {"arch": loaded.arch, "sha256": loaded.sha256}, search_opt)
     if neuron_edit is not None:
         plan.neurons = [neuron_edit]
@@ -134,5 +163,25 @@ def _run(loaded, model_in, out, options, work, plan_path, report_dir, sae_dir, i
              *([f"SAE: {sae_dir}/ (the plan's neuron edit refers to it)"] if plan.neurons else []),
              f"targets on the selection probe ({met}): MaxSkew@{options.k} {search.before['max_skew']:.3f} -> "
              f"{search.after['max_skew']:.3f} (ratio {search.after['max_skew'] / search.before['max_skew']:.2f} "
-             f"vs <= {options.max_bias_ratio})"]
+             f"vs <= {options.max_bias_ratio})",
+             report_targets(result, options)]
     return {"table": format_table(rows), "lines": lines, "result": result, "search": search}
+
+
+def report_targets(result: dict, options: DebiasOptions) -> str:
+    """One line: the targets checked on the report's images (not the selection probe)."""
+    before, after = result["before"], result["after"]
+    parts, met = [], True
+    for name, summ in before["bias"].items():
+        ratio = after["bias"][name]["max_skew"] / summ["max_skew"] if summ["max_skew"] > 0 else 1.0
+        met &= ratio <= options.max_bias_ratio
+        parts.append(f"{name} MaxSkew@{options.k} ratio {ratio:.2f} (<= {options.max_bias_ratio})")
+    if "zero_shot_accuracy" in before:
+        drop = 100 * (before["zero_shot_accuracy"] - after["zero_shot_accuracy"])
+        met &= drop <= 100 * options.max_accuracy_drop + 1e-9
+        parts.append(f"accuracy drop {drop:.1f} points (<= {100 * options.max_accuracy_drop:g})")
+    if "t2i@5" in before.get("retrieval", {}):
+        drop = 100 * (before["retrieval"]["t2i@5"] - after["retrieval"]["t2i@5"])
+        met &= drop <= 100 * options.max_recall_drop + 1e-9
+        parts.append(f"text->image Recall@5 drop {drop:.1f} points (<= {100 * options.max_recall_drop:g})")
+    return f"targets on the report's images ({'met' if met else 'NOT met'}): " + ", ".join(parts)

@@ -50,7 +50,8 @@ class EvalSpec:
             "concept_column": self.concept_column,
             "captions": self.captions is not None,
             "conventions": self.conventions.to_dict(),
-            "recall": "hit@k (a query counts if any positive is in its top k)",
+            "recall": "hit@k (a query counts if any positive is in its top k); identical captions (case and "
+                      "spacing folded) are one query whose positives are all the images they describe",
         }
 
 
@@ -136,5 +137,6 @@ def evaluate(encoder: Encoder, spec: EvalSpec, options: EmbedOptions | None = No
         texts, owners = caption_pairs(spec.captions, kept_files)
         text_emb = embed_texts(encoder, texts, opt, identity)
         ks = tuple(k for k in spec.recall_ks if k <= len(kept))
-        report["retrieval"] = metrics.retrieval_recall(text_emb, image_emb, torch.from_numpy(owners), ks)
+        keys = [" ".join(t.lower().split()) for t in texts]  # the tokenizer lower-cases and folds whitespace
+        report["retrieval"] = metrics.retrieval_recall(text_emb, image_emb, torch.from_numpy(owners), ks, text_keys=keys)
     return report

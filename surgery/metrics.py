@@ -340,7 +340,8 @@ def _normalise(x: Any, name: str) -> torch.Tensor:
 
 
 def retrieval_recall(
-    text_emb: Any, image_emb: Any, text_to_image: Any, ks: Sequence[int] = (1, 5, 10)
+    text_emb: Any, image_emb: Any, text_to_image: Any, ks: Sequence[int] = (1, 5, 10),
+    text_keys: Sequence[str] | None = None,
 ) -> dict[str, float]:
     """Text->image and image->text hit@K with cosine similarity.
 
@@ -348,18 +349,35 @@ def retrieval_recall(
     describes. Text->image: each caption's positive is its image. Image->text: an image's positives
     are all its captions; images without a caption are not queries. Keys ``"t2i@K"``, ``"i2t@K"``,
     plus ``"n_text_queries"`` and ``"n_image_queries"``. Every K must be <= both gallery sizes.
+
+    ``text_keys (T,)``: when given, captions with the same key (e.g. the same normalised text) are
+    one query whose positives are every image they describe, and one gallery entry for
+    image->text. Without it, a data set whose captions repeat (a generated world: ~100 images per
+    caption) scores near zero for any model, because only one of the identical images counts.
     """
     texts, images = _normalise(text_emb, "text_emb"), _normalise(image_emb, "image_emb")  # (T, D), (N, D)
     if texts.shape[1] != images.shape[1]:
         raise DataError(f"text and image embeddings differ in width ({texts.shape[1]} vs {images.shape[1]})")
     owner = _int_vector("text_to_image", text_to_image, texts.shape[0])  # (T,)
-    sim = texts @ images.T  # (T, N)
     mask = torch.nn.functional.one_hot(owner, images.shape[0]).to(torch.bool)  # (T, N)
+    if text_keys is not None:
+        if len(text_keys) != texts.shape[0]:
+            raise DataError(f"{len(text_keys)} text keys for {texts.shape[0]} captions; give one per caption")
+        first: dict[str, int] = {}  # key -> index of its first caption
+        for i, key in enumerate(text_keys):
+            first.setdefault(key, i)
+        query_of = {key: q for q, key in enumerate(first)}
+        slot = torch.tensor([query_of[key] for key in text_keys])  # (T,) merged query of each caption
+        keep = torch.tensor(list(first.values()))  # (U,) one caption per key (same text, same embedding)
+        merged = torch.zeros((len(first), images.shape[0]), dtype=torch.int64)
+        merged.index_add_(0, slot, mask.to(torch.int64))
+        texts, mask = texts[keep], merged > 0  # (U, D), (U, N)
+    sim = texts @ images.T  # (T or U, N)
     has_text = mask.any(dim=0)  # (N,)
     out: dict[str, float] = {"n_text_queries": float(texts.shape[0]), "n_image_queries": float(has_text.sum())}
     for k in ks:
         _check_k(k, min(sim.shape))
-    t2i = best_positive_rank(sim, owner)  # (T,) one pass for every K
+    t2i = best_positive_rank(sim, mask)  # (T,) one pass for every K
     i2t = best_positive_rank(sim.T[has_text], mask.T[has_text])  # (N',)
     for k in ks:
         out[f"t2i@{k}"] = float((t2i < k).to(torch.float64).mean())
@@ -427,7 +445,8 @@ class BiasConventions:
             "skew": "ln(p_top/p_desired); empty group p_top = zero_count/K",
             "ndkl": "KL in nats, 0*ln0=0, discount 1/log2(i+1), normalised by Z",
             "ties": "stable: lower gallery index ranks first",
-            "recall": "hit@k: a query counts if any positive is in its top k",
+            "recall": "hit@k: a query counts if any positive is in its top k; identical captions are one query "
+                      "whose positives are all the images they describe",
         }
 
     @classmethod

@@ -44,6 +44,7 @@ class ProbeSet:
     concepts: torch.Tensor | None = None  # (N,) int64 concept id, for accuracy
     class_prompts: list[str] | None = None  # one prompt per concept
     attribute: str = "group"  # the protected attribute's name
+    captions: list[str] | None = None  # (N,) one caption per image, for text->image recall
     source: dict = field(default_factory=dict)  # where it came from (hash, world params, folder)
 
     def __post_init__(self) -> None:
@@ -57,6 +58,8 @@ class ProbeSet:
             raise DataError("give one group prompt per group")
         if self.concepts is not None and self.class_prompts is None:
             raise DataError("concept labels need class prompts (one per concept)")
+        if self.captions is not None and len(self.captions) != n:
+            raise DataError(f"probe set has {n} images but {len(self.captions)} captions; give one per image")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -66,6 +69,17 @@ class ProbeSet:
         for start in range(0, len(self), batch_size):
             sl = slice(start, min(start + batch_size, len(self)))
             yield self.images[sl], sl
+
+
+def caption_recall(image_emb: torch.Tensor, caption_emb: torch.Tensor, captions: list[str], k: int = 5) -> float:
+    """Text->image hit@K of each image's caption, identical captions merged into one query whose
+    positives are every image they describe (the convention of ``clipsurgery eval``).
+    ``image_emb (N, D)``, ``caption_emb (N, D)``: the embedding of image i's caption."""
+    from .metrics import retrieval_recall
+
+    keys = [" ".join(t.lower().split()) for t in captions]
+    owners = torch.arange(len(captions))
+    return retrieval_recall(caption_emb, image_emb, owners, (k,), text_keys=keys)[f"t2i@{k}"]
 
 
 def world_probe_set(params, preprocess: dict, n: int = 1200) -> ProbeSet:
@@ -78,7 +92,7 @@ def world_probe_set(params, preprocess: dict, n: int = 1200) -> ProbeSet:
         images=images_to_tensor(split.images, preprocess),
         groups=torch.from_numpy(split.groups), group_names=list(params.groups),
         queries=neutral_queries(params), group_prompts=group_prompts(params),
-        concepts=torch.from_numpy(split.concepts), class_prompts=neutral_queries(params),
+        concepts=torch.from_numpy(split.concepts), class_prompts=neutral_queries(params), captions=list(split.captions),
         source={"world": params.to_dict(), "hash": params.hash(), "split": "eval", "n": n},
     )
 

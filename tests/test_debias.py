@@ -11,7 +11,8 @@ from surgery.onnx_encoder import read_metadata
 
 def test_debias_world_to_onnx(tmp_path):
     out = tmp_path / "out.onnx"
-    result = CliRunner().invoke(main, ["debias", "builtin:world", str(out), "--n-probe", "240", "--k", "20"])
+    result = CliRunner().invoke(main, ["debias", "builtin:world", str(out), "--n-probe", "240", "--k", "20",
+                                       "--selection-draws", "2"])
     assert result.exit_code == 0, result.output
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["out.plan.json", "out.report", "out.sae", "out.text.onnx", "out.visual.onnx"]
@@ -31,7 +32,7 @@ def test_debias_heads_only_to_safetensors(tmp_path):
 
     out = tmp_path / "out.safetensors"
     result = CliRunner().invoke(main, ["debias", "builtin:world", str(out), "--n-probe", "240", "--k", "20",
-                                       "--heads-only"])
+                                       "--heads-only", "--selection-draws", "1"])
     assert result.exit_code == 0, result.output
     assert not (tmp_path / "out.sae").exists()
     restored = surgery.load(str(out))

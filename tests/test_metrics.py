@@ -155,6 +155,28 @@ def test_retrieval_recall_both_directions():
     assert out["n_image_queries"] == 2
 
 
+def test_retrieval_recall_merges_identical_captions():
+    # Four images, two of them described by the same caption "a" (texts t0, t1 are identical).
+    images = [[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.6, 0.8]]
+    texts = [[0.8, 0.6], [0.8, 0.6], [0.0, 1.0]]
+    owner = [1, 0, 2]  # "a" describes images 1 and 0; "b" describes image 2
+    # cosines of "a" (0.8, 0.6): e3 0.96, e1 0.86, e0 0.80, e2 0.60 -> order e3, e1, e0, e2
+    # plain: t0 (positive e1) at rank 2 -> hit@2; t1 (positive e0) at rank 3 -> miss; t2 -> e2 rank 1
+    plain = retrieval_recall(texts, images, owner, ks=(1, 2))
+    assert plain["t2i@2"] == pytest.approx(2 / 3)
+    assert plain["n_text_queries"] == 3
+    # merged: query "a" has positives {e0, e1}: best is e1 at rank 2 -> hit@2 only; "b" -> e2 at rank 1
+    merged = retrieval_recall(texts, images, owner, ks=(1, 2), text_keys=["a", "a", "b"])
+    assert merged["n_text_queries"] == 2
+    assert merged["t2i@1"] == pytest.approx(0.5)
+    assert merged["t2i@2"] == pytest.approx(1.0)
+    # i2t over the 2 merged captions: e0, e1 -> "a" (0.80 / 0.86 vs 0 / 0.11) hit; e2 -> "b" hit
+    assert merged["i2t@1"] == pytest.approx(1.0)
+    assert merged["n_image_queries"] == 3
+    with pytest.raises(DataError, match="2 text keys for 3 captions"):
+        retrieval_recall(texts, images, owner, ks=(1,), text_keys=["a", "b"])
+
+
 def test_zero_shot():
     image_emb = [[1.0, 0.0], [0.0, 2.0], [1.0, 1.1]]
     class_emb = [[1.0, 0.0], [0.0, 1.0]]
