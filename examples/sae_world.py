@@ -2,11 +2,13 @@
 neurons, and what deactivating them does to bias and accuracy.
 
     python examples/sae_world.py          # best setting found: embedding site, Matryoshka BatchTopK k=4
-    python examples/sae_world.py --site residual --k 20 --matryoshka "" --steps 1500 --top-n 3   # seed 001's
+    python examples/sae_world.py --site residual --k 20 --matryoshka "" --steps 1500 --top-n 3 --select top   # seed 001's
 
 Steps: (1) cache the vision tower's activations of unlabelled train-split images; (2) train the
-SAE; (3) find social neurons on a labelled, balanced search set; (4) on a held-out balanced
-evaluation set, deactivate the top neurons (a = 0.6 and 1.0, both forms) and measure: a linear
+SAE; (3) find social neurons on a labelled, balanced search set (candidates: seed 001's rule, top
+16 per group), and choose among them greedily on four other draws of the world, as
+``clipsurgery debias`` does (``--select top`` deactivates every candidate); (4) on a held-out
+balanced evaluation set, deactivate them (a = 0.6 and 1.0, both forms) and measure: a linear
 probe's colour accuracy on the image embeddings (probe retrained on the edited embeddings, 2-fold
 cross-validation; chance = 1/groups), mean MaxSkew@50 of the neutral concept queries (uniform
 target, empty groups smoothed to 1/50), zero-shot concept and group accuracy.
@@ -14,6 +16,7 @@ target, empty groups smoothed to 1/50), zero-shot concept and group accuracy.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -85,11 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-search", type=int, default=1200, help="labelled balanced images for the neuron search")
     ap.add_argument("--n-eval", type=int, default=1200, help="held-out balanced images for the figures")
     ap.add_argument("--tau", type=float, default=0.5)
-    ap.add_argument("--top-n", type=int, default=5)
+    ap.add_argument("--top-n", type=int, default=16, help="candidates per group (top by consistency x specificity)")
+    ap.add_argument("--select", choices=["greedy", "top"], default="greedy",
+                    help="greedy: the fewest candidates that meet the targets on 4 other draws of the world (what "
+                         "clipsurgery debias does); top: deactivate every candidate")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write all figures to this JSON file")
     args = ap.parse_args(argv)
+    if args.select == "greedy" and args.site != "embedding":
+        ap.error("--select greedy edits embeddings; with --site residual use --select top")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
@@ -148,9 +156,26 @@ def main(argv: list[str] | None = None) -> int:
           f"{zs['zero_shot_accuracy']:.4f} -> {zs['zero_shot_accuracy_replaced']:.4f}")
     base = figures(S.image_embeddings(model, images), concepts, groups, concept_txt, group_txt, params.n_groups)
     rows = [("original", None, None, base)]
+    if args.select == "greedy":  # selection draws: other seeds of the world than the search/eval images
+        from surgery.debias_neurons import NeuronStageOptions, NeuronTargets, greedy_neurons
+        from surgery.probe import world_probe_set
+
+        draws = [world_probe_set(dataclasses.replace(params, seed=params.seed + 1000 + i), pre, args.n_search)
+                 for i in range(4)]
+        with torch.no_grad():
+            draw_embs = [S.image_embeddings(model, d.images) for d in draws]
+        queries = torch.nn.functional.normalize(concept_txt, dim=-1)
+    chosen_ids = {}
     for form in S.FORMS:
         for alpha in (0.6, 1.0):
-            fix = S.deactivation(sae, report.selected_ids, alpha, form)
+            ids = report.selected_ids
+            if args.select == "greedy":
+                ids = greedy_neurons(sae, ids, draw_embs, draws, queries, queries,
+                                     NeuronTargets(max_bias_ratio=0.5, max_accuracy_drop=0.015, k=50),
+                                     NeuronStageOptions(alpha=alpha, form=form))[0]
+            chosen_ids[f"{form} a={alpha}"] = ids
+            print(f"  {form} a={alpha}: deactivating {len(ids)} latents {ids}")
+            fix = S.deactivation(sae, ids, alpha, form)
             img = S.image_embeddings(model, images, fix, site)
             rows.append((form, alpha, fix, figures(img, concepts, groups, concept_txt, group_txt, params.n_groups)))
 
@@ -176,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump({"args": vars(args), "sae_metrics": vars(rec), "history": history, "neurons": report.to_dict(),
-                       "held_out_rule_check": rule_rows, "reconstruction_zero_shot": zs, "results": results,
+                       "held_out_rule_check": rule_rows, "chosen_ids": chosen_ids, "reconstruction_zero_shot": zs, "results": results,
                        "acceptance": passed}, fh, indent=2)
     return 0
 
