@@ -47,7 +47,7 @@ def inspect(model: str, arch: str | None, pretrained: str | None, as_json: bool)
 
 
 # ---------------------------------------------------------------------------------- bake/export
-def _export(loaded, out, plan, tower, precision, normalize, opset, force):
+def _export(loaded, out, plan, tower, precision, normalize, opset, force, graph="auto"):
     from .export import OnnxOptions, export_onnx, export_safetensors
 
     if out.endswith(".safetensors"):
@@ -55,9 +55,11 @@ def _export(loaded, out, plan, tower, precision, normalize, opset, force):
         click.echo(f"wrote {out}")
     elif out.endswith(".onnx"):
         results = export_onnx(loaded, out, plan, OnnxOptions(tower=tower, precision=precision,
-                                                             normalize=normalize, opset=opset, force=force))
+                                                             normalize=normalize, opset=opset, force=force,
+                                                             graph=graph))
         for name, res in results.items():
-            click.echo(f"wrote {res['path']}  ({name}; ONNX Runtime vs PyTorch max abs error {res['max_abs_error']:.2e})")
+            click.echo(f"wrote {res['path']}  ({name}, {res['graph']} graph; ONNX Runtime vs PyTorch max abs error "
+                       f"{res['max_abs_error']:.2e})")
     else:
         raise click.UsageError(f"output {out} must end in .safetensors or .onnx")
 
@@ -69,6 +71,9 @@ def _export_options(f):
     f = click.option("--normalize/--no-normalize", default=True, show_default=True,
                      help="ONNX: L2-normalise embeddings in the graph.")(f)
     f = click.option("--opset", type=int, default=17, show_default=True)(f)
+    f = click.option("--graph", type=click.Choice(["auto", "ort", "plain"]), default="auto", show_default=True,
+                     help="ONNX: 'ort' = ONNX Runtime's fused transformer ops (fastest on ORT), 'plain' = standard "
+                          "ONNX ops for any runtime; auto = ort for fp32 below opset 23, else plain.")(f)
     f = click.option("--force", is_flag=True, help="Overwrite existing outputs (never the input).")(f)
     f = click.option("--arch", default=None, help="Architecture override (default: inferred).")(f)
     return f
@@ -80,7 +85,7 @@ def _export_options(f):
 @click.argument("out")
 @_export_options
 @_user_errors
-def bake(model, plan_path, out, tower, precision, normalize, opset, force, arch):
+def bake(model, plan_path, out, tower, precision, normalize, opset, graph, force, arch):
     """Bake PLAN's head edits into MODEL's weights and write OUT (.safetensors or .onnx)."""
     from .bake import bake as bake_plan
     from .loading import load
@@ -92,7 +97,7 @@ def bake(model, plan_path, out, tower, precision, normalize, opset, force, arch)
     prior = loaded.metadata.get("plan")
     record = SurgeryPlan.from_dict(prior).merged(plan, stacked=True) if prior else plan  # validates first
     bake_plan(loaded.model, plan)  # only the new edits: the prior ones are already in the weights
-    _export(loaded, out, record, tower, precision, normalize, opset, force)
+    _export(loaded, out, record, tower, precision, normalize, opset, force, graph)
 
 
 @main.command()
@@ -100,14 +105,14 @@ def bake(model, plan_path, out, tower, precision, normalize, opset, force, arch)
 @click.argument("out")
 @_export_options
 @_user_errors
-def export(model, out, tower, precision, normalize, opset, force, arch):
+def export(model, out, tower, precision, normalize, opset, graph, force, arch):
     """Export MODEL (any checkpoint, or a patched .safetensors) as .safetensors or .onnx."""
     from .loading import load
     from .plan import SurgeryPlan
 
     loaded = load(model, arch=arch)
     plan = SurgeryPlan.from_dict(loaded.metadata["plan"]) if loaded.metadata.get("plan") else None
-    _export(loaded, out, plan, tower, precision, normalize, opset, force)
+    _export(loaded, out, plan, tower, precision, normalize, opset, force, graph)
 
 
 # ------------------------------------------------------------------------------------------ audit

@@ -108,6 +108,14 @@ def test_cli_bake_and_export(tmp_path, images):
     assert "max abs error" in result.output
     meta = read_metadata(str(tmp_path / "b.onnx"))
     assert json.loads(meta["clipsurgery.plan"])["heads"][1]["tower"] == "text"  # the plan travelled
+    assert meta["clipsurgery.graph"] == "ort"  # the fp32 default
+    result = runner.invoke(main, ["export", str(tmp_path / "baked.safetensors"), str(tmp_path / "p.onnx"), "--tower",
+                                  "vision", "--graph", "plain"])
+    assert result.exit_code == 0 and "plain graph" in result.output, result.output
+    assert read_metadata(str(tmp_path / "p.onnx"))["clipsurgery.graph"] == "plain"
+    result = runner.invoke(main, ["export", str(src), str(tmp_path / "h.onnx"), "--graph", "ort", "--precision", "fp16"])
+    assert result.exit_code == 1 and "graph 'ort' needs fp32" in result.output
+    assert not os.path.exists(tmp_path / "h.visual.onnx")
     result = runner.invoke(main, ["export", str(src), str(src)])
     assert result.exit_code == 1 and "Traceback" not in result.output
     result = runner.invoke(main, ["export", str(src), str(tmp_path / "x.pb")])
