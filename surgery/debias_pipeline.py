@@ -44,8 +44,8 @@ class DebiasOptions:
     force: bool = False  # overwrite outputs
     heads: bool = True  # search head edits
     neurons: bool = True  # train an SAE and deactivate social neurons (vision embedding)
-    # The edits are chosen on a selection probe (another draw than the report's images); the
-    # accuracy budget is tightened by this much there so that it still holds on the report's split.
+    # The edits are chosen on selection probes (other draws than the report's images); the accuracy
+    # and recall budgets are tightened by this much there so that they still hold on the report's split.
     selection_margin: float = 0.005
 
 
@@ -125,7 +125,7 @@ def _run(loaded, model_in, out, options, work, plan_path, report_dir, sae_dir, i
             NeuronTargets(max_bias_ratio=options.max_bias_ratio, max_accuracy_drop=budget,
                           max_recall_drop=recall_budget, k=options.k), caption_embs=caption_embs)
         if neuron_edit is None:
-            say("no social neuron lowered bias within the accuracy budget; continuing with heads only")
+            say("no social neuron lowered bias within the accuracy and recall budgets; continuing with heads only")
             shutil.rmtree(sae_dir, ignore_errors=True)
     say("choosing head edits (confirmed by forward passes)")
     search = search_heads(loaded.model, selection_probes, audit, queries, classes, search_opt, post=post,
