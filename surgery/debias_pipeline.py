@@ -48,6 +48,14 @@ class DebiasOptions:
     # and recall budgets are tightened by this much there so that they still hold on the report's split.
     selection_margin: float = 0.005
 
+    def __post_init__(self) -> None:
+        if not 0 < self.max_bias_ratio <= 1:
+            raise SurgeryError(f"--max-bias-ratio must be in (0, 1], got {self.max_bias_ratio}")
+        for name in ("max_accuracy_drop", "max_recall_drop"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise SurgeryError(f"--{name.replace('_', '-')} must be between 0 and 100 points, "
+                                   f"got {100 * getattr(self, name):g}")
+
 
 def run_debias(model_in: str, out: str, options: DebiasOptions, *, images_dir: str | None = None,
                labels_path: str | None = None, attribute: str | None = None,
@@ -114,6 +122,10 @@ def _run(loaded, model_in, out, options, work, plan_path, report_dir, sae_dir, i
                                max_recall_drop=recall_budget, max_heads=options.max_heads if options.heads else 0,
                                k=options.k)
     caption_embs = [_caption_embeddings(loaded, p) for p in selection_probes]
+    if classes is None or probe.concepts is None:
+        say("warning: the probe has no concept labels, so the accuracy budget cannot be checked")
+    if all(c is None for c in caption_embs):
+        say("warning: the probe has no captions, so the recall budget cannot be checked")
     neuron_edit, post, neuron_summary = None, None, None
     if options.neurons:
         say("training an SAE on unlabelled vision embeddings and finding social neurons")
@@ -136,7 +148,8 @@ def _run(loaded, model_in, out, options, work, plan_path, report_dir, sae_dir, i
         plan.provenance["neurons"] = neuron_summary
     plan.validate()
     if not plan.heads and not plan.neurons:
-        raise SurgeryError("no edit lowered bias within the accuracy budget; raise --max-accuracy-drop")
+        raise SurgeryError("no edit lowered bias within the accuracy and recall budgets; raise --max-accuracy-drop "
+                           "or --max-recall-drop")
 
     patched = copy.copy(loaded)
     patched.model = bake(copy.deepcopy(loaded.model), plan)
@@ -162,7 +175,7 @@ def _run(loaded, model_in, out, options, work, plan_path, report_dir, sae_dir, i
     lines = [*(f"wrote {p}" for p in exported), f"wrote {plan_path}", f"report: {report_dir}/report.md",
              *([f"SAE: {sae_dir}/ (the plan's neuron edit refers to it)"] if plan.neurons else []),
              f"targets on the selection probe ({met}): MaxSkew@{options.k} {search.before['max_skew']:.3f} -> "
-             f"{search.after['max_skew']:.3f} (ratio {search.after['max_skew'] / search.before['max_skew']:.2f} "
+             f"{search.after['max_skew']:.3f} (ratio {search.after['max_skew'] / max(search.before['max_skew'], 1e-12):.2f} "
              f"vs <= {options.max_bias_ratio})",
              report_targets(result, options)]
     return {"table": format_table(rows), "lines": lines, "result": result, "search": search}
@@ -180,8 +193,12 @@ def report_targets(result: dict, options: DebiasOptions) -> str:
         drop = 100 * (before["zero_shot_accuracy"] - after["zero_shot_accuracy"])
         met &= drop <= 100 * options.max_accuracy_drop + 1e-9
         parts.append(f"accuracy drop {drop:.1f} points (<= {100 * options.max_accuracy_drop:g})")
+    else:
+        parts.append("accuracy not measured (no concept labels)")
     if "t2i@5" in before.get("retrieval", {}):
         drop = 100 * (before["retrieval"]["t2i@5"] - after["retrieval"]["t2i@5"])
         met &= drop <= 100 * options.max_recall_drop + 1e-9
         parts.append(f"text->image Recall@5 drop {drop:.1f} points (<= {100 * options.max_recall_drop:g})")
+    else:
+        parts.append("recall not measured (no captions)")
     return f"targets on the report's images ({'met' if met else 'NOT met'}): " + ", ".join(parts)

@@ -175,7 +175,7 @@ def export_onnx(loaded: LoadedModel, out: str, plan: SurgeryPlan | None = None, 
             tmp = os.path.join(work, Path(path).name)
             inputs = _example_inputs(loaded, tower)
             module = _encoder_module(loaded, tower, opt)  # the reference: open_clip's own modules
-            probes = [inputs[0]]
+            probes = [inputs[0], *_gate_inputs(loaded, tower)]
             real = probe_images if tower == "vision" else probe_tokens
             if real is not None:
                 probes.append(real[:64])
@@ -186,7 +186,7 @@ def export_onnx(loaded: LoadedModel, out: str, plan: SurgeryPlan | None = None, 
             if not error <= bound:  # also catches NaN
                 raise ExportParityError(
                     f"ONNX Runtime differs from PyTorch on the {tower} tower by {error:.3g} (bound {bound:g}); "
-                    "nothing was written. Try another --opset or fp32"
+                    "nothing was written. Try another --opset, fp32, or --graph plain"
                 )
             staged[tower] = tmp
             results[tower] = {"path": path, "max_abs_error": error, "graph": graph}
@@ -206,16 +206,17 @@ def _export_checked(module: nn.Module, inputs: tuple, tower: str, tmp: str, opt:
     if graph == "ort":
         try:
             fused = _fused_copy(module, tower)
-        except UnfusableBlockError as exc:
+            _torch_export(fused, inputs, tower, tmp, opt.opset, contrib=True)
+            del fused
+            _finish_onnx(tmp, {**metadata, META_GRAPH: "ort"})
+            error = parity_error(module, tmp, probes)
+        except Exception as exc:  # noqa: BLE001 - under "auto" any failure of the fused path falls back
             if opt.graph == "ort":
                 raise SurgeryError(f"cannot build the ORT-fused {tower} graph: {exc}; use graph 'plain'") from None
-            log.info("%s tower exported with plain ONNX ops: %s", tower, exc)
+            level = logging.INFO if isinstance(exc, UnfusableBlockError) else logging.WARNING
+            log.log(level, "%s tower exported with plain ONNX ops: %s", tower, exc)
             graph = "plain"
     if graph == "ort":
-        _torch_export(fused, inputs, tower, tmp, opt.opset, contrib=True)
-        del fused
-        _finish_onnx(tmp, {**metadata, META_GRAPH: "ort"})
-        error = parity_error(module, tmp, probes)
         if error <= PARITY_BOUND[opt.precision] or opt.graph == "ort":
             return graph, error
         log.warning("ORT-fused %s graph missed the parity bound by %.3g; exporting plain ONNX ops", tower, error)
@@ -252,6 +253,20 @@ def _example_inputs(loaded: LoadedModel, tower: str) -> tuple[torch.Tensor]:
     ids = torch.randint(1, vocab - 1, (2, ctx), generator=gen)
     ids[:, -1] = vocab - 1  # an end-of-text token (the argmax) in every row
     return (ids,)
+
+
+def _gate_inputs(loaded: LoadedModel, tower: str) -> list[torch.Tensor]:
+    """Extra parity-gate inputs: batch 1 and an odd batch; for text, real prompts through the
+    model's tokenizer (end-of-text mid-sequence, zero padding)."""
+    gen = torch.Generator().manual_seed(1)
+    if tower == "vision":
+        size = loaded.preprocess["size"]
+        h, w = (size, size) if isinstance(size, int) else size
+        return [torch.randn(1, 3, h, w, generator=gen), torch.randn(3, 3, h, w, generator=gen)]
+    from .encoders import tokenize
+
+    prompts = tokenize(["a photo of a dog", "a diagram", "two people talking in a park at night"], loaded.tokenizer)
+    return [prompts[:1], prompts]
 
 
 FUSED_ATTENTION_OPSET = 23

@@ -348,7 +348,8 @@ def retrieval_recall(
     ``text_emb (T, D)``, ``image_emb (N, D)``, ``text_to_image (T,)``: the image each caption
     describes. Text->image: each caption's positive is its image. Image->text: an image's positives
     are all its captions; images without a caption are not queries. Keys ``"t2i@K"``, ``"i2t@K"``,
-    plus ``"n_text_queries"`` and ``"n_image_queries"``. Every K must be <= both gallery sizes.
+    plus ``"n_text_queries"`` and ``"n_image_queries"``. Every K must be <= both gallery sizes
+    (with ``text_keys``: <= the images; ``i2t@K`` is left out where K exceeds the merged captions).
 
     ``text_keys (T,)``: when given, captions with the same key (e.g. the same normalised text) are
     one query whose positives are every image they describe, and one gallery entry for
@@ -376,12 +377,15 @@ def retrieval_recall(
     has_text = mask.any(dim=0)  # (N,)
     out: dict[str, float] = {"n_text_queries": float(texts.shape[0]), "n_image_queries": float(has_text.sum())}
     for k in ks:
-        _check_k(k, min(sim.shape))
+        _check_k(k, sim.shape[1], "image gallery")
+        if text_keys is None:
+            _check_k(k, sim.shape[0], "caption gallery")
     t2i = best_positive_rank(sim, mask)  # (T,) one pass for every K
     i2t = best_positive_rank(sim.T[has_text], mask.T[has_text])  # (N',)
     for k in ks:
         out[f"t2i@{k}"] = float((t2i < k).to(torch.float64).mean())
-        out[f"i2t@{k}"] = float((i2t < k).to(torch.float64).mean())
+        if k <= sim.shape[0]:  # image->text needs K distinct captions (merged ones may be fewer)
+            out[f"i2t@{k}"] = float((i2t < k).to(torch.float64).mean())
     return out
 
 

@@ -104,6 +104,20 @@ def test_report_targets_line():
     good = {"bias": {"group": {"max_skew": 0.29}}, "zero_shot_accuracy": 0.94, "retrieval": {"t2i@5": 0.69}}
     line = report_targets({"before": before, "after": good}, DebiasOptions())
     assert line.startswith("targets on the report's images (met)") and "ratio 0.48" in line
+    unmeasured = report_targets({"before": {"bias": before["bias"]}, "after": {"bias": good["bias"]}}, DebiasOptions())
+    assert "accuracy not measured" in unmeasured and "recall not measured" in unmeasured
     bad = {**good, "retrieval": {"t2i@5": 0.60}}
     line = report_targets({"before": before, "after": bad}, DebiasOptions())
     assert "(NOT met)" in line and "Recall@5 drop 10.0 points" in line
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"max_bias_ratio": 0.0}, "--max-bias-ratio must be in"),
+    ({"max_recall_drop": 1.5}, "--max-recall-drop must be between 0 and 100 points, got 150"),
+    ({"max_accuracy_drop": -0.01}, "--max-accuracy-drop must be between 0 and 100 points"),
+])
+def test_debias_options_refuse_out_of_range_budgets(kwargs, message):
+    from surgery.errors import SurgeryError
+
+    with pytest.raises(SurgeryError, match=message):
+        DebiasOptions(**kwargs)

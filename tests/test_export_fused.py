@@ -158,6 +158,42 @@ def test_fused_parity_miss_falls_back_under_auto_and_fails_under_ort(tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx"]
 
 
+def test_any_failure_of_the_fused_path_falls_back_under_auto(tmp_path, monkeypatch):
+    import surgery.export as export_mod
+
+    def broken(module, tower):  # e.g. a LayerNorm without bias, a tower the fuser does not know
+        raise AttributeError("'NoneType' object has no attribute 'detach'")
+
+    monkeypatch.setattr(export_mod, "_fused_copy", broken)
+    loaded = _loaded()
+    results = export_onnx(loaded, str(tmp_path / "a.onnx"), None, OnnxOptions(tower="vision"))
+    assert results["vision"]["graph"] == "plain" and results["vision"]["max_abs_error"] <= 1e-4
+    with pytest.raises(SurgeryError, match="cannot build the ORT-fused vision graph: 'NoneType'"):
+        export_onnx(loaded, str(tmp_path / "b.onnx"), None, OnnxOptions(tower="vision", graph="ort"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx"]
+
+
+def test_parity_gate_sees_batch_one_odd_batches_and_real_prompts(tmp_path, monkeypatch):
+    import surgery.export as export_mod
+
+    seen = []
+    real = export_mod.parity_error
+
+    def recording(module, path, probes, optimize=True):
+        seen.append((read_metadata(path)["clipsurgery.tower"], [tuple(p.shape) for p in probes], probes))
+        return real(module, path, probes, optimize)
+
+    monkeypatch.setattr(export_mod, "parity_error", recording)
+    loaded = _loaded()
+    export_onnx(loaded, str(tmp_path / "a.onnx"))
+    shapes = {tower: [s[0] for s in sh] for tower, sh, _ in seen}
+    assert sorted(shapes["vision"]) == [1, 2, 3] and sorted(shapes["text"]) == [1, 2, 3]
+    text_probes = next(p for tower, _, p in seen if tower == "text")
+    prompts = text_probes[-1]  # real prompts: end-of-text before the last position, zero padding after it
+    eot = prompts.argmax(dim=-1)
+    assert bool((eot < prompts.shape[1] - 1).all()) and int(prompts[0, -1]) == 0
+
+
 def test_graph_option_checks():
     with pytest.raises(SurgeryError, match="unknown graph 'fast'; choose one of auto, ort, plain"):
         OnnxOptions(graph="fast")

@@ -173,6 +173,11 @@ def test_retrieval_recall_merges_identical_captions():
     # i2t over the 2 merged captions: e0, e1 -> "a" (0.80 / 0.86 vs 0 / 0.11) hit; e2 -> "b" hit
     assert merged["i2t@1"] == pytest.approx(1.0)
     assert merged["n_image_queries"] == 3
+    # fewer distinct captions than K: text->image still counts (K <= images), image->text is left out
+    few = retrieval_recall(texts, images, owner, ks=(3,), text_keys=["a", "a", "b"])
+    assert few["t2i@3"] == pytest.approx(1.0) and "i2t@3" not in few
+    with pytest.raises(DataError, match="K=5 is larger than the image gallery of 4 items"):
+        retrieval_recall(texts, images, owner, ks=(5,), text_keys=["a", "a", "b"])
     with pytest.raises(DataError, match="2 text keys for 3 captions"):
         retrieval_recall(texts, images, owner, ks=(1,), text_keys=["a", "b"])
 
