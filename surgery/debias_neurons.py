@@ -108,7 +108,7 @@ def choose_neurons(model: nn.Module, train_images: torch.Tensor, probes: ProbeSe
     """Train and save the SAE in ``sae_dir``, pick social neurons on the labelled ``probes`` (one
     set or several independent draws); returns the plan edit, the deactivation module (h -> h' on
     the embedding) and a summary for the report. The edit and module are None when no candidate
-    lowers bias within the accuracy budget."""
+    lowers bias within the accuracy and recall budgets."""
     from . import sae as S
 
     opt = options or NeuronStageOptions()
