@@ -6,7 +6,7 @@ neurons, and what deactivating them does to bias and accuracy.
 
 Steps: (1) cache the vision tower's activations of unlabelled train-split images; (2) train the
 SAE; (3) find social neurons on a labelled, balanced search set (candidates: seed 001's rule, top
-16 per group), and choose among them greedily on four other draws of the world, as
+40 per group), and choose among them greedily on eight other draws of the world, as
 ``clipsurgery debias`` does (``--select top`` deactivates every candidate); (4) on a held-out
 balanced evaluation set, deactivate them (a = 0.6 and 1.0, both forms) and measure: a linear
 probe's colour accuracy on the image embeddings (probe retrained on the edited embeddings, 2-fold
@@ -88,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-search", type=int, default=1200, help="labelled balanced images for the neuron search")
     ap.add_argument("--n-eval", type=int, default=1200, help="held-out balanced images for the figures")
     ap.add_argument("--tau", type=float, default=0.5)
-    ap.add_argument("--top-n", type=int, default=16, help="candidates per group (top by consistency x specificity)")
+    ap.add_argument("--top-n", type=int, default=40, help="candidates per group (top by consistency x specificity)")
     ap.add_argument("--select", choices=["greedy", "top"], default="greedy",
-                    help="greedy: the fewest candidates that meet the targets on 4 other draws of the world (what "
+                    help="greedy: the fewest candidates that meet the targets on 8 other draws of the world (what "
                          "clipsurgery debias does); top: deactivate every candidate")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         from surgery.probe import world_probe_set
 
         draws = [world_probe_set(dataclasses.replace(params, seed=params.seed + 1000 + i), pre, args.n_search)
-                 for i in range(4)]
+                 for i in range(8)]
         with torch.no_grad():
             draw_embs = [S.image_embeddings(model, d.images) for d in draws]
         queries = torch.nn.functional.normalize(concept_txt, dim=-1)
@@ -171,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             ids = report.selected_ids
             if args.select == "greedy":
                 ids = greedy_neurons(sae, ids, draw_embs, draws, queries, queries,
-                                     NeuronTargets(max_bias_ratio=0.5, max_accuracy_drop=0.015, k=50),
-                                     NeuronStageOptions(alpha=alpha, form=form))[0]
+                                     NeuronTargets(max_bias_ratio=0.45, max_accuracy_drop=0.015, k=50),
+                                     NeuronStageOptions(alpha=alpha, form=form))[0]  # debias's margins
             chosen_ids[f"{form} a={alpha}"] = ids
             print(f"  {form} a={alpha}: deactivating {len(ids)} latents {ids}")
             fix = S.deactivation(sae, ids, alpha, form)

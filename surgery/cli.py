@@ -220,7 +220,7 @@ def audit(model, images_dir, labels_path, tower, attributes, prompts_path, top_k
 @click.option("--max-heads", type=int, default=8, show_default=True)
 @click.option("--k", type=int, default=50, show_default=True)
 @click.option("--n-probe", type=int, default=1200, show_default=True, help="World models: images per generated split.")
-@click.option("--selection-draws", type=click.IntRange(1, 16), default=4, show_default=True,
+@click.option("--selection-draws", type=click.IntRange(1, 16), default=8, show_default=True,
               help="World models: independent draws the edit search averages over.")
 @click.option("--tower", type=click.Choice(["vision", "text", "both"]), default="both", show_default=True,
               help="ONNX towers to export.")

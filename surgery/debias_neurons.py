@@ -2,7 +2,7 @@
 unlabelled images, find the latents that fire for one group only, and deactivate the fewest of
 them that lower bias.
 
-Candidates come from seed 001's rule (tau = 0.5; the top ``pool`` per group by consistency x
+Candidates come from seed 001's rule (tau = 0.5; the top ``pool`` = 40 per group by consistency x
 specificity). Which of them to deactivate is chosen greedily and confirmed on the selection probe:
 each step adds the candidate that lowers mean MaxSkew@K the most while concept accuracy stays
 within its budget, and the search stops at the first set that meets the bias target or when no
@@ -36,8 +36,8 @@ class NeuronStageOptions:
     steps: int = 800  # training steps
     batch_size: int = 256  # training batch
     tau: float = 0.5  # seed 001's effectiveness threshold
-    pool: int = 16  # candidates per group (top by consistency x specificity among the rule's latents)
-    max_neurons: int = 12  # most latents deactivated
+    pool: int = 40  # candidates per group (top by consistency x specificity among the rule's latents)
+    max_neurons: int = 24  # most latents deactivated
     alpha: float = 0.6  # deactivation strength
     form: str = "paper"  # "paper" | "error_preserving"
     seed: int = 0

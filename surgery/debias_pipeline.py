@@ -39,7 +39,7 @@ class DebiasOptions:
     max_heads: int = 8  # most heads edited
     k: int = 50  # MaxSkew@K
     n_probe: int = 1200  # world models: images per generated split
-    selection_draws: int = 4  # world models: independent selection draws the search averages over
+    selection_draws: int = 8  # world models: independent selection draws the search averages over
     tower: str = "both"  # ONNX towers
     force: bool = False  # overwrite outputs
     heads: bool = True  # search head edits
@@ -47,6 +47,8 @@ class DebiasOptions:
     # The edits are chosen on selection probes (other draws than the report's images); the accuracy
     # and recall budgets are tightened by this much there so that they still hold on the report's split.
     selection_margin: float = 0.005
+    # ... and the bias target by this much (MaxSkew@K of 6-12 queries on a new draw is noisy).
+    selection_bias_margin: float = 0.05
 
     def __post_init__(self) -> None:
         if not 0 < self.max_bias_ratio <= 1:
@@ -118,7 +120,8 @@ def _run(loaded, model_in, out, options, work, plan_path, report_dir, sae_dir, i
     classes = text_embeddings(loaded.model, probe.class_prompts, loaded.tokenizer) if probe.class_prompts else None
     budget = max(0.0, options.max_accuracy_drop - options.selection_margin)
     recall_budget = max(0.0, options.max_recall_drop - options.selection_margin)
-    search_opt = SearchOptions(max_bias_ratio=options.max_bias_ratio, max_accuracy_drop=budget,
+    selection_ratio = max(0.05, options.max_bias_ratio - options.selection_bias_margin)
+    search_opt = SearchOptions(max_bias_ratio=selection_ratio, max_accuracy_drop=budget,
                                max_recall_drop=recall_budget, max_heads=options.max_heads if options.heads else 0,
                                k=options.k)
     caption_embs = [_caption_embeddings(loaded, p) for p in selection_probes]
@@ -134,7 +137,7 @@ def _run(loaded, model_in, out, options, work, plan_path, report_dir, sae_dir, i
         train = sae_images if sae_images is not None else probe.images[0:len(probe)]
         neuron_edit, post, neuron_summary = choose_neurons(
             loaded.model, train, selection_probes, sae_dir, queries, classes,
-            NeuronTargets(max_bias_ratio=options.max_bias_ratio, max_accuracy_drop=budget,
+            NeuronTargets(max_bias_ratio=selection_ratio, max_accuracy_drop=budget,
                           max_recall_drop=recall_budget, k=options.k), caption_embs=caption_embs)
         if neuron_edit is None:
             say("no social neuron lowered bias within the accuracy and recall budgets; continuing with heads only")
@@ -176,7 +179,7 @@ def _run(loaded, model_in, out, options, work, plan_path, report_dir, sae_dir, i
              *([f"SAE: {sae_dir}/ (the plan's neuron edit refers to it)"] if plan.neurons else []),
              f"targets on the selection probe ({met}): MaxSkew@{options.k} {search.before['max_skew']:.3f} -> "
              f"{search.after['max_skew']:.3f} (ratio {search.after['max_skew'] / max(search.before['max_skew'], 1e-12):.2f} "
-             f"vs <= {options.max_bias_ratio})",
+             f"vs <= {selection_ratio:g}, the target less a {options.selection_bias_margin:g} margin)",
              report_targets(result, options)]
     return {"table": format_table(rows), "lines": lines, "result": result, "search": search}
 
