@@ -57,8 +57,12 @@ def evaluate_on_draws(model: nn.Module, probes: Sequence[ProbeSet], heads, means
     of one draw is a noisy objective that a greedy search would otherwise fit. ``caption_embs``:
     per draw, its images' caption embeddings (N, D) or None (adds ``recall``)."""
     captions = list(caption_embs) if caption_embs is not None else [None] * len(probes)
-    figures = [evaluate_head_set(model, p, heads, means, query_emb, class_emb, k, post=post, caption_emb=c)
-               for p, c in zip(probes, captions)]
+    return mean_figures([evaluate_head_set(model, p, heads, means, query_emb, class_emb, k, post=post, caption_emb=c)
+                         for p, c in zip(probes, captions)])
+
+
+def mean_figures(figures: list[dict]) -> dict:
+    """Key-wise mean of per-draw figures (every draw measures the same keys)."""
     return {key: sum(f[key] for f in figures) / len(figures) for key in figures[0]}
 
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from . import metrics
 from .plan import NeuronEdit
-from .debias import within_budget
+from .debias import mean_figures, within_budget
 from .probe import ProbeSet, caption_recall
 
 
@@ -67,8 +67,7 @@ def _figures_on_draws(embs: list[torch.Tensor], probes: list[ProbeSet], edit, qu
                       class_emb: torch.Tensor | None, k: int, caption_embs: list | None = None) -> dict:
     """``_figures`` averaged over independent probe draws, ``edit`` applied to each draw's embeddings."""
     captions = caption_embs if caption_embs is not None else [None] * len(probes)
-    figures = [_figures(edit(e), p, query_emb, class_emb, k, c) for e, p, c in zip(embs, probes, captions)]
-    return {key: sum(f[key] for f in figures) / len(figures) for key in figures[0]}
+    return mean_figures([_figures(edit(e), p, query_emb, class_emb, k, c) for e, p, c in zip(embs, probes, captions)])
 
 
 @torch.no_grad()

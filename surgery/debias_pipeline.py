@@ -143,8 +143,9 @@ def _run(loaded, model_in, out, options, work, plan_path, report_dir, sae_dir, i
             say("no social neuron lowered bias within the accuracy and recall budgets; continuing with heads only")
             shutil.rmtree(sae_dir, ignore_errors=True)
     say("choosing head edits (confirmed by forward passes)")
+    unedited = neuron_summary["selection"]["before"] if neuron_summary else None  # the same draws, measured once
     search = search_heads(loaded.model, selection_probes, audit, queries, classes, search_opt, post=post,
-                          caption_embs=caption_embs)
+                          before=unedited, caption_embs=caption_embs)
     plan = plan_from_search(search, audit, {"arch": loaded.arch, "sha256": loaded.sha256}, search_opt)
     if neuron_edit is not None:
         plan.neurons = [neuron_edit]
