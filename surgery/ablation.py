@@ -43,12 +43,22 @@ class SweepOptions:
             raise ValueError("batch_size and k must be >= 1")
 
 
+def check_head_options(options, error: type[Exception]) -> None:
+    """Shared checks of the audits' options (``ablation``, ``top_k``, ``k``, ``batch_size``)."""
+    if options.ablation not in ABLATIONS:
+        raise error(f"ablation must be one of {', '.join(ABLATIONS)}, got {options.ablation!r}")
+    if options.top_k < 1 or options.k < 1 or options.batch_size < 1:
+        raise error("top_k, k and batch_size must be >= 1")
+
+
 @dataclass
 class SweepResult:
     baseline_max_skew: float  # mean MaxSkew@K of the unedited model
     baseline_accuracy: float | None  # zero-shot concept accuracy of the unedited model
     max_skew: torch.Tensor  # (L, H) mean MaxSkew@K with that head ablated
     accuracy: torch.Tensor | None  # (L, H) zero-shot concept accuracy with that head ablated
+    scores: torch.Tensor | None = None  # (L, H, Q[+C], N) text-image scores with that head ablated
+    base_scores: torch.Tensor | None = None  # (Q[+C], N) the unedited model's; queries first
 
     @property
     def bias_removed(self) -> torch.Tensor:
@@ -56,7 +66,7 @@ class SweepResult:
         return self.baseline_max_skew - self.max_skew
 
 
-def _embed_tail(view: TowerView, x: torch.Tensor, start: int, mask, index, post=None) -> torch.Tensor:
+def embed_tail(view: TowerView, x: torch.Tensor, start: int, mask, index, post=None) -> torch.Tensor:
     """Run blocks ``start..L-1`` on residual x (b, N, C); normalised embeddings (b, D)."""
     for block in view.blocks[start:]:
         x = block(x, attn_mask=mask)
@@ -69,7 +79,7 @@ def _embed_tail(view: TowerView, x: torch.Tensor, start: int, mask, index, post=
     return F.normalize(post(emb) if post is not None else emb, dim=-1)
 
 
-def _layer_inputs(view: TowerView, x: torch.Tensor, mask) -> list[torch.Tensor]:
+def layer_inputs(view: TowerView, x: torch.Tensor, mask) -> list[torch.Tensor]:
     inputs = []
     for block in view.blocks:
         inputs.append(x)
@@ -122,14 +132,14 @@ def ablation_sweep(model: nn.Module, probe: ProbeSet, query_emb: torch.Tensor, c
             images = images.to(device)
             b = images.shape[0]
             x, mask, index = tower_inputs(model, tower, images)
-            inputs = _layer_inputs(view, x, mask)
-            base[:, sl] = (texts @ _embed_tail(view, inputs[0], 0, mask, index).T).cpu()
+            inputs = layer_inputs(view, x, mask)
+            base[:, sl] = (texts @ embed_tail(view, inputs[0], 0, mask, index).T).cpu()
             for layer in range(L):
                 stacked = inputs[layer].repeat(H, 1, 1)  # (H*b, N, C): copy j ablates head j
                 mods[layer].set_head_mask(ablate.repeat_interleave(b, dim=0))  # (H*b, H)
                 mods[layer].set_head_fill(fill[layer] if fill is not None else None)
                 try:
-                    emb = _embed_tail(view, stacked, layer, mask, index.repeat(H))  # (H*b, D)
+                    emb = embed_tail(view, stacked, layer, mask, index.repeat(H))  # (H*b, D)
                 finally:
                     mods[layer].set_head_mask(None)
                     mods[layer].set_head_fill(None)
@@ -145,7 +155,7 @@ def ablation_sweep(model: nn.Module, probe: ProbeSet, query_emb: torch.Tensor, c
         acc = lambda s: float((s.argmax(0) == probe.concepts).double().mean())  # noqa: E731
         accuracy = torch.tensor([[acc(scores[l, h, q:]) for h in range(H)] for l in range(L)])
         base_acc = acc(base[q:])
-    return SweepResult(skew(base[:q]), base_acc, max_skew, accuracy)
+    return SweepResult(skew(base[:q]), base_acc, max_skew, accuracy, scores, base)
 
 
 def soft_topk_params(scores: torch.Tensor, k: int, tau_mult: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,7 +237,7 @@ def head_scale_gradient(model: nn.Module, probe: ProbeSet, query_emb: torch.Tens
     frozen = [p for p in model.parameters() if p.requires_grad]
     mask = torch.ones(view.n_layers, view.n_heads, device=device, dtype=q_emb.dtype, requires_grad=True)
     grad = torch.zeros(view.n_layers, view.n_heads, device=device, dtype=q_emb.dtype)
-    with head_masked(model, towers=(tower,), backend=backend), _frozen(frozen), torch.enable_grad():
+    with head_masked(model, towers=(tower,), backend=backend), frozen_weights(frozen), torch.enable_grad():
         for layer, block in enumerate(view.blocks):
             block.attn.set_head_mask(mask[layer])
             block.attn.set_head_fill(means[layer].to(device) if means is not None else None)
@@ -247,7 +257,7 @@ def head_scale_gradient(model: nn.Module, probe: ProbeSet, query_emb: torch.Tens
 
 
 @contextlib.contextmanager
-def _frozen(params: list[torch.Tensor]):
+def frozen_weights(params: list[torch.Tensor]):
     """Turn off weight gradients for a backward that only needs the head-scale gradients."""
     for p in params:
         p.requires_grad_(False)
@@ -258,9 +268,9 @@ def _frozen(params: list[torch.Tensor]):
             p.requires_grad_(True)
 
 
-def _encode(model: nn.Module, view: TowerView, images: torch.Tensor, post=None) -> torch.Tensor:
+def normalized_image_embeddings(model: nn.Module, view: TowerView, images: torch.Tensor, post=None) -> torch.Tensor:
     x, mask, index = tower_inputs(model, "vision", images)
-    return _embed_tail(view, x, 0, mask, index, post)
+    return embed_tail(view, x, 0, mask, index, post)
 
 
 @torch.no_grad()
@@ -289,7 +299,7 @@ def evaluate_head_set(model: nn.Module, probe: ProbeSet, heads, means: torch.Ten
             block.attn.set_head_mask(scale if edited else None)
             block.attn.set_head_fill(means[layer].to(device) if (edited and means is not None) else None)
         try:
-            emb = torch.cat([_encode(model, view, imgs.to(device), post).cpu() for imgs, _ in probe.batches(batch_size)])
+            emb = torch.cat([normalized_image_embeddings(model, view, imgs.to(device), post).cpu() for imgs, _ in probe.batches(batch_size)])
         finally:
             for block in view.blocks:
                 block.attn.set_head_mask(None)

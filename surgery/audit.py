@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import metrics
-from .ablation import SweepOptions, ablation_sweep, gradient_scores
+from .ablation import SweepOptions, ablation_sweep, check_head_options, gradient_scores
 from .cav import zero_shot_cavs
 from .head_scores import GroupAccuracyAccumulator, SeparationAccumulator, mean_rank, spearman
 from .attention import head_masked
@@ -57,10 +57,7 @@ class AuditOptions:
     textspan_iterations: int = 5  # descriptions per head
 
     def __post_init__(self) -> None:
-        if self.ablation not in ("mean", "zero"):
-            raise SurgeryError(f"ablation must be mean or zero, got {self.ablation!r}")
-        if self.top_k < 1 or self.k < 1 or self.batch_size < 1:
-            raise SurgeryError("top_k, k and batch_size must be >= 1")
+        check_head_options(self, SurgeryError)
 
 
 @dataclass
@@ -221,19 +218,6 @@ def _baseline_from_scores(scores: torch.Tensor, n_queries: int, probe: ProbeSet,
     out = {"max_skew": float(metrics.max_skew_at_k(scores[:n_queries], probe.groups, k, len(probe.group_names)).mean())}
     if scores.shape[0] > n_queries and probe.concepts is not None:
         out["accuracy"] = float((scores[n_queries:].argmax(0) == probe.concepts).double().mean())
-    return out
-
-
-def _baseline(model, probe, query_emb, class_emb, opt) -> dict:
-    from .ablation import _encode
-
-    view = get_towers(model)["vision"]
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        emb = torch.cat([_encode(model, view, imgs.to(device)).cpu() for imgs, _ in probe.batches(opt.batch_size)])
-    out = {"max_skew": float(metrics.max_skew_at_k(query_emb @ emb.T, probe.groups, opt.k, len(probe.group_names)).mean())}
-    if class_emb is not None:
-        out["accuracy"] = float(((class_emb @ emb.T).argmax(0) == probe.concepts).double().mean())
     return out
 
 

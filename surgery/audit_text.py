@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import metrics
-from .ablation import _embed_tail, _frozen, _layer_inputs, soft_max_skew, soft_topk_params
+from .ablation import check_head_options, embed_tail, frozen_weights, layer_inputs, soft_max_skew, soft_topk_params
 from .attention import head_masked
 from .audit import text_embeddings
 from .cav import CAVError, CAVs, supervised_cavs, zero_shot_cavs
@@ -171,10 +171,7 @@ class TextAuditOptions:
     sweep: bool = True  # run the causal sweep (c); off: cheap scores only
 
     def __post_init__(self) -> None:
-        if self.ablation not in ("mean", "zero"):
-            raise TextAuditError(f"ablation must be mean or zero, got {self.ablation!r}")
-        if self.top_k < 1 or self.k < 1 or self.batch_size < 1:
-            raise TextAuditError("top_k, k and batch_size must be >= 1")
+        check_head_options(self, TextAuditError)
 
 
 @dataclass
@@ -307,15 +304,15 @@ def text_ablation_sweep(model: nn.Module, tokens: torch.Tensor, means: torch.Ten
         for start in range(0, tokens.shape[0], chunk):
             x, mask, index = tower_inputs(model, TOWER, tokens[start:start + chunk])
             q = x.shape[0]
-            inputs = _layer_inputs(view, x, mask)
-            base.append(_embed_tail(view, inputs[0], 0, mask, index).float().cpu())
+            inputs = layer_inputs(view, x, mask)
+            base.append(embed_tail(view, inputs[0], 0, mask, index).float().cpu())
             per_layer = []
             for layer in range(L):
                 attn = view.blocks[layer].attn
                 attn.set_head_mask(ablate.repeat_interleave(q, dim=0))  # (H*q, H)
                 attn.set_head_fill(fill[layer] if fill is not None else None)
                 try:
-                    emb = _embed_tail(view, inputs[layer].repeat(H, 1, 1), layer, mask, index.repeat(H))  # (H*q, D)
+                    emb = embed_tail(view, inputs[layer].repeat(H, 1, 1), layer, mask, index.repeat(H))  # (H*q, D)
                 finally:
                     attn.set_head_mask(None)
                     attn.set_head_fill(None)
@@ -334,13 +331,13 @@ def text_gradient_scores(model: nn.Module, tokens: torch.Tensor, surrogate, mean
     frozen = [p for p in model.parameters() if p.requires_grad]
     mask = torch.ones(view.n_layers, view.n_heads, device=device, requires_grad=True)
     total = 0.0
-    with head_masked(model, towers=(TOWER,), backend=backend), _frozen(frozen):
+    with head_masked(model, towers=(TOWER,), backend=backend), frozen_weights(frozen):
         _set_text_masks(view, mask, means.to(device) if means is not None else None)
         try:
             for start in range(0, tokens.shape[0], batch_size):
                 rows = slice(start, min(start + batch_size, tokens.shape[0]))
                 x, attn_mask, index = tower_inputs(model, TOWER, tokens[rows])
-                value = surrogate(_embed_tail(view, x, 0, attn_mask, index), rows)
+                value = surrogate(embed_tail(view, x, 0, attn_mask, index), rows)
                 value.backward()
                 total += float(value.detach())
         finally:

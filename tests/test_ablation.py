@@ -37,6 +37,7 @@ def _naive(model, probe, queries, classes, means, ablation, k):
     """Reference: one full forward pass per head with the runtime mask."""
     L, H = 2, 4
     skews, accs = torch.zeros(L, H), torch.zeros(L, H)
+    scores = torch.zeros(L, H, len(queries) + len(classes), len(probe))
     surgery.swap_attention(model, towers=("vision",), backend="math")
     mods = surgery.masked_modules(model, "vision")
     for layer in range(L):
@@ -51,8 +52,9 @@ def _naive(model, probe, queries, classes, means, ablation, k):
             mods[layer].set_head_fill(None)
             skews[layer, head] = metrics.max_skew_at_k(queries @ emb.T, probe.groups, k, 2).mean()
             accs[layer, head] = ((classes @ emb.T).argmax(0) == probe.concepts).double().mean()
+            scores[layer, head] = torch.cat([queries, classes]) @ emb.T
     surgery.restore_attention(model)
-    return skews, accs
+    return skews, accs, scores
 
 
 @pytest.mark.parametrize("ablation", ["mean", "zero"])
@@ -63,9 +65,13 @@ def test_sweep_with_activation_reuse_equals_naive_passes(probe, ablation):
     assert means.shape == (2, 4, 16)
     result = ablation_sweep(model, probe, queries, classes, means,
                             SweepOptions(batch_size=16, k=10, ablation=ablation, backend="math"))
-    want_skew, want_acc = _naive(copy.deepcopy(model), probe, queries, classes, means, ablation, 10)
+    want_skew, want_acc, want_scores = _naive(copy.deepcopy(model), probe, queries, classes, means, ablation, 10)
     torch.testing.assert_close(result.max_skew, want_skew, atol=1e-6, rtol=0)
     torch.testing.assert_close(result.accuracy, want_acc.float(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(result.scores, want_scores, atol=1e-5, rtol=0)  # per-head scores kept for analysis
+    with torch.no_grad():
+        unedited = F.normalize(model.encode_image(probe.images), dim=-1)
+    torch.testing.assert_close(result.base_scores, torch.cat([queries, classes]) @ unedited.T, atol=1e-5, rtol=0)
     assert result.max_skew.std() > 0  # heads differ
 
 

@@ -82,14 +82,15 @@ def test_folder_probe_set_streams_and_matches_the_world(tmp_path):
 def test_cheap_audit_baseline_comes_from_the_decomposition_pass(world):
     """Without the sweep the unedited figures come from the one decomposition pass's text scores;
     they equal a separate plain forward pass."""
-    from surgery.audit import _baseline, text_embeddings
+    from surgery.ablation import evaluate_head_set
+    from surgery.audit import text_embeddings
 
     loaded, probe = world
     opt = AuditOptions(k=20, sweep=False, textspan_iterations=0)
     result = audit_vision(loaded.model, probe, loaded.tokenizer, opt)
     queries = text_embeddings(loaded.model, probe.queries, loaded.tokenizer)
     classes = text_embeddings(loaded.model, probe.class_prompts, loaded.tokenizer)
-    want = _baseline(loaded.model, probe, queries, classes, opt)
+    want = evaluate_head_set(loaded.model, probe, [], None, queries, classes, k=20)  # a plain pass, nothing ablated
     assert abs(result.baseline["max_skew"] - want["max_skew"]) < 1e-6
     assert abs(result.baseline["accuracy"] - want["accuracy"]) < 1e-9
     assert "ablation" not in result.scores and result.cheap_rank
