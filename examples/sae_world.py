@@ -8,9 +8,11 @@ Steps: (1) cache the vision tower's activations of unlabelled train-split images
 SAE; (3) find social neurons on a labelled, balanced search set (candidates: seed 001's rule, top
 40 per group), and choose among them greedily on eight other draws of the world, as
 ``clipsurgery debias`` does (``--select top`` deactivates every candidate); (4) on a held-out
-balanced evaluation set, deactivate them (a = 0.6 and 1.0, both forms) and measure: a linear
-probe's colour accuracy on the image embeddings (probe retrained on the edited embeddings, 2-fold
-cross-validation; chance = 1/groups), mean MaxSkew@50 of the neutral concept queries (uniform
+balanced evaluation set, deactivate them (a = 0.6 and 1.0, both forms) and measure: the colour
+accuracy of two linear probes on the image embeddings (chance = 1/groups) -- a fixed probe, trained
+on the unedited embeddings of the search half and applied to the edited ones (what a group
+classifier built on the shipped model's features sees), and a probe retrained on the edited
+embeddings (2-fold cross-validation: is colour still linearly present at all?) --, mean MaxSkew@50 of the neutral concept queries (uniform
 target, empty groups smoothed to 1/50), zero-shot concept and group accuracy.
 """
 from __future__ import annotations
@@ -30,43 +32,19 @@ import torch.nn.functional as F
 import surgery
 from surgery import metrics
 from surgery import sae as S
+from surgery.linear_probe import cross_validated_accuracy, fit_linear_probe, probe_accuracy
 from surgery.world import generate, group_prompts, neutral_queries
 from surgery.world_checkpoint import world_params_of
 from surgery.world_model import images_to_tensor, tokenize
 
 
-def linear_probe_accuracy(x: torch.Tensor, y: torch.Tensor, n_classes: int, steps: int = 300, seed: int = 0) -> float:
-    """2-fold cross-validated accuracy of a multinomial logistic regression on standardised x (n, D)."""
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(y), generator=gen)
-    folds = perm.chunk(2)
-    correct = 0
-    for i in range(2):
-        test, train = folds[i], folds[1 - i]
-        mu, sd = x[train].mean(0), x[train].std(0).clamp_min(1e-6)
-        xtr, xte = (x[train] - mu) / sd, (x[test] - mu) / sd
-        w = torch.zeros(x.shape[1], n_classes, requires_grad=True)
-        b = torch.zeros(n_classes, requires_grad=True)
-        opt = torch.optim.LBFGS([w, b], lr=1, max_iter=steps, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            loss = F.cross_entropy(xtr @ w + b, y[train]) + 1e-3 * w.pow(2).sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        with torch.no_grad():
-            correct += int(((xte @ w + b).argmax(1) == y[test]).sum())
-    return correct / len(y)
-
-
 def figures(img: torch.Tensor, concepts: torch.Tensor, groups: torch.Tensor, concept_txt: torch.Tensor,
-            group_txt: torch.Tensor, n_groups: int) -> dict:
+            group_txt: torch.Tensor, n_groups: int, fixed_probe) -> dict:
     img_n = F.normalize(img, dim=-1)
     scores = F.normalize(concept_txt, dim=-1) @ img_n.T  # (C, n)
     return {
-        "probe_group_accuracy": linear_probe_accuracy(img, groups, n_groups),
+        "probe_group_accuracy": cross_validated_accuracy(img, groups, n_groups),
+        "fixed_probe_group_accuracy": probe_accuracy(fixed_probe, img, groups),
         "max_skew_at_50": metrics.max_skew_at_k(scores, groups, 50, n_groups, "uniform", reduce="mean"),
         "concept_accuracy": metrics.zero_shot_accuracy(img, concept_txt, concepts),
         "zero_shot_group_accuracy": metrics.zero_shot_accuracy(img, group_txt, groups),
@@ -154,7 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     zs = S.zero_shot_with_replacement(model, sae, site, images, concepts, tokenize(neutral_queries(params)))
     print(f"zero-shot concept accuracy with the representation replaced by its reconstruction: "
           f"{zs['zero_shot_accuracy']:.4f} -> {zs['zero_shot_accuracy_replaced']:.4f}")
-    base = figures(S.image_embeddings(model, images), concepts, groups, concept_txt, group_txt, params.n_groups)
+    # The fixed probe is what a group classifier trained on the unedited model's features sees after
+    # the edit: fitted on the search half's unedited embeddings, applied to the edited held-out ones.
+    fixed_probe = fit_linear_probe(S.image_embeddings(model, all_images[idx_search]), groups_all[idx_search],
+                                   params.n_groups)
+    base = figures(S.image_embeddings(model, images), concepts, groups, concept_txt, group_txt, params.n_groups,
+                   fixed_probe)
     rows = [("original", None, None, base)]
     if args.select == "greedy":  # selection draws: other seeds of the world than the search/eval images
         from surgery.debias_neurons import NeuronStageOptions, NeuronTargets, greedy_neurons
@@ -177,12 +160,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {form} a={alpha}: deactivating {len(ids)} latents {ids}")
             fix = S.deactivation(sae, ids, alpha, form)
             img = S.image_embeddings(model, images, fix, site)
-            rows.append((form, alpha, fix, figures(img, concepts, groups, concept_txt, group_txt, params.n_groups)))
+            rows.append((form, alpha, fix, figures(img, concepts, groups, concept_txt, group_txt, params.n_groups,
+                                                      fixed_probe)))
 
     chance = 1 / params.n_groups
     print(f"\nheld-out balanced set: {len(images)} images; linear-probe chance = {chance:.2f}; "
           f"MaxSkew@50 mean over {params.n_concepts} neutral queries, uniform target")
-    head = f"{'edit':<24}{'probe grp acc':>14}{'MaxSkew@50':>12}{'skew cut':>10}{'concept acc':>13}{'drop (pts)':>11}{'zs grp acc':>11}"
+    print("probe grp acc: group accuracy of a linear probe; 'fixed' was trained on the unedited embeddings of the\n"
+          "search half, 'retrained' is refitted on the edited embeddings (2-fold CV); chance = 1/groups")
+    head = f"{'edit':<24}{'fixed':>8}{'retrained':>11}{'MaxSkew@50':>12}{'skew cut':>10}{'concept acc':>13}{'drop (pts)':>11}{'zs grp acc':>11}"
     print(head)
     print("-" * len(head))
     results = []
@@ -190,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         label = "original" if form == "original" else f"{form} a={alpha}"
         cut = 1 - f["max_skew_at_50"] / base["max_skew_at_50"]
         drop = 100 * (base["concept_accuracy"] - f["concept_accuracy"])
-        print(f"{label:<24}{f['probe_group_accuracy']:>14.4f}{f['max_skew_at_50']:>12.4f}{cut:>10.1%}"
+        print(f"{label:<24}{f['fixed_probe_group_accuracy']:>8.4f}{f['probe_group_accuracy']:>11.4f}{f['max_skew_at_50']:>12.4f}{cut:>10.1%}"
               f"{f['concept_accuracy']:>13.4f}{drop:>11.2f}{f['zero_shot_group_accuracy']:>11.4f}")
         results.append({"form": form, "alpha": alpha, **f, "skew_cut": cut, "concept_drop_points": drop})
     passed = {f"{r['form']} a={r['alpha']}": bool(r["skew_cut"] >= 0.5 and r["concept_drop_points"] <= 2.0)
