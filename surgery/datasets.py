@@ -202,6 +202,39 @@ def _load_csv_labels(path: Path) -> LabelTable:
     return LabelTable(files=files, attributes=attributes)
 
 
+def split_label_table(table: LabelTable, holdout: float, stratify: str | None = None,
+                      seed: int = 0) -> tuple[LabelTable, LabelTable]:
+    """Disjoint (kept, held-out) tables: ``holdout`` of the rows (of each value of ``stratify``,
+    when given) are held out, chosen with ``seed``; both keep the table's row order."""
+    if not 0 < holdout < 1:
+        raise DataError(f"the held-out fraction must be between 0 and 1, got {holdout}")
+    strata = table.attributes[stratify] if stratify else [""] * len(table)
+    gen = torch.Generator().manual_seed(seed)
+    held = np.zeros(len(table), dtype=bool)
+    for value in sorted(set(strata)):
+        rows = np.array([i for i, v in enumerate(strata) if v == value])
+        order = rows[torch.randperm(len(rows), generator=gen).numpy()]
+        held[order[: int(round(holdout * len(rows)))]] = True
+
+    def subset(mask: np.ndarray) -> LabelTable:
+        idx = np.flatnonzero(mask)
+        return LabelTable(files=[table.files[i] for i in idx],
+                          attributes={k: [v[i] for i in idx] for k, v in table.attributes.items()})
+
+    return subset(~held), subset(held)
+
+
+def write_labels_csv(table: LabelTable, path: str | Path) -> None:
+    """Write ``table`` as a labels CSV (a ``file`` column, then its attributes) that
+    :func:`load_labels` reads back unchanged."""
+    names = list(table.attributes)
+    with Path(path).open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["file", *names])
+        for i, name in enumerate(table.files):
+            writer.writerow([name, *(table.attributes[a][i] for a in names)])
+
+
 def age_band(years: int) -> str:
     """FairFace's age band for an age in years (``"more than 70"`` for 70 and over)."""
     if years < 0:

@@ -49,6 +49,9 @@ class DebiasOptions:
     selection_margin: float = 0.005
     # ... and the bias target by this much (MaxSkew@K of 6-12 queries on a new draw is noisy).
     selection_bias_margin: float = 0.05
+    # Folder probes: this fraction of the labelled images (of each group) is held out of the edit
+    # search and used for the report only; 0 chooses and reports on the same images.
+    holdout: float = 0.5
 
     def __post_init__(self) -> None:
         if not 0 < self.max_bias_ratio <= 1:
@@ -57,6 +60,8 @@ class DebiasOptions:
             if not 0 <= getattr(self, name) <= 1:
                 raise SurgeryError(f"--{name.replace('_', '-')} must be between 0 and 100 points, "
                                    f"got {100 * getattr(self, name):g}")
+        if not 0 <= self.holdout < 1:
+            raise SurgeryError(f"--holdout must be at least 0 and below 1, got {self.holdout}")
 
 
 def run_debias(model_in: str, out: str, options: DebiasOptions, *, images_dir: str | None = None,
@@ -79,6 +84,36 @@ def run_debias(model_in: str, out: str, options: DebiasOptions, *, images_dir: s
         shutil.rmtree(work, ignore_errors=True)
 
 
+def split_folder_labels(images_dir: str, labels_path: str, attribute: str | None, holdout: float,
+                        out_dir: str) -> tuple[str, str]:
+    """Write the (selection, report) labels CSVs of a folder probe into ``out_dir``.
+
+    ``holdout`` of each group's images (``attribute``, or the first protected column present)
+    go to the report. A world split's ``world.json`` and ``captions.csv`` are copied beside both,
+    so the report still finds its concepts and captions.
+    """
+    from .datasets import load_labels, split_label_table, write_labels_csv
+    from .evaluate import PROTECTED_COLUMNS
+    from .world import CAPTIONS_CSV, WORLD_JSON
+
+    table = load_labels(labels_path, images_dir)
+    stratify = attribute if attribute in table.attributes else next(
+        (c for c in PROTECTED_COLUMNS if c in table.attributes), None)
+    keep, held = split_label_table(table, holdout, stratify)
+    if len(keep) == 0 or len(held) == 0:
+        raise SurgeryError(f"--holdout {holdout} leaves no images on one side of the {len(table)} labelled ones; "
+                           "pass more images or another --holdout")
+    os.makedirs(out_dir, exist_ok=True)
+    side = os.path.dirname(labels_path) if os.path.isfile(labels_path) else labels_path
+    for name in (WORLD_JSON, CAPTIONS_CSV):
+        if os.path.isfile(os.path.join(side, name)):
+            shutil.copyfile(os.path.join(side, name), os.path.join(out_dir, name))
+    paths = os.path.join(out_dir, "selection.csv"), os.path.join(out_dir, "report.csv")
+    write_labels_csv(keep, paths[0])
+    write_labels_csv(held, paths[1])
+    return paths
+
+
 def _caption_embeddings(loaded, probe) -> torch.Tensor | None:
     """(N, D) normalised text embedding of each probe image's caption, or None without captions."""
     if probe.captions is None:
@@ -93,9 +128,16 @@ def _run(loaded, model_in, out, options, work, plan_path, report_dir, sae_dir, i
          say) -> dict:
     params = world_params_of(loaded)
     if images_dir:
-        probe = folder_probe_set(images_dir, labels_path, attribute, loaded.preprocess)
+        eval_images, eval_labels, selection_labels = images_dir, labels_path, labels_path
+        if options.holdout > 0:
+            selection_labels, eval_labels = split_folder_labels(images_dir, labels_path, attribute, options.holdout,
+                                                                os.path.join(work, "split"))
+            say(f"folder probe: choosing the edits on {1 - options.holdout:.0%} of the labelled images, reporting on "
+                f"the other {options.holdout:.0%} (--holdout)")
+        else:
+            say("warning: --holdout 0: the report is on the same images the edits were chosen on")
+        probe = folder_probe_set(images_dir, selection_labels, attribute, loaded.preprocess)
         selection_probes = [probe]
-        eval_images, eval_labels = images_dir, labels_path
         sae_images = None  # the probe images themselves (labels unused for training)
     elif params is not None:
         selection_probes = [
@@ -147,6 +189,9 @@ def _run(loaded, model_in, out, options, work, plan_path, report_dir, sae_dir, i
     search = search_heads(loaded.model, selection_probes, audit, queries, classes, search_opt, post=post,
                           before=unedited, caption_embs=caption_embs)
     plan = plan_from_search(search, audit, {"arch": loaded.arch, "sha256": loaded.sha256}, search_opt)
+    if images_dir:
+        plan.provenance["probe"] = {"images": images_dir, "labels": labels_path, "holdout": options.holdout,
+                                    "selection_images": len(probe)}
     if neuron_edit is not None:
         plan.neurons = [neuron_edit]
         plan.provenance["neurons"] = neuron_summary

@@ -102,13 +102,19 @@ def folder_probe_set(images_dir: str, labels_path: str, attribute: str | None, p
     """Labelled images from a folder (FairFace/UTKFace/generic CSV) as a probe set.
 
     Group prompts are "a photo of a {value} person"; neutral queries default to the built-in
-    occupations and traits. Images are decoded batch by batch when used (memory does not grow
-    with the number of images); unreadable ones found by the header scan are left out.
+    occupations and traits. A world split (``world.json`` beside the labels, as ``clipsurgery
+    world generate`` writes) brings the world's own queries, group prompts, concept labels and
+    captions instead. Images are decoded batch by batch when used (memory does not grow with the
+    number of images); unreadable ones found by the header scan are left out.
     """
-    from .datasets import ImageFolderDataset, load_labels
+    import os
+
+    from .datasets import ImageFolderDataset, load_captions, load_labels
+    from .embedding import data_hash
     from .encoders import image_transform
     from .evaluate import PROTECTED_COLUMNS
     from .metrics import NEUTRAL_QUERIES
+    from .world import CAPTIONS_CSV, WORLD_JSON, group_prompts, load_params, neutral_queries
 
     labels = load_labels(labels_path, images_dir)
     if attribute is None:
@@ -117,16 +123,28 @@ def folder_probe_set(images_dir: str, labels_path: str, attribute: str | None, p
             raise DataError(f"{labels_path}: no protected-attribute column; pass --attributes with one of "
                             f"{', '.join(labels.attributes)}")
         attribute = present[0]
+    labels.require([attribute])
     codes, values = labels.codes(attribute)
-    from .embedding import data_hash
-
     dataset = ImageFolderDataset(images_dir, labels.files, image_transform(preprocess),
                                  max_skipped_fraction=max_skipped_fraction)
     index = torch.tensor(dataset.indices, dtype=torch.long)
+    extra: dict = {"group_prompts": [f"a photo of a {v.replace('_', ' ')} person" for v in values],
+                   "queries": queries or NEUTRAL_QUERIES["occupations"] + NEUTRAL_QUERIES["traits"]}
+    side = os.path.dirname(labels_path) if os.path.isfile(labels_path) else labels_path
+    if os.path.isfile(os.path.join(side, WORLD_JSON)) and attribute == "group" and "concept" in labels.attributes:
+        params = load_params(os.path.join(side, WORLD_JSON))
+        prompt_of = dict(zip(params.groups, group_prompts(params)))
+        if set(values) <= set(prompt_of):
+            concepts, _ = labels.codes("concept", list(params.concepts))
+            extra = {"group_prompts": [prompt_of[v] for v in values], "queries": queries or neutral_queries(params),
+                     "concepts": torch.from_numpy(concepts)[index], "class_prompts": neutral_queries(params)}
+            if os.path.isfile(os.path.join(side, CAPTIONS_CSV)):
+                captions = load_captions(os.path.join(side, CAPTIONS_CSV))
+                if all(labels.files[i] in captions for i in dataset.indices):
+                    extra["captions"] = [captions[labels.files[i]][0] for i in dataset.indices]
     return ProbeSet(
         images=FolderImages(dataset), groups=torch.from_numpy(codes)[index], group_names=values,
-        queries=queries or NEUTRAL_QUERIES["occupations"] + NEUTRAL_QUERIES["traits"],
-        group_prompts=[f"a photo of a {v.replace('_', ' ')} person" for v in values], attribute=attribute,
+        attribute=attribute, **extra,
         source={"images_dir": images_dir, "labels": labels_path, "skipped": [s.file for s in dataset.skipped],
                 "hash": data_hash(images_dir, labels.files)},
     )

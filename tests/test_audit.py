@@ -71,6 +71,12 @@ def test_folder_probe_set_streams_and_matches_the_world(tmp_path):
     in_memory = world_probe_set(params, loaded.preprocess, 48)
     torch.testing.assert_close(probe.images[0:5], in_memory.images[0:5], atol=1e-6, rtol=0)
     assert probe.group_names == ["blue", "red"] and probe.source["hash"]
+    # a world split brings the world's own queries, group prompts, concepts and captions
+    assert probe.queries == in_memory.queries and probe.class_prompts == in_memory.class_prompts
+    order = [in_memory.group_names.index(g) for g in probe.group_names]
+    assert probe.group_prompts == [in_memory.group_prompts[i] for i in order]
+    assert torch.equal(probe.concepts, in_memory.concepts) and probe.captions == in_memory.captions
+    assert [probe.group_names[g] for g in probe.groups] == [in_memory.group_names[g] for g in in_memory.groups]
     (tmp_path / "w" / "images" / "000001.png").write_bytes(b"not a png")  # skipped by the scan
     probe = folder_probe_set(str(tmp_path / "w" / "images"), str(tmp_path / "w" / "labels.csv"), "group",
                              loaded.preprocess, max_skipped_fraction=0.5)

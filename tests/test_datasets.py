@@ -219,3 +219,24 @@ def test_empty_or_missing_folder(tmp_path):
     with pytest.raises(DataError, match="allowed: none, header, full"):
         _image_folder(tmp_path, n_good=1)
         ImageFolderDataset(tmp_path, prescan="lazy")
+
+
+def test_split_label_table_is_disjoint_stratified_and_reads_back(tmp_path):
+    from surgery.datasets import LabelTable, load_labels, split_label_table, write_labels_csv
+
+    files = [f"{i:03d}.png" for i in range(40)]
+    groups = ["a"] * 30 + ["b"] * 10
+    table = LabelTable(files=files, attributes={"group": groups, "concept": [str(i % 3) for i in range(40)]})
+    keep, held = split_label_table(table, 0.5, "group", seed=0)
+    assert sorted(keep.files + held.files) == files and not set(keep.files) & set(held.files)
+    assert held.attributes["group"].count("a") == 15 and held.attributes["group"].count("b") == 5
+    assert keep.files == sorted(keep.files)  # table order kept
+    again, _ = split_label_table(table, 0.5, "group", seed=0)
+    assert again.files == keep.files and split_label_table(table, 0.5, "group", seed=1)[0].files != keep.files
+    for row, name in enumerate(held.files):  # attributes stay with their files
+        assert held.attributes["group"][row] == groups[files.index(name)]
+    write_labels_csv(held, tmp_path / "held.csv")
+    back = load_labels(tmp_path / "held.csv")
+    assert back.files == held.files and back.attributes == held.attributes
+    with pytest.raises(DataError, match="between 0 and 1"):
+        split_label_table(table, 1.0)

@@ -48,3 +48,27 @@ def test_debias_refuses_bad_outputs(tmp_path):
     result = runner.invoke(main, ["debias", "builtin:world", str(tmp_path / "o.onnx"), "--heads-only", "--neurons-only"])
     assert result.exit_code == 2 and "exclude each other" in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_debias_on_a_folder_reports_on_held_out_images(tmp_path):
+    """--images: the edits are chosen on one half of each group's images and the report is on the
+    other half; --holdout out of range is refused before anything is written."""
+    from surgery.world import WorldParams, generate, write_split
+
+    write_split(generate(WorldParams(), "eval", 240), tmp_path / "w")
+    images, labels = str(tmp_path / "w" / "images"), str(tmp_path / "w" / "labels.csv")
+    out = tmp_path / "out.safetensors"
+    runner = CliRunner()
+    result = runner.invoke(main, ["debias", "builtin:world", str(out), "--images", images, "--labels", labels,
+                                  "--attributes", "group", "--k", "20", "--heads-only", "--max-accuracy-drop", "5"])
+    assert result.exit_code == 0, result.output
+    assert "reporting on the other 50%" in result.output
+    plan = json.loads((tmp_path / "out.plan.json").read_text())
+    assert plan["provenance"]["probe"]["selection_images"] == 120 and plan["provenance"]["probe"]["holdout"] == 0.5
+    report = json.loads((tmp_path / "out.report" / "report.json").read_text())
+    assert report["before"]["n_images"] == 120  # the held-out half only
+    assert "zero_shot_accuracy" in report["before"]  # the world's concepts came along with the split
+    result = runner.invoke(main, ["debias", "builtin:world", str(tmp_path / "o2.onnx"), "--images", images,
+                                  "--labels", labels, "--holdout", "1"])
+    assert result.exit_code == 1 and "--holdout must be" in result.output
+    assert not (tmp_path / "o2.visual.onnx").exists() and not (tmp_path / "o2.plan.json").exists()
