@@ -8,12 +8,13 @@ Steps: (1) cache the vision tower's activations of unlabelled train-split images
 SAE; (3) find social neurons on a labelled, balanced search set (candidates: seed 001's rule, top
 40 per group), and choose among them greedily on eight other draws of the world, as
 ``clipsurgery debias`` does (``--select top`` deactivates every candidate); (4) on a held-out
-balanced evaluation set, deactivate them (a = 0.6 and 1.0, both forms) and measure: the colour
-accuracy of two linear probes on the image embeddings (chance = 1/groups) -- a fixed probe, trained
-on the unedited embeddings of the search half and applied to the edited ones (what a group
-classifier built on the shipped model's features sees), and a probe retrained on the edited
-embeddings (2-fold cross-validation: is colour still linearly present at all?) --, mean MaxSkew@50 of the neutral concept queries (uniform
-target, empty groups smoothed to 1/50), zero-shot concept and group accuracy.
+balanced evaluation set, deactivate them (a = 0.6 and 1.0, both forms) and measure:
+* the colour accuracy of two linear probes on the image embeddings (chance = 1/groups): a fixed
+  probe, trained on the unedited embeddings of the search half and applied to the edited ones
+  (what a group classifier built on the shipped model's features sees), and a probe retrained on
+  the edited embeddings (2-fold cross-validation: is colour still linearly present at all?);
+* mean MaxSkew@50 of the neutral concept queries (uniform target, empty groups smoothed to 1/50);
+* zero-shot concept and group accuracy.
 """
 from __future__ import annotations
 
