@@ -222,9 +222,9 @@ def audit(model, images_dir, labels_path, tower, attributes, prompts_path, top_k
 @click.option("--n-probe", type=int, default=1200, show_default=True, help="World models: images per generated split.")
 @click.option("--selection-draws", type=click.IntRange(1, 16), default=8, show_default=True,
               help="World models: independent draws the edit search averages over.")
-@click.option("--holdout", type=float, default=0.5, show_default=True,
+@click.option("--holdout", type=float, default=None,
               help="--images probes: fraction of each group's images kept out of the edit search for the report "
-                   "(0: report on the images the edits were chosen on).")
+                   "(default 0.5; 0: report on the images the edits were chosen on).")
 @click.option("--tower", type=click.Choice(["vision", "text", "both"]), default="both", show_default=True,
               help="ONNX towers to export.")
 @click.option("--heads-only", is_flag=True, help="Only soft-prune heads (no SAE neurons).")
@@ -242,9 +242,13 @@ def debias(model_in, out, images_dir, labels_path, attributes, max_bias_ratio, m
         raise click.UsageError("--images and --labels go together")
     if heads_only and neurons_only:
         raise click.UsageError("--heads-only and --neurons-only exclude each other")
+    if holdout is not None and images_dir is None:
+        raise click.UsageError("--holdout applies to --images probes only (a world model's report is on its own "
+                               "eval split)")
     options = DebiasOptions(max_bias_ratio=max_bias_ratio, max_accuracy_drop=max_accuracy_drop / 100.0,
                             max_recall_drop=max_recall_drop / 100.0, max_heads=max_heads, k=k, n_probe=n_probe,
-                            selection_draws=selection_draws, holdout=holdout, tower=tower, force=force,
+                            selection_draws=selection_draws, holdout=0.5 if holdout is None else holdout,
+                            tower=tower, force=force,
                             heads=not neurons_only, neurons=not heads_only)
     summary = run_debias(model_in, out, options, images_dir=images_dir, labels_path=labels_path,
                          attribute=attributes.split(",")[0] if attributes else None,

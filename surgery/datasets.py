@@ -213,8 +213,13 @@ def split_label_table(table: LabelTable, holdout: float, stratify: str | None = 
     held = np.zeros(len(table), dtype=bool)
     for value in sorted(set(strata)):
         rows = np.array([i for i, v in enumerate(strata) if v == value])
+        if len(rows) < 2:
+            where = f"{stratify} {value!r}" if stratify else "the table"
+            raise DataError(f"{where} has {len(rows)} labelled image(s); a held-out split needs at least 2 per "
+                            "group: add images or do not hold any out")
         order = rows[torch.randperm(len(rows), generator=gen).numpy()]
-        held[order[: int(round(holdout * len(rows)))]] = True
+        n_held = min(max(int(holdout * len(rows) + 0.5), 1), len(rows) - 1)  # both sides keep every group
+        held[order[:n_held]] = True
 
     def subset(mask: np.ndarray) -> LabelTable:
         idx = np.flatnonzero(mask)
@@ -228,6 +233,8 @@ def write_labels_csv(table: LabelTable, path: str | Path) -> None:
     """Write ``table`` as a labels CSV (a ``file`` column, then its attributes) that
     :func:`load_labels` reads back unchanged."""
     names = list(table.attributes)
+    if any(n.strip().lower() == "file" for n in names):
+        raise DataError("the labels have an attribute column named 'file' besides the file column; rename it")
     with Path(path).open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["file", *names])

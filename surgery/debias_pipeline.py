@@ -155,6 +155,8 @@ def _run(loaded, model_in, out, options, work, plan_path, report_dir, sae_dir, i
 
     if not (options.heads or options.neurons):
         raise SurgeryError("nothing to do: --heads-only and --neurons-only exclude each other")
+    # The report's images are checked (K, groups, labels) before anything is chosen or written.
+    spec = spec_from_folder(eval_images, eval_labels, conventions=BiasConventions(k=options.k))
     say("auditing heads (cheap scores a, b, d)")
     audit = audit_vision(loaded.model, probe, loaded.tokenizer,
                          AuditOptions(k=options.k, sweep=False, textspan_iterations=0))
@@ -214,7 +216,6 @@ def _run(loaded, model_in, out, options, work, plan_path, report_dir, sae_dir, i
     plan.save(plan_path)
 
     say("comparing before / after")
-    spec = spec_from_folder(eval_images, eval_labels, conventions=BiasConventions(k=options.k))
     after = open_encoder(out)
     result = compare(TorchEncoder(loaded), after, spec, EmbedOptions(cache_dir=os.path.join(work, "cache")))
     result["plan"] = plan.to_dict()

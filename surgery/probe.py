@@ -134,14 +134,20 @@ def folder_probe_set(images_dir: str, labels_path: str, attribute: str | None, p
     if os.path.isfile(os.path.join(side, WORLD_JSON)) and attribute == "group" and "concept" in labels.attributes:
         params = load_params(os.path.join(side, WORLD_JSON))
         prompt_of = dict(zip(params.groups, group_prompts(params)))
-        if set(values) <= set(prompt_of):
-            concepts, _ = labels.codes("concept", list(params.concepts))
-            extra = {"group_prompts": [prompt_of[v] for v in values], "queries": queries or neutral_queries(params),
-                     "concepts": torch.from_numpy(concepts)[index], "class_prompts": neutral_queries(params)}
-            if os.path.isfile(os.path.join(side, CAPTIONS_CSV)):
-                captions = load_captions(os.path.join(side, CAPTIONS_CSV))
-                if all(labels.files[i] in captions for i in dataset.indices):
-                    extra["captions"] = [captions[labels.files[i]][0] for i in dataset.indices]
+        unknown = sorted(set(values) - set(prompt_of))
+        if unknown:
+            raise DataError(f"{labels_path}: group {unknown[0]!r} is not one of the world's groups "
+                            f"({', '.join(params.groups)}) in {WORLD_JSON}; the labels and {WORLD_JSON} disagree")
+        concepts, _ = labels.codes("concept", list(params.concepts))
+        extra = {"group_prompts": [prompt_of[v] for v in values], "queries": queries or neutral_queries(params),
+                 "concepts": torch.from_numpy(concepts)[index], "class_prompts": neutral_queries(params)}
+        if os.path.isfile(os.path.join(side, CAPTIONS_CSV)):
+            captions = load_captions(os.path.join(side, CAPTIONS_CSV))
+            missing = [labels.files[i] for i in dataset.indices if labels.files[i] not in captions]
+            if missing:
+                raise DataError(f"{CAPTIONS_CSV} beside {labels_path} has no caption for {missing[0]!r} "
+                                f"({len(missing)} image(s) without one); add them or remove {CAPTIONS_CSV}")
+            extra["captions"] = [captions[labels.files[i]][0] for i in dataset.indices]
     return ProbeSet(
         images=FolderImages(dataset), groups=torch.from_numpy(codes)[index], group_names=values,
         attribute=attribute, **extra,

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 import surgery
 from surgery.audit import AuditOptions, audit_vision
 from surgery.cli import main
+from surgery.datasets import DataError
 from surgery.probe import world_probe_set
 from surgery.world_checkpoint import world_params_of
 
@@ -83,6 +84,19 @@ def test_folder_probe_set_streams_and_matches_the_world(tmp_path):
     assert len(probe) == 47 and probe.source["skipped"] == ["000001.png"]
     torch.testing.assert_close(probe.images[1:2], in_memory.images[2:3], atol=1e-6, rtol=0)  # labels stay aligned
     assert probe.group_names[probe.groups[1]] == in_memory.group_names[in_memory.groups[2]]
+    (tmp_path / "w" / "images" / "000003.png").write_bytes(b"not a png")  # skipped: the rest stays aligned
+    skipped = folder_probe_set(str(tmp_path / "w" / "images"), str(tmp_path / "w" / "labels.csv"), "group",
+                               loaded.preprocess, max_skipped_fraction=0.5)
+    kept = [i for i in range(48) if i not in (1, 3)]  # 000001.png is broken above
+    assert torch.equal(skipped.concepts, in_memory.concepts[kept]) and skipped.captions == [in_memory.captions[i] for i in kept]
+    captions = (tmp_path / "w" / "captions.csv").read_text().splitlines()
+    (tmp_path / "w" / "captions.csv").write_text("\n".join(captions[:-1]) + "\n")  # the last image loses its caption
+    with pytest.raises(DataError, match="has no caption for"):
+        folder_probe_set(str(tmp_path / "w" / "images"), str(tmp_path / "w" / "labels.csv"), "group", loaded.preprocess)
+    labels_text = (tmp_path / "w" / "labels.csv").read_text()
+    (tmp_path / "w" / "labels.csv").write_text(labels_text.replace(",red", ",green", 1))  # a group the world lacks
+    with pytest.raises(DataError, match="'green' is not one of the world's groups"):
+        folder_probe_set(str(tmp_path / "w" / "images"), str(tmp_path / "w" / "labels.csv"), "group", loaded.preprocess)
 
 
 def test_cheap_audit_baseline_comes_from_the_decomposition_pass(world):

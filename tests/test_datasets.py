@@ -240,3 +240,18 @@ def test_split_label_table_is_disjoint_stratified_and_reads_back(tmp_path):
     assert back.files == held.files and back.attributes == held.attributes
     with pytest.raises(DataError, match="between 0 and 1"):
         split_label_table(table, 1.0)
+
+
+def test_split_keeps_every_group_on_both_sides_and_refuses_what_it_cannot_split(tmp_path):
+    from surgery.datasets import LabelTable, split_label_table, write_labels_csv
+
+    table = LabelTable(files=[f"{i}.png" for i in range(8)], attributes={"group": ["a"] * 2 + ["b"] * 6})
+    for holdout in (0.1, 0.5, 0.8, 0.9):  # rounding would empty group a on one side at 0.1 / 0.8 / 0.9
+        keep, held = split_label_table(table, holdout, "group")
+        assert set(keep.attributes["group"]) == set(held.attributes["group"]) == {"a", "b"}
+    lonely = LabelTable(files=["0.png", "1.png", "2.png"], attributes={"group": ["a", "b", "b"]})
+    with pytest.raises(DataError, match="group 'a' has 1 labelled image"):
+        split_label_table(lonely, 0.5, "group")
+    clash = LabelTable(files=["0.png"], attributes={"File": ["x"]})
+    with pytest.raises(DataError, match="named 'file'"):
+        write_labels_csv(clash, tmp_path / "x.csv")

@@ -71,4 +71,10 @@ def test_debias_on_a_folder_reports_on_held_out_images(tmp_path):
     result = runner.invoke(main, ["debias", "builtin:world", str(tmp_path / "o2.onnx"), "--images", images,
                                   "--labels", labels, "--holdout", "1"])
     assert result.exit_code == 1 and "--holdout must be" in result.output
-    assert not (tmp_path / "o2.visual.onnx").exists() and not (tmp_path / "o2.plan.json").exists()
+    # K larger than the held-out half (but not than the selection half): refused before anything is written
+    result = runner.invoke(main, ["debias", "builtin:world", str(tmp_path / "o2.onnx"), "--images", images,
+                                  "--labels", labels, "--attributes", "group", "--k", "60", "--holdout", "0.2"])
+    assert result.exit_code == 1 and "K=60 is larger than the 48 images" in result.output, result.output
+    result = runner.invoke(main, ["debias", "builtin:world", str(tmp_path / "o2.onnx"), "--holdout", "0.3"])
+    assert result.exit_code == 2 and "--holdout applies to --images probes only" in result.output
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("o2")]
