@@ -29,7 +29,7 @@ from torch import nn
 from . import metrics
 from .ablation import SweepOptions, ablation_sweep, check_head_options, gradient_scores
 from .cav import zero_shot_cavs
-from .head_scores import GroupAccuracyAccumulator, SeparationAccumulator, mean_rank, spearman
+from .head_scores import GroupAccuracyAccumulator, SeparationAccumulator, head_table, mean_rank, spearman
 from .attention import head_masked
 from .decompose import (decompose, final_linear_parts, head_contributions, pooled_embedding,  # noqa: F401
                         pooled_forward, tower_inputs)
@@ -74,20 +74,13 @@ class AuditResult:
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        L, H = next(iter(self.scores.values())).shape
-        rank_of = {head: i for i, head in enumerate(self.cheap_rank)}
-        heads = []
-        for layer in range(L):
-            for head in range(H):
-                entry = {"layer": layer, "head": head, "cheap_rank": rank_of[(layer, head)]}
-                entry.update({name: float(s[layer, head]) for name, s in self.scores.items()})
-                if self.accuracy_drop is not None:
-                    entry["accuracy_drop"] = float(self.accuracy_drop[layer, head])
-                if (layer, head) in self.descriptions:
-                    entry["descriptions"] = self.descriptions[(layer, head)]
-                if (layer, head) in self.ccs:
-                    entry["ccs"] = self.ccs[(layer, head)]
-                heads.append(entry)
+        heads = head_table(self.scores, self.cheap_rank, {"accuracy_drop": self.accuracy_drop})
+        for entry in heads:
+            key = (entry["layer"], entry["head"])
+            if key in self.descriptions:
+                entry["descriptions"] = self.descriptions[key]
+            if key in self.ccs:
+                entry["ccs"] = self.ccs[key]
         return {"baseline": self.baseline, "spearman_gradient_vs_ablation": self.spearman_gradient_vs_ablation,
                 "heads": heads, "plan": self.plan.to_dict(), "timings": self.timings}
 

@@ -60,7 +60,7 @@ from .audit import text_embeddings
 from .cav import CAVError, CAVs, supervised_cavs, zero_shot_cavs
 from .decompose import decompose, tower_inputs
 from .errors import SurgeryError
-from .head_scores import GroupAccuracyAccumulator, SeparationAccumulator, mean_rank, spearman
+from .head_scores import GroupAccuracyAccumulator, SeparationAccumulator, head_table, mean_rank, spearman
 from .plan import HeadEdit, SurgeryPlan
 from .probe import ProbeSet
 from .towers import get_towers
@@ -190,18 +190,8 @@ class TextAuditResult:
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        L, H = next(iter(self.scores.values())).shape
-        rank_of = {head: i for i, head in enumerate(self.cheap_rank)}
-        heads = []
-        for layer in range(L):
-            for head in range(H):
-                entry = {"layer": layer, "head": head, "cheap_rank": rank_of[(layer, head)]}
-                entry.update({name: float(s[layer, head]) for name, s in self.scores.items()})
-                for name in ("query_shift", "accuracy_drop"):
-                    side = getattr(self, name)
-                    if side is not None:
-                        entry[name] = float(side[layer, head])
-                heads.append(entry)
+        heads = head_table(self.scores, self.cheap_rank,
+                           {"query_shift": self.query_shift, "accuracy_drop": self.accuracy_drop})
         return {"tower": TOWER, "measure": self.measure, "measure_definition": MEASURES[self.measure],
                 "baseline": self.baseline, "spearman_gradient_vs_ablation": self.spearman_gradient_vs_ablation,
                 "probe": self.probe, "supervised": self.supervised, "heads": heads,

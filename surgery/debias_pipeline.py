@@ -94,7 +94,7 @@ def split_folder_labels(images_dir: str, labels_path: str, attribute: str | None
     """
     from .datasets import load_labels, split_label_table, write_labels_csv
     from .evaluate import PROTECTED_COLUMNS
-    from .world import CAPTIONS_CSV, WORLD_JSON
+    from .world import CAPTIONS_CSV, WORLD_JSON, split_dir
 
     table = load_labels(labels_path, images_dir)
     stratify = attribute if attribute in table.attributes else next(
@@ -104,7 +104,7 @@ def split_folder_labels(images_dir: str, labels_path: str, attribute: str | None
         raise SurgeryError(f"--holdout {holdout} leaves no images on one side of the {len(table)} labelled ones; "
                            "pass more images or another --holdout")
     os.makedirs(out_dir, exist_ok=True)
-    side = os.path.dirname(labels_path) if os.path.isfile(labels_path) else labels_path
+    side = str(split_dir(labels_path, images_dir))
     for name in (WORLD_JSON, CAPTIONS_CSV):
         if os.path.isfile(os.path.join(side, name)):
             shutil.copyfile(os.path.join(side, name), os.path.join(out_dir, name))

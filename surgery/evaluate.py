@@ -20,7 +20,7 @@ from . import metrics
 from .datasets import DataError, LabelTable, caption_pairs, load_captions, load_labels
 from .embedding import EmbedOptions, Progress, embed_images, embed_texts
 from .encoders import Encoder
-from .world import CAPTIONS_CSV, WORLD_JSON, load_params, neutral_queries
+from .world import CAPTIONS_CSV, WORLD_JSON, load_params, neutral_queries, split_dir
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def spec_from_folder(images_dir: str, labels_path: str, *, captions_path: str | 
     labels = load_labels(labels_path, images_dir)
     if len(labels) == 0:
         raise DataError(f"{labels_path}: no labelled images; check the file")
-    world_dir = Path(labels_path).parent if os.path.isfile(labels_path) else Path(images_dir)
+    world_dir = split_dir(labels_path, images_dir)
     world_json = world_dir / WORLD_JSON
     concept_column = class_prompts = concept_values = None
     if world_json.is_file():

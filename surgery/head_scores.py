@@ -293,3 +293,15 @@ def mean_rank(maps: Sequence[torch.Tensor], descending: bool = True) -> list[tup
             raise HeadScoreError(f"maps[{i}] has shape {tuple(x.shape)}, expected {tuple(shape)}")
         total += rank_data(-x if descending else x)
     return rank(total.view(shape), descending=False)
+
+
+def head_table(scores: dict[str, torch.Tensor], cheap_rank: Sequence[tuple[int, int]],
+               extra: dict[str, torch.Tensor | None] | None = None) -> list[dict]:
+    """One JSON-able entry per head, layer-major: its cheap rank, every score map (L, H) and every
+    extra map that is not None (e.g. accuracy drop)."""
+    L, H = next(iter(scores.values())).shape
+    rank_of = {head: i for i, head in enumerate(cheap_rank)}
+    maps = {**scores, **{name: m for name, m in (extra or {}).items() if m is not None}}
+    return [{"layer": layer, "head": head, "cheap_rank": rank_of[(layer, head)],
+             **{name: float(m[layer, head]) for name, m in maps.items()}}
+            for layer in range(L) for head in range(H)]

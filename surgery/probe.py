@@ -107,14 +107,12 @@ def folder_probe_set(images_dir: str, labels_path: str, attribute: str | None, p
     captions instead. Images are decoded batch by batch when used (memory does not grow with the
     number of images); unreadable ones found by the header scan are left out.
     """
-    import os
-
     from .datasets import ImageFolderDataset, load_captions, load_labels
     from .embedding import data_hash
     from .encoders import image_transform
     from .evaluate import PROTECTED_COLUMNS
     from .metrics import NEUTRAL_QUERIES
-    from .world import CAPTIONS_CSV, WORLD_JSON, group_prompts, load_params, neutral_queries
+    from .world import CAPTIONS_CSV, WORLD_JSON, group_prompts, load_params, neutral_queries, split_dir
 
     labels = load_labels(labels_path, images_dir)
     if attribute is None:
@@ -130,9 +128,9 @@ def folder_probe_set(images_dir: str, labels_path: str, attribute: str | None, p
     index = torch.tensor(dataset.indices, dtype=torch.long)
     extra: dict = {"group_prompts": [f"a photo of a {v.replace('_', ' ')} person" for v in values],
                    "queries": queries or NEUTRAL_QUERIES["occupations"] + NEUTRAL_QUERIES["traits"]}
-    side = os.path.dirname(labels_path) if os.path.isfile(labels_path) else labels_path
-    if os.path.isfile(os.path.join(side, WORLD_JSON)) and attribute == "group" and "concept" in labels.attributes:
-        params = load_params(os.path.join(side, WORLD_JSON))
+    side = split_dir(labels_path, images_dir)
+    if (side / WORLD_JSON).is_file() and attribute == "group" and "concept" in labels.attributes:
+        params = load_params(side / WORLD_JSON)
         prompt_of = dict(zip(params.groups, group_prompts(params)))
         unknown = sorted(set(values) - set(prompt_of))
         if unknown:
@@ -141,8 +139,8 @@ def folder_probe_set(images_dir: str, labels_path: str, attribute: str | None, p
         concepts, _ = labels.codes("concept", list(params.concepts))
         extra = {"group_prompts": [prompt_of[v] for v in values], "queries": queries or neutral_queries(params),
                  "concepts": torch.from_numpy(concepts)[index], "class_prompts": neutral_queries(params)}
-        if os.path.isfile(os.path.join(side, CAPTIONS_CSV)):
-            captions = load_captions(os.path.join(side, CAPTIONS_CSV))
+        if (side / CAPTIONS_CSV).is_file():
+            captions = load_captions(side / CAPTIONS_CSV)
             missing = [labels.files[i] for i in dataset.indices if labels.files[i] not in captions]
             if missing:
                 raise DataError(f"{CAPTIONS_CSV} beside {labels_path} has no caption for {missing[0]!r} "

@@ -297,6 +297,12 @@ def save_params(params: WorldParams, path: str | Path) -> Path:
     return path
 
 
+def split_dir(labels_path: str | Path, images_dir: str | Path) -> Path:
+    """Where a written split keeps its ``world.json`` and ``captions.csv``: beside the labels CSV,
+    or the images folder when the labels are a folder (UTKFace names)."""
+    return Path(labels_path).parent if Path(labels_path).is_file() else Path(images_dir)
+
+
 def load_params(path: str | Path) -> WorldParams:
     """Params from a ``world_params.json``, a split's ``world.json``, or a folder holding either."""
     path = Path(path)
