@@ -18,7 +18,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 
 class RandomImages:
@@ -36,9 +35,9 @@ class RandomImages:
 
 
 def setup(n: int, device: str):
-    from surgery.arch import build_model, get_config
-    from surgery.loading import tokenizer_info
-    from surgery.probe import ProbeSet
+    from surgery.audit.probe import ProbeSet
+    from surgery.model.arch import build_model, get_config
+    from surgery.model.preprocess import tokenizer_info
 
     torch.manual_seed(0)
     cfg = get_config("ViT-B-32")
@@ -50,7 +49,7 @@ def setup(n: int, device: str):
 
 
 def cheap_audit(model, probe, tokenizer, batch_size):
-    from surgery.audit import AuditOptions, audit_vision
+    from surgery.audit.vision import AuditOptions, audit_vision
 
     return audit_vision(model, probe, tokenizer, AuditOptions(k=min(50, len(probe) // 2), sweep=False,
                                                             textspan_iterations=0, batch_size=batch_size))
@@ -104,8 +103,8 @@ def main() -> None:
 
 
 def sweep_ratio(args, tokenizer, sync) -> None:
-    from surgery.ablation import SweepOptions, ablation_sweep, evaluate_head_set, head_means
-    from surgery.audit import text_embeddings
+    from surgery.audit.ablation import SweepOptions, ablation_sweep, evaluate_head_set, head_means
+    from surgery.model.encode import text_embeddings
 
     small, small_probe, _ = setup(args.sweep_n, args.device)
     queries = text_embeddings(small, small_probe.queries, tokenizer)

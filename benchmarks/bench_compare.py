@@ -16,11 +16,13 @@ import time
 import torch
 
 import surgery
-from surgery.compare import compare
-from surgery.embedding import EmbedOptions
-from surgery.encoders import TorchEncoder, image_transform, tokenize
-from surgery.evaluate import spec_from_folder
-from surgery.world import WorldParams, generate, write_split
+from surgery.eval.compare import compare
+from surgery.eval.embedding import EmbedOptions
+from surgery.eval.encoders import TorchEncoder
+from surgery.eval.evaluate import spec_from_folder
+from surgery.model.preprocess import image_transform, tokenize
+from surgery.world.generator import generate, write_split
+from surgery.world.params import WorldParams
 
 
 def forward_only(encoder: TorchEncoder, split, spec, batch_size: int) -> float:

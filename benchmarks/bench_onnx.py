@@ -38,11 +38,13 @@ import warnings
 
 import torch
 
-from surgery.arch import build_model, get_config
-from surgery.bake import bake
-from surgery.export import OnnxOptions, _session, export_onnx
-from surgery.loading import LoadedModel, default_preprocess, tokenizer_info
-from surgery.plan import HeadEdit, NeuronEdit, SurgeryPlan
+from surgery.edit.bake import bake
+from surgery.edit.plan import HeadEdit, NeuronEdit, SurgeryPlan
+from surgery.export.onnx import OnnxOptions, export_onnx
+from surgery.io.onnx import ort_session
+from surgery.model.arch import build_model, get_config
+from surgery.model.loading import LoadedModel
+from surgery.model.preprocess import default_preprocess, tokenizer_info
 
 
 def timed_rounds(fns: dict, rounds: int, per_block: int) -> dict[str, float]:
@@ -111,7 +113,7 @@ def optimum_sessions(root: str, cfg: dict) -> dict:
         opt.save_model_to_file(os.path.join(out, "model_opt.onnx"))
         name = "optimum " + ("sdpa" if impl == "sdpa" else "eager-attn")
         print(f"{name}: ORT transformer optimizer fused {fused}")
-        sessions[name] = _session(os.path.join(out, "model_opt.onnx"))
+        sessions[name] = ort_session(os.path.join(out, "model_opt.onnx"))
     return sessions
 
 
@@ -148,7 +150,7 @@ def main() -> None:
         path = os.path.join(root, name.strip("+") + ".onnx")
         result = export_onnx(src, path, plan, opt)["vision"]
         print(f"{name}: exported ({result['graph']} graph), max abs error vs PyTorch {result['max_abs_error']:.2g}")
-        sessions[name] = _session(path)
+        sessions[name] = ort_session(path)
     sessions.update(optimum_sessions(root, cfg))
 
     import onnxruntime

@@ -42,9 +42,9 @@ def _import_overcomplete():
 def build_embeddings(n_images: int, workdir: str):
     import surgery
     from surgery import sae as S
-    from surgery.world import generate
-    from surgery.world_checkpoint import world_params_of
-    from surgery.world_model import images_to_tensor
+    from surgery.model.preprocess import images_to_tensor
+    from surgery.world.checkpoint import world_params_of
+    from surgery.world.generator import generate
 
     loaded = surgery.load("builtin:world")
     params = world_params_of(loaded)

@@ -26,10 +26,11 @@ import torch
 
 import surgery
 from surgery import metrics
-from surgery.ablation import SweepOptions, ablation_sweep, evaluate_head_set
-from surgery.audit import AuditOptions, audit_vision, text_embeddings
-from surgery.probe import world_probe_set
-from surgery.world_checkpoint import world_params_of
+from surgery.audit.ablation import SweepOptions, ablation_sweep, evaluate_head_set
+from surgery.audit.probe import world_probe_set
+from surgery.audit.vision import AuditOptions, audit_vision
+from surgery.model.encode import text_embeddings
+from surgery.world.checkpoint import world_params_of
 
 
 def main() -> None:

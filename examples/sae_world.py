@@ -33,10 +33,12 @@ import torch.nn.functional as F
 import surgery
 from surgery import metrics
 from surgery import sae as S
-from surgery.linear_probe import cross_validated_accuracy, fit_linear_probe, probe_accuracy
-from surgery.world import generate, group_prompts, neutral_queries
-from surgery.world_checkpoint import world_params_of
-from surgery.world_model import images_to_tensor, tokenize
+from surgery.metrics.linear_probe import cross_validated_accuracy, fit_linear_probe, probe_accuracy
+from surgery.model.preprocess import images_to_tensor
+from surgery.world.checkpoint import world_params_of
+from surgery.world.generator import generate
+from surgery.world.prompts import group_prompts, neutral_queries
+from surgery.world.train import tokenize
 
 
 def figures(img: torch.Tensor, concepts: torch.Tensor, groups: torch.Tensor, concept_txt: torch.Tensor,
@@ -141,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                    fixed_probe)
     rows = [("original", None, None, base)]
     if args.select == "greedy":  # selection draws: other seeds of the world than the search/eval images
-        from surgery.debias_neurons import NeuronStageOptions, NeuronTargets, greedy_neurons
-        from surgery.probe import world_probe_set
+        from surgery.audit.probe import world_probe_set
+        from surgery.debias.neurons import NeuronStageOptions, NeuronTargets, greedy_neurons
 
         draws = [world_probe_set(dataclasses.replace(params, seed=params.seed + 1000 + i), pre, args.n_search)
                  for i in range(8)]

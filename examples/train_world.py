@@ -16,10 +16,11 @@ import time
 
 import torch
 
-from surgery.fsutil import check_output_path
-from surgery.world import WorldParams
-from surgery.world_checkpoint import BUNDLED_WORLD_MODEL, save_world_model
-from surgery.world_model import TrainOptions, evaluate_world_model, train_world_model
+from surgery.io.fs import check_output_path
+from surgery.model.loading import BUNDLED_WORLD_MODEL
+from surgery.world.checkpoint import save_world_model
+from surgery.world.params import WorldParams
+from surgery.world.train import TrainOptions, evaluate_world_model, train_world_model
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,19 +12,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .attention import (
-    BACKENDS,
-    HeadMaskedAttention,
-    head_masked,
-    masked_modules,
-    restore_attention,
-    set_backend,
-    set_head_masks,
-    swap_attention,
-)
-from .errors import ArchitectureError, CheckpointError, HeadMaskError, SurgeryError, UnsupportedTowerError
-from .loading import LoadedModel, load
-from .towers import TOWERS, TowerView, get_towers
+from surgery.model.attention import BACKENDS, HeadMaskedAttention, head_masked, masked_modules, restore_attention, set_backend, set_head_masks, swap_attention
+from surgery.errors import ArchitectureError, CheckpointError, HeadMaskError, SurgeryError, UnsupportedTowerError
+from surgery.model.loading import LoadedModel, load
+from surgery.model.towers import TOWERS, TowerView, get_towers
 
 __all__ = [
     "__version__", "load", "LoadedModel", "get_towers", "TowerView", "TOWERS",

@@ -24,3 +24,7 @@ class UnsupportedTowerError(SurgeryError):
 
 class HeadMaskError(SurgeryError, ValueError):
     """A head mask of the wrong shape, dtype or device."""
+
+
+class DataError(SurgeryError, ValueError):
+    """Bad input data or parameters; the message says what is wrong and what to do."""

@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 import open_clip  # noqa: E402
 import pytest  # noqa: E402
 
-from surgery.tiny import build_tiny_clip, tiny_config  # noqa: E402
+from surgery.model.tiny import build_tiny_clip, tiny_config  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 

@@ -1,7 +1,9 @@
 """Helpers shared by tests."""
 from __future__ import annotations
 
+import numpy as np
 import torch
+from PIL import Image
 
 
 def embeddings(model, images, tokens):
@@ -15,3 +17,20 @@ def assert_same_embeddings(model_a, model_b, images, tokens, atol=1e-6):
     img_b, txt_b = embeddings(model_b, images, tokens)
     torch.testing.assert_close(img_a, img_b, atol=atol, rtol=atol)
     torch.testing.assert_close(txt_a, txt_b, atol=atol, rtol=atol)
+
+
+def labelled_image_folder(tmp_path, n=12):
+    """(images_dir, labels.csv): n 32x32 PNGs, alternately red and blue (column ``colour``)."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    rows = ["file,colour"]
+    for i in range(n):
+        colour = "red" if i % 2 == 0 else "blue"
+        arr = np.zeros((32, 32, 3), dtype=np.uint8)
+        arr[..., 0 if colour == "red" else 2] = 200
+        arr += rng.integers(0, 40, size=arr.shape, dtype=np.uint8)
+        Image.fromarray(arr).save(folder / f"{i:02d}.png")
+        rows.append(f"{i:02d}.png,{colour}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    return str(folder), str(tmp_path / "labels.csv")

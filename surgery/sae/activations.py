@@ -22,19 +22,18 @@ import contextlib
 import json
 import logging
 import os
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
-from ..checkpoint_io import write_safetensors
-from ..encoders import state_dict_hash
-from ..errors import SurgeryError
-from ..fsutil import atomic_output
-from ..towers import get_towers
-from .model import SITES, TOWER_NAMES, SAEError
+from surgery.errors import SurgeryError
+from surgery.io.checkpoint import state_dict_hash, write_safetensors
+from surgery.io.fs import atomic_output
+from surgery.model.towers import get_towers
+from surgery.sae.model import SITES, TOWER_NAMES, SAEError
 
 log = logging.getLogger(__name__)
 

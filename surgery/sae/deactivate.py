@@ -1,4 +1,7 @@
-"""Deactivating SAE latents ("social neurons") inside a CLIP: two exact, exportable modules.
+"""Deactivating SAE latents ("social neurons") inside a CLIP: the two exact modules, built from an SAE.
+
+The modules themselves live in :mod:`surgery.model.neurons` (they ride in baked checkpoints);
+this module takes what they need out of a :class:`SparseAutoencoder`.
 
 Both act on the last dimension of ``h`` (``(B, N, D)`` residual tokens or ``(B, D)`` embeddings),
 use only standard ops (matmul, add, mul, compare, ``topk`` for TopK SAEs) and carry their weights as
@@ -24,14 +27,16 @@ times the SAE's error, and the error-preserving form leaves that error in place.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from .model import SAEError, SparseAutoencoder
+from surgery.model.neurons import FORMS as _MODULES
+from surgery.model.neurons import deactivation_module
+from surgery.sae.model import SAEError, SparseAutoencoder
 
-FORMS = ("paper", "error_preserving")
+FORMS = tuple(_MODULES)  # ("paper", "error_preserving")
 
 
 def _check(sae: SparseAutoencoder, ids: Sequence[int], alpha: float) -> list[int]:
@@ -44,73 +49,27 @@ def _check(sae: SparseAutoencoder, ids: Sequence[int], alpha: float) -> list[int
     return ids
 
 
-class PaperDeactivation(nn.Module):
-    """``h' = (1 - a) h + a * decode(encode(h) * keep)``, ``keep[i] = 0`` for i in S else 1."""
-
-    def __init__(self, sae: SparseAutoencoder, ids: Sequence[int], alpha: float = 0.6):
-        super().__init__()
-        ids = _check(sae, ids, alpha)
-        self.kind, self.k, self.alpha, self.ids = sae.cfg.kind, sae.cfg.k, float(alpha), ids
-        for name in ("W_enc", "b_enc", "W_dec", "b_dec", "shift", "scale", "threshold"):
-            self.register_buffer(name, getattr(sae, name).detach().clone())
-        keep = torch.ones(sae.cfg.width)
-        keep[ids] = 0.0
-        self.register_buffer("keep", keep)  # (F,)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., D)
-        x_n = (h - self.shift) / self.scale
-        pre = (x_n - self.b_dec) @ self.W_enc + self.b_enc  # (..., F)
-        if self.kind == "relu":
-            z = torch.relu(pre)
-        elif self.kind == "topk":
-            top = pre.topk(self.k, dim=-1)
-            z = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
-        else:  # batchtopk at inference: the learned threshold
-            z = pre * (pre > self.threshold).to(pre.dtype)
-        recon = ((z * self.keep) @ self.W_dec + self.b_dec) * self.scale + self.shift  # (..., D)
-        return (1.0 - self.alpha) * h + self.alpha * recon
-
-
-class ErrorPreservingDeactivation(nn.Module):
-    """``h' = h - a * (z_S(h) @ W_dec[S]) * scale``; keeps only S's encoder columns and decoder rows
-    (the whole encoder for TopK SAEs, see the module docstring)."""
-
-    def __init__(self, sae: SparseAutoencoder, ids: Sequence[int], alpha: float = 0.6):
-        super().__init__()
-        ids = _check(sae, ids, alpha)
-        self.kind, self.k, self.alpha, self.ids = sae.cfg.kind, sae.cfg.k, float(alpha), ids
-        idx = torch.tensor(ids, dtype=torch.long)
-        for name in ("b_dec", "shift", "scale", "threshold"):
-            self.register_buffer(name, getattr(sae, name).detach().clone())
-        self.register_buffer("W_dec_S", sae.W_dec.detach()[idx].clone())  # (S, D)
-        if self.kind == "topk":
-            self.register_buffer("W_enc", sae.W_enc.detach().clone())  # (D, F)
-            self.register_buffer("b_enc", sae.b_enc.detach().clone())  # (F,)
-            self.register_buffer("idx", idx)  # (S,)
-        else:
-            self.register_buffer("W_enc_S", sae.W_enc.detach()[:, idx].clone())  # (D, S)
-            self.register_buffer("b_enc_S", sae.b_enc.detach()[idx].clone())  # (S,)
-
-    def latents(self, h: torch.Tensor) -> torch.Tensor:
-        """z_S(h): (..., D) -> (..., S)."""
-        x_n = (h - self.shift) / self.scale - self.b_dec
-        if self.kind == "topk":
-            pre = x_n @ self.W_enc + self.b_enc  # (..., F)
-            top = pre.topk(self.k, dim=-1)
-            z = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
-            return z.index_select(-1, self.idx)
-        pre = x_n @ self.W_enc_S + self.b_enc_S  # (..., S)
-        if self.kind == "relu":
-            return torch.relu(pre)
-        return pre * (pre > self.threshold).to(pre.dtype)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., D)
-        return h - self.alpha * (self.latents(h) @ self.W_dec_S) * self.scale
+def deactivation_buffers(sae: SparseAutoencoder, ids: Sequence[int], form: str) -> dict[str, torch.Tensor]:
+    """The buffers the ``form`` module keeps of ``sae`` for latents ``ids`` (sorted, in range)."""
+    if form == "paper":
+        keep = torch.ones(sae.cfg.width)  # (F,)
+        keep[list(ids)] = 0.0
+        names = ("W_enc", "b_enc", "W_dec", "b_dec", "shift", "scale", "threshold")
+        return {**{n: getattr(sae, n).detach().clone() for n in names}, "keep": keep}
+    idx = torch.tensor(list(ids), dtype=torch.long)  # (S,)
+    buffers = {n: getattr(sae, n).detach().clone() for n in ("b_dec", "shift", "scale", "threshold")}
+    buffers["W_dec_S"] = sae.W_dec.detach()[idx].clone()  # (S, D)
+    if sae.cfg.kind == "topk":  # which latents fire needs the whole encoder
+        buffers.update(W_enc=sae.W_enc.detach().clone(), b_enc=sae.b_enc.detach().clone(), idx=idx)  # (D, F), (F,)
+    else:
+        buffers.update(W_enc_S=sae.W_enc.detach()[:, idx].clone(), b_enc_S=sae.b_enc.detach()[idx].clone())
+    return buffers
 
 
 def deactivation(sae: SparseAutoencoder, ids: Sequence[int], alpha: float = 0.6, form: str = "paper") -> nn.Module:
-    """The deactivation module of ``form`` ("paper" | "error_preserving")."""
+    """The deactivation module of ``form`` ("paper" | "error_preserving") for latents ``ids`` of ``sae``."""
     if form not in FORMS:
         raise SAEError(f"unknown deactivation form {form!r}; allowed: {', '.join(FORMS)}")
-    cls = PaperDeactivation if form == "paper" else ErrorPreservingDeactivation
-    return cls(sae, ids, alpha).eval()
+    ids = _check(sae, ids, alpha)
+    return deactivation_module(form, deactivation_buffers(sae, ids, form), kind=sae.cfg.kind, k=sae.cfg.k,
+                               alpha=alpha, ids=ids)

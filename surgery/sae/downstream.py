@@ -6,8 +6,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .. import metrics
-from .activations import Site, replaced
+from surgery import metrics
+from surgery.sae.activations import Site, replaced
 
 
 @torch.no_grad()

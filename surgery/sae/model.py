@@ -8,17 +8,17 @@ import json
 import logging
 import math
 import os
-from pathlib import Path
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint_io import write_safetensors
-from ..errors import SurgeryError
-from ..fsutil import atomic_output
+from surgery.errors import SurgeryError
+from surgery.io.checkpoint import write_safetensors
+from surgery.io.fs import atomic_output
 
 log = logging.getLogger(__name__)
 

@@ -17,18 +17,22 @@ from __future__ import annotations
 import json
 import logging
 import os
-from pathlib import Path
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 from torch import nn
 
-from ..encoders import state_dict_hash
-from ..errors import SurgeryError
-from ..fsutil import atomic_output
-from .activations import Site, _eot_mask, capture
-from .model import SAEError, SparseAutoencoder
+from surgery.errors import SurgeryError
+from surgery.io.checkpoint import state_dict_hash
+from surgery.io.fs import atomic_output
+from surgery.io.images import ImageFolderDataset
+from surgery.io.labels import load_labels
+from surgery.model.preprocess import tokenize
+from surgery.model.towers import get_towers
+from surgery.sae.activations import Site, _eot_mask, capture
+from surgery.sae.model import SAEError, SparseAutoencoder
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +115,6 @@ def sample_latents(model: nn.Module, sae: SparseAutoencoder, batches: Iterable[t
 
 def _pooled_reduction(model: nn.Module, site: Site) -> str:
     """How the tower turns tokens into its embedding: "first" (class token), "eot", or "mean"."""
-    from ..towers import get_towers
 
     pooling = get_towers(model)[site.tower].pooling
     if pooling in ("cls", "first"):
@@ -183,7 +186,6 @@ def check_same_model(sae: SparseAutoencoder, model: nn.Module) -> None:
 def neurons_from_images(model: nn.Module, sae: SparseAutoencoder, images_dir: str, labels_path: str,
                         attribute: str, transform, options: NeuronOptions | None = None) -> NeuronReport:
     """Search with a labelled image folder (``labels_path``: CSV ``file,<attribute>,...``)."""
-    from ..datasets import ImageFolderDataset, load_labels
 
     opt = options or NeuronOptions()
     if sae.cfg.tower != "vision":
@@ -219,7 +221,6 @@ def neurons_from_texts(model: nn.Module, sae: SparseAutoencoder, prompts: dict[s
     Works for text-tower SAEs (any site) and for embedding-site SAEs of either tower (the joint
     embedding space; for a vision SAE this crosses the modality gap, so treat it as a first guess).
     """
-    from ..encoders import tokenize
 
     opt = options or NeuronOptions()
     check_same_model(sae, model)

@@ -19,9 +19,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint_io import write_safetensors
-from .activations import ActivationCache
-from .model import (
+from surgery.io.checkpoint import write_safetensors
+from surgery.sae.activations import ActivationCache
+from surgery.sae.model import (
     B_DEC_INITS,
     SAEConfig,
     SAEError,

@@ -1,0 +1,313 @@
+"""Causal and gradient head scores for the audit.
+
+* :func:`ablation_sweep` — (c): the effect of mean- (or zero-) ablating each head on a bias metric
+  (mean MaxSkew@K of the neutral queries) and on zero-shot concept accuracy. Activations are reused:
+  one forward pass per batch stores the residual stream entering every layer; to ablate a head of
+  layer ``l`` the sweep restarts from that stored residual, with all H heads of the layer ablated
+  in one pass by stacking H copies of the batch under a (H*b, H) head mask (one configuration per
+  copy), instead of re-running layers ``0..l-1`` H times.
+* :func:`gradient_scores` — (d): the derivative of a differentiable bias surrogate with respect to
+  every head's scale, from one backward pass per batch.
+
+Scores are "bias removed by ablating the head": positive = ablation lowers bias.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from surgery import metrics
+from surgery.audit.decompose import final_linear_parts, pooled_embedding, pooled_forward, tower_inputs
+from surgery.audit.probe import ProbeSet, caption_recall
+from surgery.model.attention import HeadMaskedAttention, head_masked
+from surgery.model.towers import TowerView, get_towers
+
+ABLATIONS = ("mean", "zero")
+
+
+@dataclass
+class SweepOptions:
+    batch_size: int = 64  # probe images per forward pass (the sweep runs H times this many at once)
+    k: int = 50  # MaxSkew@K
+    ablation: str = "mean"  # "mean": replace the head by its mean output; "zero": remove it
+    backend: str = "auto"  # attention backend (triton on CUDA)
+
+    def __post_init__(self) -> None:
+        if self.ablation not in ABLATIONS:
+            raise ValueError(f"ablation must be one of {', '.join(ABLATIONS)}, got {self.ablation!r}")
+        if self.batch_size < 1 or self.k < 1:
+            raise ValueError("batch_size and k must be >= 1")
+
+
+def check_head_options(options, error: type[Exception]) -> None:
+    """Shared checks of the audits' options (``ablation``, ``top_k``, ``k``, ``batch_size``)."""
+    if options.ablation not in ABLATIONS:
+        raise error(f"ablation must be one of {', '.join(ABLATIONS)}, got {options.ablation!r}")
+    if options.top_k < 1 or options.k < 1 or options.batch_size < 1:
+        raise error("top_k, k and batch_size must be >= 1")
+
+
+@dataclass
+class SweepResult:
+    baseline_max_skew: float  # mean MaxSkew@K of the unedited model
+    baseline_accuracy: float | None  # zero-shot concept accuracy of the unedited model
+    max_skew: torch.Tensor  # (L, H) mean MaxSkew@K with that head ablated
+    accuracy: torch.Tensor | None  # (L, H) zero-shot concept accuracy with that head ablated
+    scores: torch.Tensor | None = None  # (L, H, Q[+C], N) text-image scores with that head ablated
+    base_scores: torch.Tensor | None = None  # (Q[+C], N) the unedited model's; queries first
+
+    @property
+    def bias_removed(self) -> torch.Tensor:
+        """(L, H): baseline minus ablated MaxSkew (positive = the head carries bias)."""
+        return self.baseline_max_skew - self.max_skew
+
+
+def embed_tail(view: TowerView, x: torch.Tensor, start: int, mask, index, post=None) -> torch.Tensor:
+    """Run blocks ``start..L-1`` on residual x (b, N, C); normalised embeddings (b, D)."""
+    for block in view.blocks[start:]:
+        x = block(x, attn_mask=mask)
+    rows = torch.arange(x.shape[0], device=x.device)
+    residual = x[rows, index]
+    _, _, matrix, constant = final_linear_parts(view, residual)
+    norm = view.final_norm
+    bias_part = norm.bias @ matrix if norm.bias is not None else 0
+    emb = norm(residual) @ matrix + constant - bias_part
+    return F.normalize(post(emb) if post is not None else emb, dim=-1)
+
+
+def layer_inputs(view: TowerView, x: torch.Tensor, mask) -> list[torch.Tensor]:
+    inputs = []
+    for block in view.blocks:
+        inputs.append(x)
+        x = block(x, attn_mask=mask)
+    return inputs
+
+
+@torch.no_grad()
+def head_means(model: nn.Module, probe: ProbeSet, tower: str = "vision", batch_size: int = 64) -> torch.Tensor:
+    """(L, H, d): each head's output z_h averaged over probe images and tokens."""
+    view = get_towers(model)[tower]
+    device = next(model.parameters()).device
+    total = torch.zeros(view.n_layers, view.n_heads, view.head_dim, dtype=torch.float64, device=device)
+    count = 0
+    with head_masked(model, towers=(tower,), backend="sdpa"):
+        for images, _ in probe.batches(batch_size):
+            x, mask, _ = tower_inputs(model, tower, images.to(device))
+            for layer, block in enumerate(view.blocks):
+                attn: HeadMaskedAttention = block.attn
+                attn.capture = True
+                try:
+                    x = block(x, attn_mask=mask)
+                    total[layer] += attn.captured.double().sum((0, 2))  # (H, d) from (b, H, N, d)
+                finally:
+                    attn.capture, attn.captured = False, None
+            count += images.shape[0] * x.shape[1]
+    return (total / count).float()
+
+
+@torch.no_grad()
+def ablation_sweep(model: nn.Module, probe: ProbeSet, query_emb: torch.Tensor, class_emb: torch.Tensor | None,
+                   means: torch.Tensor | None, options: SweepOptions | None = None,
+                   progress=None) -> SweepResult:
+    """(c) for every vision head. query_emb (Q, D), class_emb (C, D): normalised text embeddings."""
+    opt = options or SweepOptions()
+    tower = "vision"
+    view = get_towers(model)[tower]
+    device = next(model.parameters()).device
+    L, H = view.n_layers, view.n_heads
+    n = len(probe)
+    texts = query_emb if class_emb is None else torch.cat([query_emb, class_emb])  # (Q[+C], D)
+    texts = texts.to(device)
+    scores = torch.empty(L, H, texts.shape[0], n)  # (L, H, Q+C, N) on the CPU
+    base = torch.empty(texts.shape[0], n)
+    ablate = torch.ones(H, H, device=device) - torch.eye(H, device=device)  # row j: head j off
+    fill = means.to(device) if (means is not None and opt.ablation == "mean") else None
+    with head_masked(model, towers=(tower,), backend=opt.backend):
+        mods = [block.attn for block in view.blocks]
+        for done, (images, sl) in enumerate(probe.batches(opt.batch_size)):
+            images = images.to(device)
+            b = images.shape[0]
+            x, mask, index = tower_inputs(model, tower, images)
+            inputs = layer_inputs(view, x, mask)
+            base[:, sl] = (texts @ embed_tail(view, inputs[0], 0, mask, index).T).cpu()
+            for layer in range(L):
+                stacked = inputs[layer].repeat(H, 1, 1)  # (H*b, N, C): copy j ablates head j
+                mods[layer].set_head_mask(ablate.repeat_interleave(b, dim=0))  # (H*b, H)
+                mods[layer].set_head_fill(fill[layer] if fill is not None else None)
+                try:
+                    emb = embed_tail(view, stacked, layer, mask, index.repeat(H))  # (H*b, D)
+                finally:
+                    mods[layer].set_head_mask(None)
+                    mods[layer].set_head_fill(None)
+                scores[layer, :, :, sl] = (texts @ emb.T).view(texts.shape[0], H, b).permute(1, 0, 2).cpu()
+            if progress:
+                progress(min(sl.stop, n), n)
+    q = query_emb.shape[0]
+    n_groups = len(probe.group_names)
+    skew = lambda s: float(metrics.max_skew_at_k(s, probe.groups, opt.k, n_groups).mean())  # noqa: E731
+    max_skew = torch.tensor([[skew(scores[l, h, :q]) for h in range(H)] for l in range(L)])
+    accuracy = base_acc = None
+    if class_emb is not None:
+        acc = lambda s: float((s.argmax(0) == probe.concepts).double().mean())  # noqa: E731
+        accuracy = torch.tensor([[acc(scores[l, h, q:]) for h in range(H)] for l in range(L)])
+        base_acc = acc(base[q:])
+    return SweepResult(skew(base[:q]), base_acc, max_skew, accuracy, scores, base)
+
+
+def soft_topk_params(scores: torch.Tensor, k: int, tau_mult: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query (Q, 1): the K-th largest score (threshold) and a temperature ``tau_mult`` x the std
+    of its top-2K scores. Fixed at the unedited model, they define the surrogate below."""
+    top = scores.topk(min(2 * k, scores.shape[1]), dim=1).values  # (Q, 2K)
+    threshold = top[:, k - 1:k]
+    tau = (top.std(dim=1, keepdim=True) * tau_mult).clamp_min(1e-6)
+    return threshold, tau
+
+
+def soft_max_skew(scores: torch.Tensor, groups: torch.Tensor, n_groups: int, threshold: torch.Tensor,
+                  tau: torch.Tensor) -> torch.Tensor:
+    """Differentiable stand-in for mean MaxSkew@K: soft top-K group shares, KL to uniform.
+
+    ``w_qi = sigmoid((s_qi - threshold_q) / tau_q)`` is a soft membership of image i in query q's
+    top K; ``share_qg = sum_{i in g} w_qi / sum_i w_qi``; the result is
+    ``mean_q sum_g share_qg ln(share_qg * G)`` (0 when the soft top-K is balanced).
+    scores (Q, N), groups (N,).
+    """
+    w = torch.sigmoid((scores - threshold) / tau)  # (Q, N)
+    onehot = torch.nn.functional.one_hot(groups, n_groups).to(w.dtype)  # (N, G)
+    share = (w @ onehot) / w.sum(1, keepdim=True)  # (Q, G)
+    return (share * torch.log(share * n_groups + 1e-12)).sum(1).mean()
+
+
+def pooled_scores(model: nn.Module, probe: ProbeSet, query_emb: torch.Tensor, batch_size: int = 64,
+                  backend: str = "auto") -> torch.Tensor:
+    """(Q, N) cosine scores of the queries against the unedited model's image embeddings (a
+    no-grad pass that runs the last block for the class token only)."""
+    view = get_towers(model)["vision"]
+    device = next(model.parameters()).device
+    q_emb = query_emb.to(device)
+    out = []
+    with torch.no_grad(), head_masked(model, towers=("vision",), backend=backend):
+        for imgs, _ in probe.batches(batch_size):
+            x, mask, index = tower_inputs(model, "vision", imgs.to(device))
+            residual, _, _ = pooled_forward(view, x, mask, index)
+            out.append((q_emb @ F.normalize(pooled_embedding(view, residual), dim=-1).T).cpu())  # (Q, b)
+    return torch.cat(out, dim=1)
+
+
+def surrogate_gradient(scores: torch.Tensor, groups: torch.Tensor, n_groups: int, k: int) -> tuple[torch.Tensor, float]:
+    """dS/dscores (Q, N) and S for the soft MaxSkew surrogate with its constants fixed at ``scores``."""
+    scores = scores.detach().clone()
+    threshold, tau = soft_topk_params(scores, k)
+    scores.requires_grad_(True)
+    with torch.enable_grad():
+        value = soft_max_skew(scores, groups, n_groups, threshold, tau)
+        (d_scores,) = torch.autograd.grad(value, scores)  # (Q, N)
+    return d_scores, value.item()
+
+
+def gradient_scores(model: nn.Module, probe: ProbeSet, query_emb: torch.Tensor, means: torch.Tensor | None,
+                    k: int = 50, batch_size: int = 64, backend: str = "auto",
+                    scores: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """(d): (L, H) first-order bias removed by ablating each head, ``dS/ds_h`` at s = 1, and S.
+
+    S is :func:`soft_max_skew` of the neutral queries. With ``means`` each head moves along the
+    mean-ablation direction (z_h - mean_h), else toward 0. Exact and streamed in two passes: the
+    scores (Q, N) and dS/dscores without a graph (pass ``scores`` if already computed, e.g. by
+    the decomposition pass), then one forward and backward per batch of ``sum(dS/ds * s)`` to the
+    head scales alone: weights are frozen (no weight gradient), the input needs none, and the last
+    block runs for the class token only (:func:`surgery.decompose.pooled_forward`).
+    """
+    if scores is None:
+        scores = pooled_scores(model, probe, query_emb, batch_size, backend)
+    d_scores, value = surrogate_gradient(scores, probe.groups, len(probe.group_names), k)
+    return head_scale_gradient(model, probe, query_emb, d_scores, means, batch_size, backend), value
+
+
+def head_scale_gradient(model: nn.Module, probe: ProbeSet, query_emb: torch.Tensor, d_scores: torch.Tensor,
+                        means: torch.Tensor | None, batch_size: int = 64, backend: str = "auto") -> torch.Tensor:
+    """(L, H): ``sum_qi d_scores[q, i] * d score_qi / d s_h`` at s = 1 (mean fill with ``means``)."""
+    tower = "vision"
+    view = get_towers(model)[tower]
+    device = next(model.parameters()).device
+    q_emb = query_emb.to(device)
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    mask = torch.ones(view.n_layers, view.n_heads, device=device, dtype=q_emb.dtype, requires_grad=True)
+    grad = torch.zeros(view.n_layers, view.n_heads, device=device, dtype=q_emb.dtype)
+    with head_masked(model, towers=(tower,), backend=backend), frozen_weights(frozen), torch.enable_grad():
+        for layer, block in enumerate(view.blocks):
+            block.attn.set_head_mask(mask[layer])
+            block.attn.set_head_fill(means[layer].to(device) if means is not None else None)
+        try:
+            for imgs, sl in probe.batches(batch_size):
+                x, attn_mask, index = tower_inputs(model, tower, imgs.to(device))
+                residual, _, _ = pooled_forward(view, x, attn_mask, index)
+                emb = F.normalize(pooled_embedding(view, residual), dim=-1)  # (b, D)
+                seed = d_scores[:, sl].to(device=device, dtype=emb.dtype)  # (Q, b)
+                (g,) = torch.autograd.grad(((seed.T @ q_emb) * emb).sum(), mask)
+                grad += g
+        finally:
+            for block in view.blocks:
+                block.attn.set_head_mask(None)
+                block.attn.set_head_fill(None)
+    return grad.detach().cpu()
+
+
+@contextlib.contextmanager
+def frozen_weights(params: list[torch.Tensor]):
+    """Turn off weight gradients for a backward that only needs the head-scale gradients."""
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def normalized_image_embeddings(model: nn.Module, view: TowerView, images: torch.Tensor, post=None) -> torch.Tensor:
+    x, mask, index = tower_inputs(model, "vision", images)
+    return embed_tail(view, x, 0, mask, index, post)
+
+
+@torch.no_grad()
+def evaluate_head_set(model: nn.Module, probe: ProbeSet, heads, means: torch.Tensor | None,
+                      query_emb: torch.Tensor, class_emb: torch.Tensor | None = None, k: int = 50,
+                      batch_size: int = 256, backend: str = "auto", post=None,
+                      caption_emb: torch.Tensor | None = None) -> dict:
+    """Mean MaxSkew@K (and concept accuracy) with ``heads`` ablated together (mean if ``means``).
+
+    ``heads``: a list of (layer, head) removed entirely, or a dict (layer, head) -> kept scale.
+    ``post``: optional map applied to the (unnormalised) embeddings, e.g. an embedding-site
+    neuron deactivation (residual-site ones run as hooks on the final norm by themselves).
+    ``caption_emb (N, D)``: the text embedding of each probe image's caption (``probe.captions``);
+    adds ``recall``, text->image hit@5 with identical captions merged.
+    """
+    view = get_towers(model)["vision"]
+    device = next(model.parameters()).device
+    scales = heads if isinstance(heads, dict) else {tuple(h): 0.0 for h in heads}
+    with head_masked(model, towers=("vision",), backend=backend):
+        for layer, block in enumerate(view.blocks):
+            scale = torch.ones(view.n_heads, device=device)
+            for (l, h), value in scales.items():
+                if l == layer:
+                    scale[h] = value
+            edited = bool((scale != 1).any())
+            block.attn.set_head_mask(scale if edited else None)
+            block.attn.set_head_fill(means[layer].to(device) if (edited and means is not None) else None)
+        try:
+            emb = torch.cat([normalized_image_embeddings(model, view, imgs.to(device), post).cpu() for imgs, _ in probe.batches(batch_size)])
+        finally:
+            for block in view.blocks:
+                block.attn.set_head_mask(None)
+                block.attn.set_head_fill(None)
+    out = {"max_skew": float(metrics.max_skew_at_k(query_emb @ emb.T, probe.groups, k, len(probe.group_names)).mean())}
+    if class_emb is not None:
+        out["accuracy"] = float(((class_emb @ emb.T).argmax(0) == probe.concepts).double().mean())
+    if caption_emb is not None:
+
+        out["recall"] = caption_recall(emb, caption_emb, probe.captions)
+    return out

@@ -1,0 +1,419 @@
+"""``clipsurgery`` command line: a thin layer over the library.
+
+Library errors (:class:`surgery.errors.SurgeryError`) become one-line messages with exit code 1
+and no traceback.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import click
+
+from surgery import __version__
+from surgery.audit.cav import prompt_set
+from surgery.audit.probe import folder_probe_set, world_probe_set
+from surgery.audit.report import write_audit
+from surgery.audit.text import (
+    TextAuditOptions,
+    audit_text,
+    image_embeddings,
+    supervised_image_cavs,
+    supervised_vision_scores,
+    text_probe,
+    world_text_probe,
+)
+from surgery.audit.vision import AuditOptions, audit_vision
+from surgery.cli.errors import user_errors
+from surgery.debias.pipeline import DebiasOptions, run_debias
+from surgery.edit.bake import bake as bake_plan
+from surgery.edit.plan import SurgeryPlan
+from surgery.eval.compare import Row, compare, format_table, summary_rows, write_report
+from surgery.eval.embedding import EmbedOptions
+from surgery.eval.encoders import open_encoder
+from surgery.eval.evaluate import evaluate, spec_from_folder
+from surgery.export.onnx import OnnxOptions, export_onnx
+from surgery.export.safetensors import export_safetensors
+from surgery.io.queries import load_queries
+from surgery.metrics.bias import BiasConventions
+from surgery.model.inspect import describe, format_description
+from surgery.model.loading import load
+from surgery.world.checkpoint import world_params_of
+from surgery.world.generator import generate, write_split
+from surgery.world.params import WorldParams
+
+_user_errors = user_errors
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="clipsurgery")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def main(verbose: int) -> None:
+    """Find and remove demographic bias inside CLIP encoders, and export the patched model."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--arch", default=None, help="open_clip architecture name or JSON config (default: inferred).")
+@click.option("--pretrained", default=None, help="Pretrained tag when MODEL is an architecture name.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@_user_errors
+def inspect(model: str, arch: str | None, pretrained: str | None, as_json: bool) -> None:
+    """Show a model's architecture, towers (layers x heads), size, dtype and sha256.
+
+    MODEL is a checkpoint file (.safetensors, .pt/.pth/.bin, OpenAI TorchScript), NAME:TAG from
+    open_clip's registry (e.g. ViT-B-32:openai), hf-hub:ORG/NAME, or builtin:tiny.
+    """
+
+    info = describe(load(model, arch=arch, pretrained=pretrained))
+    click.echo(json.dumps(info, indent=2) if as_json else format_description(info))
+
+
+# ---------------------------------------------------------------------------------- bake/export
+def _export(loaded, out, plan, tower, precision, normalize, opset, force, graph="auto"):
+
+    if out.endswith(".safetensors"):
+        export_safetensors(loaded, out, plan, force=force)
+        click.echo(f"wrote {out}")
+    elif out.endswith(".onnx"):
+        results = export_onnx(loaded, out, plan, OnnxOptions(tower=tower, precision=precision,
+                                                             normalize=normalize, opset=opset, force=force,
+                                                             graph=graph))
+        for name, res in results.items():
+            click.echo(f"wrote {res['path']}  ({name}, {res['graph']} graph; ONNX Runtime vs PyTorch max abs error "
+                       f"{res['max_abs_error']:.2e})")
+    else:
+        raise click.UsageError(f"output {out} must end in .safetensors or .onnx")
+
+
+def _export_options(f):
+    f = click.option("--tower", type=click.Choice(["vision", "text", "both"]), default="both", show_default=True,
+                     help="ONNX: which encoder(s); both -> OUT.visual.onnx and OUT.text.onnx.")(f)
+    f = click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)(f)
+    f = click.option("--normalize/--no-normalize", default=True, show_default=True,
+                     help="ONNX: L2-normalise embeddings in the graph.")(f)
+    f = click.option("--opset", type=int, default=17, show_default=True)(f)
+    f = click.option("--graph", type=click.Choice(["auto", "ort", "plain"]), default="auto", show_default=True,
+                     help="ONNX: 'ort' = ONNX Runtime's fused transformer ops (fastest on ORT), 'plain' = standard "
+                          "ONNX ops for any runtime; auto = ort for fp32 below opset 23, else plain.")(f)
+    f = click.option("--force", is_flag=True, help="Overwrite existing outputs (never the input).")(f)
+    f = click.option("--arch", default=None, help="Architecture override (default: inferred).")(f)
+    return f
+
+
+@main.command()
+@click.argument("model")
+@click.argument("plan_path", metavar="PLAN")
+@click.argument("out")
+@_export_options
+@_user_errors
+def bake(model, plan_path, out, tower, precision, normalize, opset, graph, force, arch):
+    """Bake PLAN's head edits into MODEL's weights and write OUT (.safetensors or .onnx)."""
+
+    plan = SurgeryPlan.load(plan_path)
+    loaded = load(model, arch=arch)
+    plan.check_fits(loaded.model, loaded.sha256, force=force)
+    prior = loaded.metadata.get("plan")
+    record = SurgeryPlan.from_dict(prior).merged(plan, stacked=True) if prior else plan  # validates first
+    bake_plan(loaded.model, plan)  # only the new edits: the prior ones are already in the weights
+    _export(loaded, out, record, tower, precision, normalize, opset, force, graph)
+
+
+@main.command()
+@click.argument("model")
+@click.argument("out")
+@_export_options
+@_user_errors
+def export(model, out, tower, precision, normalize, opset, graph, force, arch):
+    """Export MODEL (any checkpoint, or a patched .safetensors) as .safetensors or .onnx."""
+
+    loaded = load(model, arch=arch)
+    plan = SurgeryPlan.from_dict(loaded.metadata["plan"]) if loaded.metadata.get("plan") else None
+    _export(loaded, out, plan, tower, precision, normalize, opset, force, graph)
+
+
+# ------------------------------------------------------------------------------------------ audit
+@main.command()
+@click.argument("model")
+@click.option("--images", "images_dir", default=None, type=click.Path(), help="Probe image folder.")
+@click.option("--labels", "labels_path", default=None, type=click.Path(),
+              help="Labels CSV for the images (also adds scores along supervised CAVs).")
+@click.option("--tower", type=click.Choice(["vision", "text", "both"]), default="vision", show_default=True,
+              help="text: audited from prompts, no images needed (with --images the bias is measured on them).")
+@click.option("--attributes", default=None,
+              help="Protected attribute (default: the labels' column; a world: its group; else gender for text).")
+@click.option("--prompts", "prompts_path", default=None, type=click.Path(),
+              help="Group prompts per attribute, JSON/YAML {attribute: {group: [prompts]}} (default: built-in).")
+@click.option("--top-k", type=int, default=3, show_default=True, help="Heads the proposed plan soft-prunes (per tower).")
+@click.option("--k", type=int, default=50, show_default=True, help="MaxSkew@K.")
+@click.option("--n-probe", type=int, default=1200, show_default=True, help="World models: probe images generated.")
+@click.option("--ablation", type=click.Choice(["mean", "zero"]), default="mean", show_default=True)
+@click.option("--no-sweep", is_flag=True, help="Skip the causal ablation sweep (c): cheap scores only.")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@_user_errors
+def audit(model, images_dir, labels_path, tower, attributes, prompts_path, top_k, k, n_probe, ablation, no_sweep,
+          batch_size, out_dir):
+    """Locate bias in single attention heads; write audit.json, heatmaps, report.md and plan.json."""
+
+    if (images_dir is None) != (labels_path is None):
+        raise click.UsageError("--images and --labels go together")
+    attribute = attributes.split(",")[0] if attributes else None
+    loaded = load(model)
+    params = world_params_of(loaded)
+    extra, probe = [], None
+    if images_dir:
+        probe = folder_probe_set(images_dir, labels_path, attribute, loaded.preprocess)
+    elif tower != "text":
+        if params is None:
+            raise click.ClickException(
+                f"the vision audit needs probe images: pass --images DIR --labels CSV "
+                f"({model} carries no world to generate them from); --tower text audits from prompts")
+        probe = world_probe_set(params, loaded.preprocess, n_probe)
+        extra = [f"a {params.group_word(g)} shape" for g in range(params.n_groups)] + [f"a {c}" for c in params.concepts]
+    text_probe_set = None
+    if tower != "vision":  # build (and so validate) the prompts before any model pass
+        attr = attribute or (probe.attribute if probe is not None else ("group" if params is not None else "gender"))
+        if params is not None and attr == "group" and prompts_path is None:
+            text_probe_set = world_text_probe(params)
+        else:
+            text_probe_set = text_probe(attr, prompt_set(attr, prompts_path))
+    image_emb = cavs = None
+    if labels_path:  # supervised CAVs from the labelled images
+        image_emb = image_embeddings(loaded.model, probe, batch_size)
+        cavs = supervised_image_cavs(loaded.model, probe, batch_size, image_emb)
+    result = text_result = None
+    if tower != "text":
+        options = AuditOptions(k=k, top_k=top_k, batch_size=batch_size, ablation=ablation, sweep=not no_sweep)
+        result = audit_vision(loaded.model, probe, loaded.tokenizer, options, extra, progress=_StageBar())
+        if cavs is not None:
+            result.scores.update(supervised_vision_scores(loaded.model, probe, cavs, batch_size))
+        result.plan.source = {"arch": loaded.arch, "sha256": loaded.sha256}
+    if text_probe_set is not None:
+        options = TextAuditOptions(k=k, top_k=top_k, batch_size=batch_size, ablation=ablation,
+                                   sweep=not no_sweep)
+        text_result = audit_text(loaded.model, loaded.tokenizer, text_probe_set, options, images=probe,
+                                 image_emb=image_emb, supervised=cavs)
+        text_result.plan.source = {"arch": loaded.arch, "sha256": loaded.sha256}
+    context = {"model": loaded.source, "sha256": loaded.sha256, "ablation": ablation,
+               "conventions": {"k": k, "target": "uniform", "reduce": "mean", "zero_count": 1.0}}
+    if probe is not None:
+        context["probe"] = {"n_images": len(probe), "attribute": probe.attribute, "n_queries": len(probe.queries),
+                            **probe.source}
+    write_audit(out_dir, result, context, text=text_result)
+    if result is not None:
+        click.echo(f"unedited: mean MaxSkew@{k} {result.baseline.get('max_skew', float('nan')):.4f}")
+        if result.spearman_gradient_vs_ablation is not None:
+            click.echo(f"Spearman (d) gradient vs (c) ablation: {result.spearman_gradient_vs_ablation:.3f}")
+        click.echo("top heads: " + ", ".join(f"L{l}.H{h}" for l, h in result.cheap_rank[:top_k]))
+    if text_result is not None:
+        measure = text_result.measure
+        click.echo(f"text tower: unedited {measure} {text_result.baseline[measure]:.4f}")
+        if text_result.spearman_gradient_vs_ablation is not None:
+            click.echo(f"text tower: Spearman (d) gradient vs (c) ablation: "
+                       f"{text_result.spearman_gradient_vs_ablation:.3f}")
+        click.echo("text tower top heads: " + ", ".join(f"L{l}.H{h}" for l, h in text_result.cheap_rank[:top_k]))
+    click.echo(f"wrote {out_dir}/audit.json, report.md, plan.json and heatmaps")
+
+
+@main.command()
+@click.argument("model_in", metavar="IN")
+@click.argument("out", metavar="OUT")
+@click.option("--images", "images_dir", default=None, type=click.Path(), help="Probe images (default: the model's world).")
+@click.option("--labels", "labels_path", default=None, type=click.Path())
+@click.option("--attributes", default=None, help="Protected attribute column.")
+@click.option("--max-bias-ratio", type=float, default=0.5, show_default=True, help="Target: MaxSkew after/before.")
+@click.option("--max-accuracy-drop", type=float, default=2.0, show_default=True, help="Target: points of concept accuracy.")
+@click.option("--max-recall-drop", type=float, default=2.0, show_default=True,
+              help="Target: points of text->image Recall@5 (probes with captions: a world's own).")
+@click.option("--max-heads", type=int, default=8, show_default=True)
+@click.option("--k", type=int, default=50, show_default=True)
+@click.option("--n-probe", type=int, default=1200, show_default=True, help="World models: images per generated split.")
+@click.option("--selection-draws", type=click.IntRange(1, 16), default=8, show_default=True,
+              help="World models: independent draws the edit search averages over.")
+@click.option("--holdout", type=float, default=None,
+              help="--images probes: fraction of each group's images kept out of the edit search for the report "
+                   "(default 0.5; 0: report on the images the edits were chosen on).")
+@click.option("--tower", type=click.Choice(["vision", "text", "both"]), default="both", show_default=True,
+              help="ONNX towers to export.")
+@click.option("--heads-only", is_flag=True, help="Only soft-prune heads (no SAE neurons).")
+@click.option("--neurons-only", is_flag=True, help="Only deactivate SAE neurons (no head edits).")
+@click.option("--force", is_flag=True, help="Overwrite existing outputs (never the input).")
+@_user_errors
+def debias(model_in, out, images_dir, labels_path, attributes, max_bias_ratio, max_accuracy_drop, max_recall_drop,
+           max_heads, k, n_probe, selection_draws, holdout, tower, heads_only, neurons_only, force):
+    """Audit IN, choose head edits, bake them, export OUT (.onnx or .safetensors), and compare."""
+
+    if not out.endswith((".onnx", ".safetensors")):
+        raise click.UsageError(f"output {out} must end in .onnx or .safetensors")
+    if (images_dir is None) != (labels_path is None):
+        raise click.UsageError("--images and --labels go together")
+    if heads_only and neurons_only:
+        raise click.UsageError("--heads-only and --neurons-only exclude each other")
+    if holdout is not None and images_dir is None:
+        raise click.UsageError("--holdout applies to --images probes only (a world model's report is on its own "
+                               "eval split)")
+    options = DebiasOptions(max_bias_ratio=max_bias_ratio, max_accuracy_drop=max_accuracy_drop / 100.0,
+                            max_recall_drop=max_recall_drop / 100.0, max_heads=max_heads, k=k, n_probe=n_probe,
+                            selection_draws=selection_draws, holdout=0.5 if holdout is None else holdout,
+                            tower=tower, force=force,
+                            heads=not neurons_only, neurons=not heads_only)
+    summary = run_debias(model_in, out, options, images_dir=images_dir, labels_path=labels_path,
+                         attribute=attributes.split(",")[0] if attributes else None,
+                         progress=lambda msg: click.echo(msg, err=True))
+    click.echo(summary["table"])
+    for line in summary["lines"]:
+        click.echo(line)
+
+
+class _StageBar:
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, stage, done, total):
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc=stage, unit="img", leave=False)
+        self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.bar.close()
+            self.bar = None
+
+
+# ------------------------------------------------------------------------------------------ world
+@main.group()
+def world() -> None:
+    """The planted-bias world: synthetic shapes whose colour/texture stands in for a demographic group."""
+
+
+@world.command("generate")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder to write (must not exist).")
+@click.option("--split", type=click.Choice(["train", "eval"]), default="eval", show_default=True)
+@click.option("--n", type=int, default=1200, show_default=True, help="Images (eval: a multiple of concepts x groups).")
+@click.option("--like", "like", default=None, help="Use the world a trained MODEL was trained on.")
+@click.option("--seed", type=int, default=None)
+@click.option("--concepts", default=None, help="Comma-separated shapes (4-8), e.g. circle,square,triangle,cross.")
+@click.option("--groups", default=None, help="Comma-separated colours or textures (2-4), e.g. red,blue.")
+@click.option("--attribute-kind", type=click.Choice(["color", "texture"]), default=None)
+@click.option("--bias-strength", type=float, default=None, help="P(concept shown with its group) in train.")
+@click.option("--group-in-caption", type=float, default=None, help="P(train caption names the group).")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@_user_errors
+def world_generate(out_dir, split, n, like, seed, concepts, groups, attribute_kind, bias_strength, group_in_caption, force):
+    """Write a split of a world: images/*.png, labels.csv, captions.csv, world.json."""
+
+    base = WorldParams()
+    if like:
+
+        found = world_params_of(load(like))
+        if found is None:
+            raise click.ClickException(f"{like} carries no world parameters; it was not trained on a world")
+        base = found
+    overrides = {
+        "seed": seed, "attribute_kind": attribute_kind, "bias_strength": bias_strength,
+        "group_in_caption": group_in_caption,
+        "concepts": tuple(concepts.split(",")) if concepts else None,
+        "groups": tuple(groups.split(",")) if groups else None,
+    }
+    data = base.to_dict()
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    if attribute_kind and not groups:
+        data["groups"] = None
+    params = WorldParams.from_dict(data)
+    path = write_split(generate(params, split, n), out_dir, overwrite=force)
+    click.echo(f"wrote {n} {split} images to {path} (world {params.hash()[:12]})")
+
+
+# ------------------------------------------------------------------------------------ eval/compare
+def _eval_options(f):
+    f = click.option("--images", "images_dir", required=True, type=click.Path(), help="Image folder.")(f)
+    f = click.option("--labels", "labels_path", required=True, type=click.Path(), help="Labels CSV (or the UTKFace folder).")(f)
+    f = click.option("--captions", "captions_path", default=None, type=click.Path(), help="Captions CSV or Karpathy JSON.")(f)
+    f = click.option("--queries", "queries_path", default=None, type=click.Path(), help="Neutral queries file (one per line or JSON list).")(f)
+    f = click.option("--attributes", default=None, help="Comma-separated protected-attribute columns.")(f)
+    f = click.option("--k", type=int, default=50, show_default=True, help="Top-K for Skew and NDKL.")(f)
+    f = click.option("--target", type=click.Choice(["uniform", "dataset"]), default="uniform", show_default=True)(f)
+    f = click.option("--reduce", type=click.Choice(["mean", "sum"]), default="mean", show_default=True,
+                     help="How bias is aggregated over queries.")(f)
+    f = click.option("--batch-size", type=int, default=256, show_default=True)(f)
+    f = click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False),
+                     help="Embedding cache folder (default: OUT/.cache).")(f)
+    f = click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Report folder.")(f)
+    return f
+
+
+def _spec_and_options(images_dir, labels_path, captions_path, queries_path, attributes, k, target, reduce,
+                      batch_size, cache_dir, out_dir):
+
+    spec = spec_from_folder(
+        images_dir, labels_path, captions_path=captions_path,
+        queries=load_queries(queries_path) if queries_path else None,
+        attributes=attributes.split(",") if attributes else None,
+        conventions=BiasConventions(k=k, target=target, reduce=reduce),
+    )
+    options = EmbedOptions(batch_size=batch_size, cache_dir=cache_dir or os.path.join(out_dir, ".cache"))
+    return spec, options
+
+
+class _Bar:
+    """tqdm progress for the library's (done, total) callbacks; one bar per model."""
+
+    def __init__(self, labels):
+        self.labels = list(labels)
+        self.bar = None
+
+    def __call__(self, done, total):
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc=f"embedding {self.labels.pop(0) if self.labels else ''}",
+                            unit="img", leave=False)
+        self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.bar.close()
+            self.bar = None
+
+
+@main.command("eval")
+@click.argument("model")
+@_eval_options
+@_user_errors
+def eval_cmd(model, out_dir, **kwargs):
+    """Bias, zero-shot accuracy and retrieval of one MODEL on a labelled image set."""
+
+    spec, options = _spec_and_options(out_dir=out_dir, **kwargs)
+    report = evaluate(open_encoder(model), spec, options, _Bar([model]))
+    rows = summary_rows(report, None, spec.conventions.k)
+    result = {"spec": spec.describe(), "before": report, "after": None,
+              "rows": [{**vars(r), "change": None} for r in rows]}
+    write_report(out_dir, result, title="clipsurgery eval")
+    click.echo(format_table(rows, single=True))
+    click.echo(f"report: {os.path.join(out_dir, 'report.md')}")
+
+
+@main.command("compare")
+@click.argument("before")
+@click.argument("after")
+@_eval_options
+@_user_errors
+def compare_cmd(before, after, out_dir, **kwargs):
+    """Compare BEFORE and AFTER (checkpoints, patched safetensors or ONNX) on one labelled set."""
+
+    spec, options = _spec_and_options(out_dir=out_dir, **kwargs)
+    result = compare(open_encoder(before), open_encoder(after), spec, options, _Bar(["before", "after"]))
+    write_report(out_dir, result)
+    rows = [Row(r["metric"], r["before"], r["after"], r["better"]) for r in result["rows"]]
+    click.echo(format_table(rows))
+    click.echo(f"report: {os.path.join(out_dir, 'report.md')}")
+
+
+from surgery.cli.sae import sae as _sae_group  # noqa: E402
+
+main.add_command(_sae_group)
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,178 @@
+"""``clipsurgery sae ...``: train SAEs and find social neurons (a thin click layer over surgery.sae).
+
+Registered in surgery/cli.py with ``main.add_command(sae)``.
+"""
+from __future__ import annotations
+
+import os
+
+import click
+
+from surgery.cli.errors import user_errors as _user_errors
+from surgery.errors import SurgeryError
+from surgery.io.checkpoint import state_dict_hash
+from surgery.io.images import ImageFolderDataset
+from surgery.model.loading import load
+from surgery.model.preprocess import image_transform, tokenize
+from surgery.sae import (
+    NeuronOptions,
+    SAEConfig,
+    Site,
+    TrainOptions,
+    build_cache,
+    evaluate_sae,
+    group_prompt_texts,
+    load_sae,
+    neurons_from_images,
+    neurons_from_texts,
+    open_cache,
+    save_trained,
+    site_width,
+    train_sae,
+    write_neurons,
+)
+
+
+@click.group()
+def sae() -> None:
+    """Sparse autoencoders on a CLIP tower and the "social neurons" they find (seed 001)."""
+
+
+def _image_batches(images_dir: str, transform, batch_size: int):
+
+    dataset = ImageFolderDataset(images_dir, None, transform)
+    return (images for images, _idx in dataset.batches(batch_size)), len(dataset)
+
+
+def _text_batches(texts_path: str, tokenizer: dict, batch_size: int):
+
+    try:
+        lines = [ln.strip() for ln in open(texts_path, encoding="utf-8")]
+    except OSError as exc:
+        raise SurgeryError(f"cannot read texts file {texts_path} ({exc.strerror}); check the path") from None
+    texts = [ln for ln in lines if ln]
+    if not texts:
+        raise SurgeryError(f"{texts_path} has no texts; give one text per line")
+    return tokenize(texts, tokenizer).split(batch_size), len(texts)
+
+
+def _progress(desc: str, unit: str):
+    from tqdm import tqdm
+
+    bar = {"bar": None}
+
+    def update(done, total, *_):
+        if bar["bar"] is None:
+            bar["bar"] = tqdm(total=total, desc=desc, unit=unit, leave=False)
+        bar["bar"].update(done - bar["bar"].n)
+        if done >= total:
+            bar["bar"].close()
+            bar["bar"] = None
+
+    return update
+
+
+@sae.command("train")
+@click.argument("model")
+@click.option("--images", "images_dir", type=click.Path(), default=None, help="Image folder (vision tower).")
+@click.option("--texts", "texts_path", type=click.Path(), default=None, help="Text file, one per line (text tower).")
+@click.option("--site", type=click.Choice(["residual", "embedding"]), default="residual", show_default=True,
+              help="residual: every token after the last block (input of ln_post/ln_final); embedding: the output.")
+@click.option("--kind", type=click.Choice(["batchtopk", "topk", "relu"]), default="batchtopk", show_default=True)
+@click.option("--expansion", type=int, default=8, show_default=True, help="Latents = expansion x width.")
+@click.option("--k", type=int, default=20, show_default=True, help="Active latents per row (topk/batchtopk).")
+@click.option("--l1", "l1_coeff", type=float, default=1e-3, show_default=True, help="L1 weight (relu).")
+@click.option("--matryoshka", default=None, help="Comma-separated nested prefix sizes, e.g. 64,256,1024.")
+@click.option("--steps", type=int, default=2000, show_default=True)
+@click.option("--batch-size", type=int, default=1024, show_default=True, help="Rows per training step.")
+@click.option("--lr", type=float, default=4e-4, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None,
+              help="Activation cache folder (default: OUT/cache); reused when it matches the model and site.")
+@click.option("--resume/--no-resume", default=True, show_default=True, help="Continue from OUT/checkpoint.safetensors.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@_user_errors
+def sae_train(model, images_dir, texts_path, site, kind, expansion, k, l1_coeff, matryoshka, steps, batch_size, lr,
+              seed, cache_dir, resume, out_dir):
+    """Train an SAE on MODEL's activations of --images (vision) or --texts (text), without labels.
+
+    Writes OUT/weights.safetensors + OUT/cfg.json (config, training history, NMSE, explained variance,
+    L0, dead fraction) and keeps OUT/checkpoint.safetensors for resuming.
+    """
+
+    if (images_dir is None) == (texts_path is None):
+        raise click.UsageError("give exactly one of --images DIR or --texts FILE")
+    loaded = load(model)
+    where = Site("vision" if images_dir else "text", site)
+    model_hash = state_dict_hash(loaded.model)
+    try:
+        prefixes = tuple(int(m) for m in matryoshka.split(",")) if matryoshka else ()
+    except ValueError:
+        raise click.UsageError(f"--matryoshka takes comma-separated integers, got {matryoshka!r}") from None
+    # validated before any activation is computed (k vs width, prefixes, ...)
+    cfg = SAEConfig(d_in=site_width(loaded.model, where), expansion=expansion, kind=kind, k=k, l1_coeff=l1_coeff,
+                    site=where.site, tower=where.tower, model_hash=model_hash, matryoshka=prefixes)
+    cache_dir = cache_dir or os.path.join(out_dir, "cache")
+    os.makedirs(out_dir, exist_ok=True)
+    if os.path.isfile(os.path.join(cache_dir, "cache.json")):
+        cache = open_cache(cache_dir)
+        cache.check_model(model_hash)
+        if cache.site != where:
+            raise SurgeryError(f"cache {cache_dir} holds {cache.site.tower}/{cache.site.site} activations, not "
+                               f"{where.tower}/{where.site}; pass another --cache folder")
+        click.echo(f"using cached activations in {cache_dir} ({cache.rows} rows)")
+    else:
+        if images_dir:
+            batches, total = _image_batches(images_dir, image_transform(loaded.preprocess), 64)
+        else:
+            batches, total = _text_batches(texts_path, loaded.tokenizer, 256)
+        cache = build_cache(loaded.model, where, batches, cache_dir, seed=seed, total=total,
+                            progress=_progress("caching activations", "input"), model_hash=model_hash)
+        click.echo(f"cached {cache.rows} rows from {cache.samples} inputs in {cache_dir}")
+    options = TrainOptions(steps=steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_dir=out_dir, resume=resume)
+    trained, history = train_sae(cache, cfg, options, _progress("training", "step"), model_hash=model_hash)
+    metrics = evaluate_sae(trained, cache)
+    save_trained(trained, out_dir, history, metrics)
+    click.echo(f"NMSE {metrics.nmse:.4f}  explained variance {metrics.explained_variance:.4f}  "
+               f"L0 {metrics.l0:.1f}  dead {metrics.dead_fraction:.3f}  ({history['steps_per_second']} steps/s)")
+    click.echo(f"wrote {os.path.join(out_dir, 'weights.safetensors')} and cfg.json")
+
+
+@sae.command("neurons")
+@click.argument("sae_dir", type=click.Path(file_okay=False))
+@click.argument("model")
+@click.option("--images", "images_dir", default=None, type=click.Path(), help="Labelled image folder.")
+@click.option("--labels", "labels_path", default=None, type=click.Path(), help="Labels CSV (file,<attribute>,...).")
+@click.option("--groups", default=None,
+              help="No labelled images: comma-separated group names, searched with prompts that name them.")
+@click.option("--attribute", required=True, help="Label column holding the groups, e.g. race or gender.")
+@click.option("--tau", type=float, default=0.5, show_default=True,
+              help="A latent is effective for a group when non-zero on >= tau of its images.")
+@click.option("--top-n", type=int, default=3, show_default=True, help="Latents selected per group (ranked score).")
+@click.option("--token-reduce", type=click.Choice(["pooled", "max", "mean", "first"]), default="pooled",
+              show_default=True, help="Residual SAEs: how a sample's tokens become one activation.")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="neurons.json to write.")
+@_user_errors
+def sae_neurons(sae_dir, model, images_dir, labels_path, groups, attribute, tau, top_n, token_reduce, out_path):
+    """Find SAE_DIR's social neurons for each group of --attribute, on MODEL's labelled images
+    (--images/--labels) or, without labels, on prompts naming the groups (--groups)."""
+
+    if bool(groups) == bool(images_dir or labels_path) or bool(images_dir) != bool(labels_path):
+        raise click.UsageError("give either --images DIR --labels CSV, or --groups g1,g2,...")
+    loaded = load(model)
+    trained = load_sae(sae_dir)
+    options = NeuronOptions(tau=tau, top_n=top_n, token_reduce=token_reduce)
+    if groups:
+        names = [g.strip() for g in groups.split(",") if g.strip()]
+        report = neurons_from_texts(loaded.model, trained, group_prompt_texts(names), loaded.tokenizer, options,
+                                    attribute=attribute)
+    else:
+        report = neurons_from_images(loaded.model, trained, images_dir, labels_path, attribute,
+                                     image_transform(loaded.preprocess), options)
+    write_neurons(report, out_path, {"sae_dir": os.path.abspath(sae_dir), "model": model})
+    for group in report.groups:
+        click.echo(f"{group}: rule {len(report.rule.get(group, []))} latents; selected {report.selected.get(group, [])}")
+    click.echo(f"wrote {out_path}")
+
+
+__all__ = ["sae"]

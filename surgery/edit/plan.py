@@ -1,0 +1,226 @@
+"""SurgeryPlan: the one object that says what surgery a model gets.
+
+A versioned JSON document, written by the audit and neuron search and edited by hand too, so it
+is validated with errors that name the entry and the allowed values::
+
+    {
+      "schema": "clipsurgery.plan/1",
+      "source": {"arch": "ViT-B-32", "sha256": "<of the checkpoint the plan was made for>"},
+      "heads": [
+        {"tower": "vision", "layer": 10, "head": 3, "scale": 0.0, "ablation": "zero"},
+        {"tower": "vision", "layer": 11, "head": 7, "scale": 0.5, "ablation": "mean", "mean": [... head_dim floats]}
+      ],
+      "provenance": {"method": "...", "created": "...", ...}
+    }
+
+``scale`` in [0, 1] multiplies the head's output; ``ablation: zero`` with scale 0 is seed 002's
+soft-pruning (the head's out_proj columns set to 0). ``ablation: mean`` replaces the removed part by
+the head's mean output over a probe set: ``z_h -> s * z_h + (1 - s) * mean_h``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from surgery.errors import SurgeryError
+from surgery.io.fs import write_text_atomic
+from surgery.model.towers import TOWERS, get_towers
+
+SCHEMA = "clipsurgery.plan/1"
+ABLATIONS = ("zero", "mean")
+
+
+class PlanError(SurgeryError, ValueError):
+    """A plan that is malformed or does not fit the model."""
+
+
+@dataclass
+class HeadEdit:
+    tower: str  # "vision" | "text"
+    layer: int  # block index, 0-based
+    head: int  # head index within the block, 0-based
+    scale: float = 0.0  # kept fraction of the head's output, in [0, 1]
+    ablation: str = "zero"  # "zero" | "mean"
+    mean: list[float] | None = None  # (head_dim,) mean head output over the probe set, for "mean"
+
+    def validate(self, where: str) -> None:
+        if self.tower not in TOWERS:
+            raise PlanError(f"{where}: unknown tower {self.tower!r}; use one of {', '.join(TOWERS)}")
+        for name in ("layer", "head"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise PlanError(f"{where}: {name} must be an integer >= 0, got {value!r}")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not 0.0 <= self.scale <= 1.0 \
+                or math.isnan(self.scale):
+            raise PlanError(f"{where}: scale must be in [0, 1], got {self.scale!r}")
+        if self.ablation not in ABLATIONS:
+            raise PlanError(f"{where}: ablation must be one of {', '.join(ABLATIONS)}, got {self.ablation!r}")
+        if self.ablation == "mean" and self.mean is None:
+            raise PlanError(f"{where}: ablation 'mean' needs the head's mean output ('mean': [head_dim floats])")
+        if self.ablation == "zero" and self.mean is not None:
+            raise PlanError(f"{where}: 'mean' is only used with ablation 'mean'; remove it or set ablation to 'mean'")
+
+
+NEURON_FORMS = ("paper", "error_preserving")
+NEURON_SITES = ("residual", "embedding")
+
+
+@dataclass
+class NeuronEdit:
+    tower: str  # "vision" | "text"
+    sae: str  # folder of the SAE (weights.safetensors + cfg.json) the latent ids refer to
+    ids: list[int]  # latents to deactivate ("social neurons")
+    alpha: float = 0.6  # mixing weight a in [0, 1] (seed 001: 0.6 by default)
+    form: str = "paper"  # "paper": h' = (1-a) h + a dec(enc(h) without S); "error_preserving"
+    site: str = "residual"  # where the SAE was trained: "residual" (all tokens before the final norm) or "embedding"
+    kind: str | None = None  # the SAE's activation (batchtopk | topk | relu), recorded when baked
+    k: int | None = None  # the SAE's k (TopK kinds), recorded when baked
+
+    def validate(self, where: str) -> None:
+        if self.tower not in TOWERS:
+            raise PlanError(f"{where}: unknown tower {self.tower!r}; use one of {', '.join(TOWERS)}")
+        if not isinstance(self.ids, list) or not self.ids or not all(isinstance(i, int) and i >= 0 for i in self.ids):
+            raise PlanError(f"{where}: ids must be a non-empty list of latent indices >= 0")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
+            raise PlanError(f"{where}: alpha must be in [0, 1], got {self.alpha!r}")
+        if self.form not in NEURON_FORMS:
+            raise PlanError(f"{where}: form must be one of {', '.join(NEURON_FORMS)}, got {self.form!r}")
+        if self.site not in NEURON_SITES:
+            raise PlanError(f"{where}: site must be one of {', '.join(NEURON_SITES)}, got {self.site!r}")
+
+    def check_files(self, where: str) -> None:
+        for name in ("weights.safetensors", "cfg.json"):
+            if not os.path.isfile(os.path.join(self.sae, name)):
+                raise PlanError(f"{where}: SAE file {os.path.join(self.sae, name)} is missing; "
+                                "point 'sae' at the folder written by clipsurgery sae train")
+
+
+def _parse_edits(items: Any, name: str, cls: type, required: tuple[str, ...]) -> list:
+    """Dicts -> edit dataclasses, with errors naming the entry, unknown keys and missing keys."""
+    if not isinstance(items, list):
+        raise PlanError(f"'{name}' must be a list of edits")
+    allowed = set(cls.__dataclass_fields__)
+    edits = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise PlanError(f"{name}[{i}] must be an object with {', '.join(required)}")
+        extra = sorted(set(item) - allowed)
+        if extra:
+            raise PlanError(f"{name}[{i}]: unknown keys {', '.join(extra)}; allowed: {', '.join(sorted(allowed))}")
+        missing = [k for k in required if k not in item]
+        if missing:
+            raise PlanError(f"{name}[{i}]: missing {', '.join(missing)}")
+        edits.append(cls(**item))
+    return edits
+
+
+@dataclass
+class SurgeryPlan:
+    source: dict[str, Any] = field(default_factory=dict)  # {"arch", "sha256"} of the model it was made for
+    heads: list[HeadEdit] = field(default_factory=list)
+    neurons: list[NeuronEdit] = field(default_factory=list)  # SAE latent deactivations
+    provenance: dict[str, Any] = field(default_factory=dict)  # how the edits were chosen
+    schema: str = SCHEMA
+
+    # ------------------------------------------------------------------------------ validation
+    def validate(self) -> "SurgeryPlan":
+        if self.schema != SCHEMA:
+            raise PlanError(f"unsupported plan schema {self.schema!r}; this version reads {SCHEMA}")
+        seen = set()
+        for i, edit in enumerate(self.heads):
+            edit.validate(f"heads[{i}]")
+            key = (edit.tower, edit.layer, edit.head)
+            if key in seen:
+                raise PlanError(f"heads[{i}]: {edit.tower} layer {edit.layer} head {edit.head} appears twice; keep one")
+            seen.add(key)
+        places = set()
+        for i, edit in enumerate(self.neurons):
+            edit.validate(f"neurons[{i}]")
+            if (edit.tower, edit.site) in places:
+                raise PlanError(f"neurons[{i}]: a second edit at {edit.tower}/{edit.site}; merge the ids into one edit")
+            places.add((edit.tower, edit.site))
+        return self
+
+    def check_fits(self, model, sha256: str | None, *, force: bool = False) -> None:
+        """Raise unless every edit addresses an existing head and the plan was made for this model."""
+        planned = self.source.get("sha256")
+        if planned and sha256 and planned != sha256 and not force:
+            raise PlanError(
+                f"plan was made for a checkpoint with sha256 {planned[:12]}..., not this one ({sha256[:12]}...); "
+                "pass --force to apply it anyway"
+            )
+        towers = get_towers(model)
+        for i, edit in enumerate(self.heads):
+            view = towers[edit.tower]
+            if edit.layer >= view.n_layers:
+                raise PlanError(f"heads[{i}]: {edit.tower} layer {edit.layer} is out of range (0..{view.n_layers - 1})")
+            if edit.head >= view.n_heads:
+                raise PlanError(f"heads[{i}]: head {edit.head} is out of range (0..{view.n_heads - 1})")
+            if edit.mean is not None and len(edit.mean) != view.head_dim:
+                raise PlanError(f"heads[{i}]: mean has {len(edit.mean)} values; the head width is {view.head_dim}")
+        for i, edit in enumerate(self.neurons):
+            edit.check_files(f"neurons[{i}]")
+
+    # ---------------------------------------------------------------------------------- I/O
+    def to_dict(self) -> dict:
+        return {"schema": self.schema, "source": self.source, "heads": [asdict(h) for h in self.heads],
+                "neurons": [asdict(n) for n in self.neurons], "provenance": self.provenance}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "SurgeryPlan":
+        if not isinstance(data, dict):
+            raise PlanError("a plan must be a JSON object with 'schema', 'source' and 'heads'")
+        unknown = sorted(set(data) - {"schema", "source", "heads", "neurons", "provenance"})
+        if unknown:
+            raise PlanError(f"unknown plan keys {', '.join(unknown)}; allowed: schema, source, heads, neurons, provenance")
+        edits = _parse_edits(data.get("heads", []), "heads", HeadEdit, ("tower", "layer", "head"))
+        neurons = _parse_edits(data.get("neurons", []) or [], "neurons", NeuronEdit, ("tower", "sae", "ids"))
+        plan = cls(source=dict(data.get("source", {})), heads=edits, neurons=neurons,
+                   provenance=dict(data.get("provenance", {})), schema=data.get("schema", ""))
+        return plan.validate()
+
+    @classmethod
+    def load(cls, path: str) -> "SurgeryPlan":
+        if not os.path.isfile(path):
+            raise PlanError(f"plan file {path} does not exist; check the path")
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        try:
+            return cls.from_dict(data)
+        except PlanError as exc:
+            raise PlanError(f"{path}: {exc}") from None
+
+    def save(self, path: str) -> None:
+        self.validate()
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def merged(self, other: "SurgeryPlan", *, stacked: bool = False) -> "SurgeryPlan":
+        """This plan's edits plus ``other``'s; a head in both is an error.
+
+        ``stacked``: ``other`` was made for the model that this plan produced (a second bake on
+        top of a patched checkpoint), so their sources differ by design; the result keeps this
+        plan's source (the original checkpoint).
+        """
+        if not stacked and self.source.get("sha256") and other.source.get("sha256") \
+                and self.source["sha256"] != other.source["sha256"]:
+            raise PlanError("cannot merge plans made for different checkpoints (sha256 differs)")
+        merged = SurgeryPlan(source=self.source or other.source, heads=[*self.heads, *other.heads],
+                             neurons=[*self.neurons, *other.neurons],
+                             provenance={"merged": [self.provenance, other.provenance], "stacked": stacked})
+        return merged.validate()
+
+    def head_scales(self, tower: str, n_layers: int, n_heads: int):
+        """(L, H) tensor of scales (1 where no edit) for the runtime-masked model."""
+        import torch
+
+        scales = torch.ones(n_layers, n_heads)
+        for edit in self.heads:
+            if edit.tower == tower:
+                scales[edit.layer, edit.head] = edit.scale
+        return scales

@@ -1,0 +1,167 @@
+"""Before/after comparison of two encoders on one evaluation set, and its report files."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from surgery.eval.embedding import EmbedOptions, Progress, embed_images_multi
+from surgery.eval.encoders import Encoder
+from surgery.eval.evaluate import EvalSpec, evaluate
+from surgery.io.fs import atomic_output, write_text_atomic
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+REPORT_PNG = "report.png"
+
+
+@dataclass
+class Row:
+    metric: str
+    before: float | None
+    after: float | None
+    better: str  # "lower" | "higher"
+
+    @property
+    def change(self) -> float | None:
+        if self.before is None or self.after is None:
+            return None
+        return self.after - self.before
+
+
+def compare(before: Encoder, after: Encoder, spec: EvalSpec, options: EmbedOptions | None = None,
+            progress: Progress | None = None) -> dict:
+    """Evaluate both encoders; returns ``{"spec", "before", "after", "rows"}`` (JSON-able).
+
+    With a cache, both models embed the images in one pass over the decoded images first.
+    """
+    if options is not None and options.cache_dir:
+        embed_images_multi([before, after], spec.images_dir, spec.labels.files, options, progress)
+    rep_before = evaluate(before, spec, options, progress)
+    rep_after = evaluate(after, spec, options, progress)
+    rows = summary_rows(rep_before, rep_after, spec.conventions.k)
+    return {
+        "spec": spec.describe(),
+        "before": rep_before,
+        "after": rep_after,
+        "rows": [{**vars(r), "change": r.change} for r in rows],
+    }
+
+
+def summary_rows(before: dict, after: dict | None, k: int) -> list[Row]:
+    """The headline metrics, one row each (``after`` may be None for a single-model eval)."""
+    after = after or {}
+    rows: list[Row] = []
+    for name, summ in before["bias"].items():
+        other = after.get("bias", {}).get(name, {})
+        rows.append(Row(f"{name}: mean MaxSkew@{k}", summ["max_skew"], other.get("max_skew"), "lower"))
+        rows.append(Row(f"{name}: mean MinSkew@{k}", summ["min_skew"], other.get("min_skew"), "higher"))
+        rows.append(Row(f"{name}: mean NDKL@{k}", summ["ndkl"], other.get("ndkl"), "lower"))
+        if "cramers_v" in summ:
+            rows.append(Row(f"{name}: Cramér's V (concept vs group)", summ["cramers_v"], other.get("cramers_v"), "lower"))
+    if "zero_shot_accuracy" in before:
+        rows.append(Row("zero-shot concept accuracy", before["zero_shot_accuracy"], after.get("zero_shot_accuracy"), "higher"))
+    for key, value in before.get("retrieval", {}).items():
+        if "@" in key:
+            label = ("text->image" if key.startswith("t2i") else "image->text") + f" Recall@{key.split('@')[1]} (hit@k)"
+            rows.append(Row(label, value, after.get("retrieval", {}).get(key), "higher"))
+    return rows
+
+
+def format_table(rows: list[Row], single: bool = False) -> str:
+    """Markdown table of the rows."""
+    if single:
+        lines = ["| metric | value |", "| --- | ---: |"]
+        lines += [f"| {r.metric} | {_fmt(r.before)} |" for r in rows]
+        return "\n".join(lines)
+    lines = ["| metric | before | after | change |", "| --- | ---: | ---: | ---: |"]
+    for r in rows:
+        change = "" if r.change is None else f"{r.change:+.4f}"
+        lines.append(f"| {r.metric} | {_fmt(r.before)} | {_fmt(r.after)} | {change} |")
+    return "\n".join(lines)
+
+
+def write_report(out_dir: str, result: dict, *, title: str = "clipsurgery compare") -> list[str]:
+    """report.json, report.md and report.png in ``out_dir``; each written atomically."""
+    os.makedirs(out_dir, exist_ok=True)
+    rows = [Row(r["metric"], r["before"], r["after"], r["better"]) for r in result["rows"]]
+    single = result.get("after") is None
+    paths = [write_text_atomic(os.path.join(out_dir, REPORT_JSON), json.dumps(result, indent=2))]
+    path = os.path.join(out_dir, REPORT_PNG)
+    with atomic_output(path) as tmp:
+        _plot(result, str(tmp))
+    paths.append(path)
+    paths.append(write_text_atomic(os.path.join(out_dir, REPORT_MD), _markdown(result, rows, single, title)))
+    return paths
+
+
+def _markdown(result: dict, rows: list[Row], single: bool, title: str) -> str:
+    spec = result["spec"]
+    conv = spec["conventions"]
+    models = f"- model: `{result['before']['model']}`" if single else (
+        f"- before: `{result['before']['model']}` (weights hash {result['before']['identity'][:12]})\n"
+        f"- after: `{result['after']['model']}` (weights hash {result['after']['identity'][:12]})"
+    )
+    skipped = result["before"]["skipped"]
+    parts = [
+        f"# {title}", "", models,
+        f"- images: {result['before']['n_images']} from `{spec['images_dir']}`"
+        + (f" ({len(skipped)} unreadable, skipped: {', '.join(s['file'] for s in skipped[:10])})" if skipped else ""),
+        f"- neutral queries: {spec['n_queries']}; attributes: {', '.join(spec['attributes'])}",
+        f"- conventions: K={conv['k']}, target {conv['target']}, empty groups p_top = {conv['zero_count']}/K, "
+        f"{conv['reduce']} over queries; recall is hit@k", "",
+        format_table(rows, single), "", f"![before/after]({REPORT_PNG})", "",
+    ]
+    return "\n".join(parts)
+
+
+def _plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    before, after = result["before"], result.get("after")
+    attr = next(iter(before["bias"]))
+    queries = before["queries"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [2, 1]})
+    idx = range(len(queries))
+    width = 0.4 if after else 0.8
+    ax1.bar([i - width / 2 if after else i for i in idx], before["bias"][attr]["per_query"]["max_skew"],
+            width, label="before" if after else "MaxSkew")
+    if after:
+        ax1.bar([i + width / 2 for i in idx], after["bias"][attr]["per_query"]["max_skew"], width, label="after")
+    ax1.set_xticks(list(idx))
+    ax1.set_xticklabels([q.replace("a photo of ", "") for q in queries], rotation=60, ha="right", fontsize=7)
+    ax1.set_ylabel(f"MaxSkew@{result['spec']['conventions']['k']} ({attr})")
+    ax1.set_title("bias per neutral query")
+    ax1.legend()
+    names, vals_b, vals_a = [], [], []
+    if "zero_shot_accuracy" in before:
+        names.append("zero-shot acc")
+        vals_b.append(before["zero_shot_accuracy"])
+        vals_a.append(after["zero_shot_accuracy"] if after else None)
+    for key in ("t2i@1", "t2i@5", "i2t@1", "i2t@5"):
+        if key in before.get("retrieval", {}):
+            names.append(key)
+            vals_b.append(before["retrieval"][key])
+            vals_a.append(after["retrieval"][key] if after else None)
+    if names:
+        pos = range(len(names))
+        ax2.bar([p - width / 2 if after else p for p in pos], vals_b, width, label="before" if after else None)
+        if after:
+            ax2.bar([p + width / 2 for p in pos], vals_a, width, label="after")
+            ax2.legend()
+        ax2.set_xticks(list(pos))
+        ax2.set_xticklabels(names, rotation=30, ha="right")
+        ax2.set_ylim(0, 1.05)
+        ax2.set_title("accuracy and recall")
+    else:
+        ax2.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=110)
+    plt.close(fig)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

@@ -1,0 +1,146 @@
+"""Evaluate one encoder on a labelled image set: bias of neutral queries, zero-shot accuracy,
+Cramér's V, and retrieval recall. ``compare`` runs it on two encoders.
+
+What the set is comes from :func:`spec_from_folder`: an image folder plus a labels CSV (FairFace
+layout, UTKFace file names, any ``file,<attribute>...`` table, or a world split written by
+``clipsurgery world generate``, whose ``world.json`` says which column is the concept and which
+the group).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from surgery import metrics
+from surgery.errors import DataError
+from surgery.eval.embedding import EmbedOptions, Progress, embed_images, embed_texts
+from surgery.eval.encoders import Encoder
+from surgery.io.captions import caption_pairs, load_captions
+from surgery.io.labels import LabelTable, load_labels
+from surgery.io.queries import NEUTRAL_QUERIES
+from surgery.world.generator import CAPTIONS_CSV, WORLD_JSON, split_dir
+from surgery.world.params import load_params
+from surgery.world.prompts import neutral_queries
+
+log = logging.getLogger(__name__)
+
+#: Columns treated as protected attributes when --attributes is not given.
+PROTECTED_COLUMNS = ("gender", "race", "age", "group")
+
+
+@dataclass
+class EvalSpec:
+    images_dir: str  # folder the label file names are relative to
+    labels: LabelTable  # one row per image
+    attributes: list[str]  # protected-attribute columns to measure bias over
+    queries: list[str]  # neutral queries (no group named)
+    concept_column: str | None = None  # ground-truth concept, for zero-shot accuracy and Cramér's V
+    class_prompts: list[str] | None = None  # one prompt per concept value, in concept_values order
+    concept_values: list[str] | None = None
+    captions: dict[str, list[str]] | None = None  # file -> captions, for retrieval recall
+    conventions: metrics.BiasConventions = field(default_factory=metrics.BiasConventions)
+    recall_ks: tuple[int, ...] = (1, 5, 10)
+
+    def describe(self) -> dict:
+        return {
+            "images_dir": self.images_dir,
+            "n_images": len(self.labels),
+            "attributes": self.attributes,
+            "n_queries": len(self.queries),
+            "concept_column": self.concept_column,
+            "captions": self.captions is not None,
+            "conventions": self.conventions.to_dict(),
+            "recall": "hit@k (a query counts if any positive is in its top k); identical captions (case and "
+                      "spacing folded) are one query whose positives are all the images they describe",
+        }
+
+
+def spec_from_folder(images_dir: str, labels_path: str, *, captions_path: str | None = None,
+                     queries: list[str] | None = None, attributes: list[str] | None = None,
+                     conventions: metrics.BiasConventions | None = None) -> EvalSpec:
+    """Build an :class:`EvalSpec`; a world split (world.json beside the labels) fills in the rest."""
+    if not os.path.isdir(images_dir):
+        raise DataError(f"images folder {images_dir!r} does not exist; check --images")
+    labels = load_labels(labels_path, images_dir)
+    if len(labels) == 0:
+        raise DataError(f"{labels_path}: no labelled images; check the file")
+    world_dir = split_dir(labels_path, images_dir)
+    world_json = world_dir / WORLD_JSON
+    concept_column = class_prompts = concept_values = None
+    if world_json.is_file():
+        params = load_params(world_json)
+        concept_column, concept_values = "concept", list(params.concepts)
+        class_prompts = neutral_queries(params)
+        queries = queries or neutral_queries(params)
+        attributes = attributes or ["group"]
+        if captions_path is None and (world_dir / CAPTIONS_CSV).is_file():
+            captions_path = str(world_dir / CAPTIONS_CSV)
+    if attributes is None:
+        attributes = [c for c in PROTECTED_COLUMNS if c in labels.attributes]
+        if not attributes:
+            raise DataError(
+                f"{labels_path}: no protected-attribute column ({', '.join(PROTECTED_COLUMNS)}); "
+                f"pass --attributes with some of: {', '.join(labels.attributes)}"
+            )
+    labels.require(attributes)
+    for name in attributes:
+        if len(set(labels.attributes[name])) < 2:
+            raise DataError(f"attribute {name!r} has only one group in {labels_path}; bias needs at least two")
+    if queries is None:
+        queries = NEUTRAL_QUERIES["occupations"] + NEUTRAL_QUERIES["traits"]
+    conv = conventions or metrics.BiasConventions()
+    if conv.k > len(labels):
+        raise DataError(f"K={conv.k} is larger than the {len(labels)} images; pass a smaller --k")
+    captions = load_captions(captions_path) if captions_path else None
+    return EvalSpec(images_dir=images_dir, labels=labels, attributes=attributes, queries=list(queries),
+                    concept_column=concept_column, class_prompts=class_prompts, concept_values=concept_values,
+                    captions=captions, conventions=conv)
+
+
+def evaluate(encoder: Encoder, spec: EvalSpec, options: EmbedOptions | None = None,
+             progress: Progress | None = None) -> dict:
+    """All metrics of one encoder on ``spec``; JSON-able."""
+    opt = options or EmbedOptions()
+    identity = encoder.identity  # hashes the weights: once per evaluation
+    imgs = embed_images(encoder, spec.images_dir, spec.labels.files, opt, progress)
+    kept = imgs.indices.tolist()
+    image_emb = F.normalize(imgs.embeddings, dim=-1)  # (n, D)
+    query_emb = F.normalize(embed_texts(encoder, spec.queries, opt, identity), dim=-1)  # (Q, D)
+    scores = query_emb @ image_emb.T  # (Q, n)
+    if spec.conventions.k > len(kept):
+        raise DataError(f"K={spec.conventions.k} is larger than the {len(kept)} readable images; lower --k")
+    report: dict = {
+        "model": encoder.name,
+        "identity": identity,
+        "n_images": len(kept),
+        "skipped": [{"file": s.file, "reason": s.reason} for s in imgs.skipped],
+        "queries": spec.queries,
+        "bias": {},
+    }
+    predicted = None
+    if spec.concept_column:
+        class_emb = F.normalize(embed_texts(encoder, spec.class_prompts, opt, identity), dim=-1)  # (C, D)
+        truth, _ = spec.labels.codes(spec.concept_column, spec.concept_values)
+        truth = torch.from_numpy(truth[kept])
+        predicted = metrics.zero_shot_predict(image_emb, class_emb)
+        report["zero_shot_accuracy"] = float((predicted == truth).double().mean())
+    for name in spec.attributes:
+        codes, values = spec.labels.codes(name)
+        codes_t = torch.from_numpy(codes[kept])
+        summary = metrics.bias_summary(scores, codes_t, len(values), spec.conventions)
+        summary["groups"] = values
+        if predicted is not None:
+            summary["cramers_v"] = metrics.cramers_v(predicted, codes_t)
+        report["bias"][name] = summary
+    if spec.captions is not None:
+        kept_files = [spec.labels.files[i] for i in kept]
+        texts, owners = caption_pairs(spec.captions, kept_files)
+        text_emb = embed_texts(encoder, texts, opt, identity)
+        ks = tuple(k for k in spec.recall_ks if k <= len(kept))
+        keys = [" ".join(t.lower().split()) for t in texts]  # the tokenizer lower-cases and folds whitespace
+        report["retrieval"] = metrics.retrieval_recall(text_emb, image_emb, torch.from_numpy(owners), ks, text_keys=keys)
+    return report

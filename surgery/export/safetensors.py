@@ -1,0 +1,37 @@
+"""Export a (patched) CLIP as safetensors: both towers, the open_clip config, the plan, preprocessing
+and tokenizer in the metadata, so :func:`surgery.load` reopens it without an --arch.
+"""
+from __future__ import annotations
+
+from surgery.edit.plan import SurgeryPlan
+from surgery.export.ort_fused import (  # noqa: F401 (API)
+    ORT_CONTRIB_DOMAIN,
+    FusedBlock,
+    UnfusableBlockError,
+    fuse_blocks_,
+    fuse_residual_norms,
+)
+from surgery.io.checkpoint import write_safetensors
+from surgery.io.fs import check_output_path
+from surgery.io.metadata import META_ARCH, META_MODEL_CONFIG, META_PLAN, META_PREPROCESS, META_SOURCE, META_TOKENIZER
+from surgery.model.loading import LoadedModel
+
+
+def model_metadata(loaded: LoadedModel, plan: SurgeryPlan | None) -> dict[str, object]:
+    return {
+        META_MODEL_CONFIG: loaded.config,
+        META_ARCH: loaded.arch,
+        META_PREPROCESS: loaded.preprocess,
+        META_TOKENIZER: loaded.tokenizer,
+        META_PLAN: plan.to_dict() if plan else None,
+        META_SOURCE: loaded.sha256 or "",
+    }
+
+
+def export_safetensors(loaded: LoadedModel, out: str, plan: SurgeryPlan | None = None, *, force: bool = False) -> str:
+    """The whole (patched) model as one safetensors file with its config and plan in the metadata."""
+    check_output_path(out, inputs=(loaded.source,), force=force)
+    metadata = {k: v for k, v in model_metadata(loaded, plan).items() if v is not None}
+    state = {k: v.float() if v.is_floating_point() else v for k, v in loaded.model.state_dict().items()}
+    write_safetensors(state, out, metadata)
+    return out

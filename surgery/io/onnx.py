@@ -1,0 +1,54 @@
+"""Reading exported ONNX files: ONNX Runtime sessions, the tower pair's file names, their metadata.
+"""
+from __future__ import annotations
+
+import os
+
+from surgery.errors import SurgeryError
+from surgery.io.metadata import META_TOWER
+
+
+def onnx_paths(out: str, tower: str) -> dict[str, str]:
+    """Where each tower goes: OUT itself for one tower, <stem>.visual/.text.onnx for both."""
+    if tower != "both":
+        return {tower: out}
+    stem = out[:-len(".onnx")] if out.endswith(".onnx") else out
+    return {"vision": f"{stem}.visual.onnx", "text": f"{stem}.text.onnx"}
+
+
+def ort_session(path: str, providers: list[str] | None = None, optimize: bool = True):
+    """An ONNX Runtime session (CPU provider unless ``providers``); ``optimize=False`` turns graph optimisations off."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise SurgeryError("onnxruntime is not installed; pip install 'clipsurgery[cpu]' (or [gpu])") from None
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(path, options, providers=providers or ["CPUExecutionProvider"])
+
+
+def read_metadata(path: str) -> dict[str, str]:
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def resolve_pair(path: str) -> dict[str, str]:
+    """{tower: file} for OUT.onnx (one tower, plus a sibling for the other) or the <stem>.visual/.text pair."""
+    if os.path.isfile(path):
+        tower = read_metadata(path).get(META_TOWER)
+        if tower not in ("vision", "text"):
+            raise SurgeryError(f"{path} was not exported by clipsurgery (no {META_TOWER} metadata)")
+        stem = path[:-len(".onnx")]
+        for suffix in (".visual", ".text"):
+            if stem.endswith(suffix):
+                stem = stem[:-len(suffix)]
+        pair = onnx_paths(stem + ".onnx", "both")
+        pair[tower] = path
+        return {t: p for t, p in pair.items() if os.path.isfile(p)}
+    pair = {t: p for t, p in onnx_paths(path, "both").items() if os.path.isfile(p)}
+    if not pair:
+        raise SurgeryError(f"{path}: no such ONNX file (nor {path[:-5]}.visual.onnx / .text.onnx)")
+    return pair

@@ -1,0 +1,81 @@
+"""clipsurgery debias end to end on the bundled world model (small probe sets)."""
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from surgery.cli.main import main
+from surgery.io.onnx import read_metadata
+
+
+def test_debias_world_to_onnx(tmp_path):
+    out = tmp_path / "out.onnx"
+    result = CliRunner().invoke(main, ["debias", "builtin:world", str(out), "--n-probe", "240", "--k", "20",
+                                       "--selection-draws", "2"])
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["out.plan.json", "out.report", "out.sae", "out.text.onnx", "out.visual.onnx"]
+    plan = json.loads((tmp_path / "out.plan.json").read_text())
+    assert plan["neurons"][0]["site"] == "embedding" and plan["neurons"][0]["ids"]
+    assert plan["provenance"]["neurons"]["sae"]["explained_variance"] > 0.5
+    assert (tmp_path / "out.sae" / "weights.safetensors").is_file()
+    assert json.loads(read_metadata(str(tmp_path / "out.visual.onnx"))["clipsurgery.plan"]) == plan
+    report = json.loads((tmp_path / "out.report" / "report.json").read_text())
+    before, after = report["before"]["bias"]["group"]["max_skew"], report["after"]["bias"]["group"]["max_skew"]
+    assert after < before  # the ONNX model, run through ONNX Runtime, is less biased
+    assert "| group: mean MaxSkew@20 |" in result.output
+
+
+def test_debias_heads_only_to_safetensors(tmp_path):
+    import surgery
+
+    out = tmp_path / "out.safetensors"
+    result = CliRunner().invoke(main, ["debias", "builtin:world", str(out), "--n-probe", "240", "--k", "20",
+                                       "--heads-only", "--selection-draws", "1"])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "out.sae").exists()
+    restored = surgery.load(str(out))
+    assert restored.metadata["plan"]["heads"] and not restored.metadata["plan"]["neurons"]
+
+
+def test_debias_refuses_bad_outputs(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["debias", "builtin:world", str(tmp_path / "out.pt")])
+    assert result.exit_code == 2 and "must end in .onnx or .safetensors" in result.output
+    result = runner.invoke(main, ["debias", "builtin:tiny", str(tmp_path / "out.onnx")])
+    assert result.exit_code == 1 and "needs probe images" in result.output
+    result = runner.invoke(main, ["debias", "builtin:world", str(tmp_path / "o.onnx"), "--heads-only", "--neurons-only"])
+    assert result.exit_code == 2 and "exclude each other" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_debias_on_a_folder_reports_on_held_out_images(tmp_path):
+    """--images: the edits are chosen on one half of each group's images and the report is on the
+    other half; --holdout out of range is refused before anything is written."""
+    from surgery.world.generator import generate, write_split
+    from surgery.world.params import WorldParams
+
+    write_split(generate(WorldParams(), "eval", 240), tmp_path / "w")
+    images, labels = str(tmp_path / "w" / "images"), str(tmp_path / "w" / "labels.csv")
+    out = tmp_path / "out.safetensors"
+    runner = CliRunner()
+    result = runner.invoke(main, ["debias", "builtin:world", str(out), "--images", images, "--labels", labels,
+                                  "--attributes", "group", "--k", "20", "--heads-only", "--max-accuracy-drop", "5"])
+    assert result.exit_code == 0, result.output
+    assert "reporting on the other 50%" in result.output
+    plan = json.loads((tmp_path / "out.plan.json").read_text())
+    assert plan["provenance"]["probe"]["selection_images"] == 120 and plan["provenance"]["probe"]["holdout"] == 0.5
+    report = json.loads((tmp_path / "out.report" / "report.json").read_text())
+    assert report["before"]["n_images"] == 120  # the held-out half only
+    assert "zero_shot_accuracy" in report["before"]  # the world's concepts came along with the split
+    result = runner.invoke(main, ["debias", "builtin:world", str(tmp_path / "o2.onnx"), "--images", images,
+                                  "--labels", labels, "--holdout", "1"])
+    assert result.exit_code == 1 and "--holdout must be" in result.output
+    # K larger than the held-out half (but not than the selection half): refused before anything is written
+    result = runner.invoke(main, ["debias", "builtin:world", str(tmp_path / "o2.onnx"), "--images", images,
+                                  "--labels", labels, "--attributes", "group", "--k", "60", "--holdout", "0.2"])
+    assert result.exit_code == 1 and "K=60 is larger than the 48 images" in result.output, result.output
+    result = runner.invoke(main, ["debias", "builtin:world", str(tmp_path / "o2.onnx"), "--holdout", "0.3"])
+    assert result.exit_code == 2 and "--holdout applies to --images probes only" in result.output
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("o2")]

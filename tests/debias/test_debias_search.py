@@ -1,0 +1,123 @@
+"""The edit search of ``clipsurgery debias``: averaging over probe draws, budgets, greedy neuron
+selection (each step checked against a plain recomputation) and the report-split target line."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import surgery
+from surgery import sae as S
+from surgery.audit.ablation import evaluate_head_set
+from surgery.audit.probe import caption_recall, world_probe_set
+from surgery.debias.heads import evaluate_on_draws, within_budget
+from surgery.debias.neurons import NeuronStageOptions, NeuronTargets, _figures, greedy_neurons
+from surgery.debias.pipeline import DebiasOptions, _caption_embeddings, report_targets
+from surgery.errors import DataError
+from surgery.model.encode import text_embeddings
+from surgery.model.preprocess import images_to_tensor
+from surgery.world.checkpoint import world_params_of
+from surgery.world.generator import generate
+
+
+@pytest.fixture(scope="module")
+def world():
+    loaded = surgery.load("builtin:world")
+    params = world_params_of(loaded)
+    draws = [world_probe_set(dataclasses.replace(params, seed=params.seed + 1000 + i), loaded.preprocess, 240)
+             for i in range(2)]
+    queries = text_embeddings(loaded.model, draws[0].queries, loaded.tokenizer)
+    return loaded, draws, queries
+
+
+def test_evaluate_on_draws_is_the_mean_over_draws(world):
+    loaded, draws, q = world
+    captions = [_caption_embeddings(loaded, d) for d in draws]
+    heads = {(1, 0): 0.0, (2, 1): 0.5}
+    averaged = evaluate_on_draws(loaded.model, draws, heads, None, q, q, 20, caption_embs=captions)
+    single = [evaluate_head_set(loaded.model, d, heads, None, q, q, 20, caption_emb=c) for d, c in zip(draws, captions)]
+    assert set(averaged) == {"max_skew", "accuracy", "recall"}
+    for key in averaged:
+        assert averaged[key] == pytest.approx((single[0][key] + single[1][key]) / 2, abs=1e-12)
+    assert single[0] != single[1]  # the draws differ, so the average is not one of them
+
+
+def test_caption_recall_merges_a_worlds_repeated_captions(world):
+    loaded, draws, _ = world
+    probe = draws[0]
+    captions = _caption_embeddings(loaded, probe)
+    with torch.no_grad():
+        images = torch.nn.functional.normalize(loaded.model.encode_image(probe.images), dim=-1)
+    merged = caption_recall(images, captions, probe.captions, k=5)
+    # reference: one query per distinct caption; hit if any image carrying that caption is in its top 5
+    distinct = sorted(set(probe.captions))
+    hits = 0
+    for text in distinct:
+        rows = [i for i, c in enumerate(probe.captions) if c == text]
+        top = (captions[rows[0]] @ images.T).topk(5).indices.tolist()
+        hits += any(i in rows for i in top)
+    assert merged == pytest.approx(hits / len(distinct))
+    with pytest.raises(DataError, match="captions; give one per image"):
+        dataclasses.replace(probe, captions=probe.captions[:-1])
+
+
+def test_within_budget():
+    before = {"accuracy": 0.90, "recall": 0.80}
+    assert within_budget(before, {"accuracy": 0.89, "recall": 0.79}, 0.02, 0.02)
+    assert not within_budget(before, {"accuracy": 0.87, "recall": 0.80}, 0.02, 0.02)
+    assert not within_budget(before, {"accuracy": 0.90, "recall": 0.70}, 0.02, 0.02)
+    assert within_budget({}, {}, 0.0, 0.0)  # nothing measured: nothing to exceed
+
+
+def test_greedy_neurons_steps_match_a_plain_recomputation(world, tmp_path):
+    loaded, draws, q = world
+    train = images_to_tensor(generate(world_params_of(loaded), "train", 512).images, loaded.preprocess)
+    cache = S.build_cache(loaded.model, S.Site("vision", "embedding"), train.split(256), str(tmp_path / "c"), seed=0)
+    sae, _ = S.train_sae(cache, S.SAEConfig(d_in=cache.d, expansion=8, kind="batchtopk", k=4, site="embedding",
+                                            matryoshka=(2, 8, 32)), S.TrainOptions(steps=200, batch_size=256, seed=0))
+    sae.eval()
+    with torch.no_grad():
+        embs = [loaded.model.encode_image(d.images) for d in draws]
+    options = NeuronStageOptions(max_neurons=4)
+    targets = NeuronTargets(max_bias_ratio=0.01, max_accuracy_drop=0.05, k=8)
+    chosen, before, after, steps = greedy_neurons(sae, list(range(sae.cfg.width)), embs, draws, q, q, targets,
+                                                  options)
+    assert chosen and len(chosen) == len(steps) <= options.max_neurons
+    previous = before["max_skew"]
+    for i, step in enumerate(steps):  # every step strictly lowers bias, within the budget, as recomputed
+        fix = S.deactivation(sae, chosen[:i + 1], options.alpha, options.form)
+        with torch.no_grad():
+            figures = [_figures(fix(e), d, q, q, targets.k) for e, d in zip(embs, draws)]
+        assert step["max_skew"] == pytest.approx(sum(f["max_skew"] for f in figures) / 2, abs=1e-12)
+        assert step["max_skew"] < previous
+        assert before["accuracy"] - step["accuracy"] <= targets.max_accuracy_drop
+        previous = step["max_skew"]
+    assert after["max_skew"] == steps[-1]["max_skew"]
+    # a target already met: nothing is chosen
+    met = greedy_neurons(sae, [0, 1], embs, draws, q, q, NeuronTargets(max_bias_ratio=1.0, k=8), options)
+    assert met[0] == [] and met[2] == met[1]
+
+
+def test_report_targets_line():
+    before = {"bias": {"group": {"max_skew": 0.6}}, "zero_shot_accuracy": 0.95, "retrieval": {"t2i@5": 0.70}}
+    good = {"bias": {"group": {"max_skew": 0.29}}, "zero_shot_accuracy": 0.94, "retrieval": {"t2i@5": 0.69}}
+    line = report_targets({"before": before, "after": good}, DebiasOptions())
+    assert line.startswith("targets on the report's images (met)") and "ratio 0.48" in line
+    unmeasured = report_targets({"before": {"bias": before["bias"]}, "after": {"bias": good["bias"]}}, DebiasOptions())
+    assert "accuracy not measured" in unmeasured and "recall not measured" in unmeasured
+    bad = {**good, "retrieval": {"t2i@5": 0.60}}
+    line = report_targets({"before": before, "after": bad}, DebiasOptions())
+    assert "(NOT met)" in line and "Recall@5 drop 10.0 points" in line
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"max_bias_ratio": 0.0}, "--max-bias-ratio must be in"),
+    ({"max_recall_drop": 1.5}, "--max-recall-drop must be between 0 and 100 points, got 150"),
+    ({"max_accuracy_drop": -0.01}, "--max-accuracy-drop must be between 0 and 100 points"),
+])
+def test_debias_options_refuse_out_of_range_budgets(kwargs, message):
+    from surgery.errors import SurgeryError
+
+    with pytest.raises(SurgeryError, match=message):
+        DebiasOptions(**kwargs)
