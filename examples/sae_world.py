@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [("original", None, None, base)]
     if args.select == "greedy":  # selection draws: other seeds of the world than the search/eval images
         from surgery.audit.probe import world_probe_set
-        from surgery.debias.neurons import NeuronStageOptions, NeuronTargets, greedy_neurons
+        from surgery.debias.budget import Budget
+        from surgery.debias.neurons import NeuronStageOptions, greedy_neurons
 
         draws = [world_probe_set(dataclasses.replace(params, seed=params.seed + 1000 + i), pre, args.n_search)
                  for i in range(8)]
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             ids = report.selected_ids
             if args.select == "greedy":
                 ids = greedy_neurons(sae, ids, draw_embs, draws, queries, queries,
-                                     NeuronTargets(max_bias_ratio=0.45, max_accuracy_drop=0.015, k=50),
+                                     Budget(max_bias_ratio=0.45, max_accuracy_drop=0.015), 50,
                                      NeuronStageOptions(alpha=alpha, form=form))[0]  # debias's margins
             chosen_ids[f"{form} a={alpha}"] = ids
             print(f"  {form} a={alpha}: deactivating {len(ids)} latents {ids}")

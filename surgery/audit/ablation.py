@@ -22,8 +22,8 @@ from torch import nn
 
 from surgery import metrics
 from surgery.audit.decompose import final_linear_parts, pooled_embedding, pooled_forward, tower_inputs
-from surgery.audit.probe import ProbeSet, caption_recall
-from surgery.model.attention import HeadMaskedAttention, head_masked
+from surgery.audit.probe import ProbeSet, edit_figures
+from surgery.model.attention import HeadMaskedAttention, clear_head_edits, head_masked, set_head_edits
 from surgery.model.towers import TowerView, get_towers
 
 ABLATIONS = ("mean", "zero")
@@ -219,7 +219,7 @@ def gradient_scores(model: nn.Module, probe: ProbeSet, query_emb: torch.Tensor, 
     scores (Q, N) and dS/dscores without a graph (pass ``scores`` if already computed, e.g. by
     the decomposition pass), then one forward and backward per batch of ``sum(dS/ds * s)`` to the
     head scales alone: weights are frozen (no weight gradient), the input needs none, and the last
-    block runs for the class token only (:func:`surgery.decompose.pooled_forward`).
+    block runs for the class token only (:func:`surgery.audit.decompose.pooled_forward`).
     """
     if scores is None:
         scores = pooled_scores(model, probe, query_emb, batch_size, backend)
@@ -288,26 +288,15 @@ def evaluate_head_set(model: nn.Module, probe: ProbeSet, heads, means: torch.Ten
     """
     view = get_towers(model)["vision"]
     device = next(model.parameters()).device
-    scales = heads if isinstance(heads, dict) else {tuple(h): 0.0 for h in heads}
+    kept = heads if isinstance(heads, dict) else {tuple(h): 0.0 for h in heads}
+    scales = torch.ones(view.n_layers, view.n_heads, device=device)  # (L, H)
+    for (layer, head), value in kept.items():
+        scales[layer, head] = value
     with head_masked(model, towers=("vision",), backend=backend):
-        for layer, block in enumerate(view.blocks):
-            scale = torch.ones(view.n_heads, device=device)
-            for (l, h), value in scales.items():
-                if l == layer:
-                    scale[h] = value
-            edited = bool((scale != 1).any())
-            block.attn.set_head_mask(scale if edited else None)
-            block.attn.set_head_fill(means[layer].to(device) if (edited and means is not None) else None)
+        set_head_edits(model, "vision", scales, means.to(device) if means is not None else None)
         try:
-            emb = torch.cat([normalized_image_embeddings(model, view, imgs.to(device), post).cpu() for imgs, _ in probe.batches(batch_size)])
+            emb = torch.cat([normalized_image_embeddings(model, view, imgs.to(device), post).cpu()
+                             for imgs, _ in probe.batches(batch_size)])  # (N, D)
         finally:
-            for block in view.blocks:
-                block.attn.set_head_mask(None)
-                block.attn.set_head_fill(None)
-    out = {"max_skew": float(metrics.max_skew_at_k(query_emb @ emb.T, probe.groups, k, len(probe.group_names)).mean())}
-    if class_emb is not None:
-        out["accuracy"] = float(((class_emb @ emb.T).argmax(0) == probe.concepts).double().mean())
-    if caption_emb is not None:
-
-        out["recall"] = caption_recall(emb, caption_emb, probe.captions)
-    return out
+            clear_head_edits(model, "vision")
+    return edit_figures(emb, probe, query_emb, class_emb, k, caption_emb)

@@ -3,7 +3,7 @@
 A CAV set for one attribute with groups ``g = 0..G-1`` holds per-group *prototypes* ``p_g`` (D,) and
 *directions* ``v_g = p_g - (1/G) sum_g' p_g'`` (D,): each group's prototype minus the unweighted
 mean over groups, so the directions sum to 0 and span a (G-1)-dimensional subspace. Directions are
-not rescaled (use :meth:`CAVs.unit_directions`); the scores in :mod:`surgery.head_scores` use only
+not rescaled (use :meth:`CAVs.unit_directions`); the scores in :mod:`surgery.audit.head_scores` use only
 the subspace (:meth:`CAVs.basis`), so they do not depend on the scale.
 
 * Zero-shot (seed 000): ``p_g = normalise(mean_i normalise(embed(prompt_{g,i})))`` — the normalised
@@ -57,7 +57,6 @@ class CAVError(SurgeryError, ValueError):
 @dataclass
 class CAVs:
     """Concept directions for one attribute (see the module docstring for the math)."""
-
     attribute: str  # e.g. "gender"; "" when unnamed
     groups: tuple[str, ...]  # group names; label id g means groups[g]
     prototypes: torch.Tensor  # (G, D) per-group prototype p_g
@@ -279,7 +278,7 @@ def world_prompt_set(params: Any) -> PromptSet:
     prompts naming the group word (``params.group_word(g)``, e.g. "a photo of something red")."""
     names = getattr(params, "groups", None)
     if not names or not hasattr(params, "group_word"):
-        raise CAVError("world_prompt_set needs surgery.world.WorldParams (with groups and group_word)")
+        raise CAVError("world_prompt_set needs surgery.world.params.WorldParams (with groups and group_word)")
     out: PromptSet = {}
     for g, name in enumerate(names):
         word = params.group_word(g)

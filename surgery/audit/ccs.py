@@ -98,7 +98,6 @@ class JudgeError(SurgeryError, ValueError):
 @dataclass(frozen=True)
 class CCSBins:
     """Cut points of the CCS levels (absolute counts; defaults for 5 descriptions)."""
-
     high: int = 5  # score >= high -> "high"
     moderate: int = 3  # moderate <= score < high -> "moderate"; below -> "low"
 
@@ -120,7 +119,6 @@ def ccs_level(score: int, bins: CCSBins | None = None) -> str:
 @dataclass
 class CCSVerdict:
     """A judge's verdict on one head's descriptions."""
-
     label: str  # the head's dominant concept
     descriptions: list[str]  # the descriptions judged, in order
     matches: list[bool]  # per description: does it match the label?
@@ -169,7 +167,6 @@ def _check_descriptions(descriptions: Sequence[str]) -> list[str]:
 @dataclass
 class EmbeddingJudge:
     """Embedding-based judge (see the module docstring for the label and match rules)."""
-
     embed_texts: EmbedTexts  # list[str] -> (n, D) text embeddings of the CLIP being audited
     # label -> phrases, or a list of plain labels (each its own phrase); default: DEFAULT_LABELS
     label_vocabulary: Mapping[str, Sequence[str]] | Sequence[str] = field(default_factory=lambda: dict(DEFAULT_LABELS))
@@ -249,7 +246,6 @@ SYSTEM_PROMPT = (
 @dataclass
 class HttpJudge:
     """LLM judge behind an OpenAI-compatible ``/chat/completions`` endpoint (one request per head)."""
-
     url: str  # http(s) endpoint; "/chat/completions" is appended unless the path already ends with it
     model: str  # model name sent in the request
     api_key_env: str | None = "OPENAI_API_KEY"  # env var holding the key (Bearer); unset or None: no header

@@ -1,12 +1,12 @@
 """Per-head bias scores over decomposed contributions, and rank helpers.
 
 Input convention: ``contrib`` (N, L, H, D) holds, for N probe images, the direct contribution of
-every (layer, head) to the image embedding in the joint space (:mod:`surgery.decompose`; with the
+every (layer, head) to the image embedding in the joint space (:mod:`surgery.audit.decompose`; with the
 MLP, bias and embedding terms they sum to the embedding). ``labels`` (N,) are group ids 0..G-1.
 Every score is an (L, H) float32 tensor, "higher = more group information in the head".
 
 (a) :func:`cav_separation` — project each head's contribution onto the CAV subspace
-    (:meth:`surgery.cav.CAVs.basis`, ``k`` = G - 1 orthonormal columns) and measure how far apart the
+    (:meth:`surgery.audit.cav.CAVs.basis`, ``k`` = G - 1 orthonormal columns) and measure how far apart the
     groups are:
     * 2 groups (``measure="auto"`` or ``"cohens_d"``): Cohen's d of the 1-D projection ``x`` on the
       unit direction from group 0's prototype to group 1's:

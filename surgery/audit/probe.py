@@ -10,6 +10,7 @@ from typing import Iterator
 
 import torch
 
+from surgery import metrics
 from surgery.errors import DataError
 from surgery.eval.evaluate import PROTECTED_COLUMNS
 from surgery.io.captions import load_captions
@@ -30,7 +31,7 @@ class FolderImages:
     """
 
     def __init__(self, dataset):
-        self.dataset = dataset  # surgery.datasets.ImageFolderDataset (header-scanned)
+        self.dataset = dataset  # surgery.io.images.ImageFolderDataset (header-scanned)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -91,9 +92,26 @@ def caption_recall(image_emb: torch.Tensor, caption_emb: torch.Tensor, captions:
     return retrieval_recall(caption_emb, image_emb, owners, (k,), text_keys=keys)[f"t2i@{k}"]
 
 
+def edit_figures(emb: torch.Tensor, probe: ProbeSet, query_emb: torch.Tensor, class_emb: torch.Tensor | None,
+                 k: int, caption_emb: torch.Tensor | None = None) -> dict:
+    """The figures every edit is judged by, on a probe set's images.
+
+    ``emb (N, D)``: the (possibly edited) L2-normalised image embeddings of ``probe``'s images;
+    ``query_emb (Q, D)`` neutral queries, ``class_emb (C, D)`` class prompts (or None),
+    ``caption_emb (N, D)`` each image's caption (or None). Returns ``max_skew`` (mean MaxSkew@K
+    over the queries), ``accuracy`` (zero-shot concept accuracy, when classes and concepts are
+    known) and ``recall`` (text->image hit@5 of the captions, see :func:`caption_recall`).
+    """
+    out = {"max_skew": float(metrics.max_skew_at_k(query_emb @ emb.T, probe.groups, k, len(probe.group_names)).mean())}
+    if class_emb is not None and probe.concepts is not None:
+        out["accuracy"] = float(((class_emb @ emb.T).argmax(0) == probe.concepts).double().mean())
+    if caption_emb is not None:
+        out["recall"] = caption_recall(emb, caption_emb, probe.captions)
+    return out
+
+
 def world_probe_set(params, preprocess: dict, n: int = 1200) -> ProbeSet:
     """A balanced evaluation split of a planted-bias world as a probe set (the model's preprocessing)."""
-
     split = generate(params, "eval", n)
     return ProbeSet(
         images=images_to_tensor(split.images, preprocess),

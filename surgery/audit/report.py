@@ -31,7 +31,7 @@ def write_audit(out_dir: str, result, context: dict, text=None) -> list[str]:
     """Write every output of an audit; each file atomically. ``context``: model, probe, conventions.
 
     ``result``: the vision audit (:class:`surgery.audit.AuditResult`) or None; ``text``: the text
-    audit (:class:`surgery.audit_text.TextAuditResult`) or None. audit.json holds the vision
+    audit (:class:`surgery.audit.text.TextAuditResult`) or None. audit.json holds the vision
     results at the top level and the text ones under ``"text"``; plan.json holds both towers' edits.
     """
     if result is None and text is None:

@@ -10,8 +10,8 @@ noun phrase being the group's first prompt without a leading "a photo of" / "a p
 **Scores** per text (layer, head), side by side, all at the end-of-text token (higher = more bias):
 
 * (a) ``cav``: separation of the groups along the zero-shot CAVs by the head's direct contribution
-  (:mod:`surgery.decompose`) on the group-naming prompts: Cohen's d (2 groups) or eta-squared
-  (:mod:`surgery.head_scores`);
+  (:mod:`surgery.audit.decompose`) on the group-naming prompts: Cohen's d (2 groups) or eta-squared
+  (:mod:`surgery.audit.head_scores`);
 * (b) ``group_acc``: group accuracy of the group-naming prompts from the head's contribution alone,
   against the groups' zero-shot prototypes (cosine argmax, not centred, as for the vision tower);
 * (c) ``ablation``: bias removed (baseline minus ablated) by mean-ablating the head in the text tower,
@@ -31,14 +31,14 @@ noun phrase being the group's first prompt without a leading "a photo of" / "a p
   entering layer ``l`` and ablates all heads of the layer in one stacked pass.
 * (d) ``gradient``: ``dB/ds_h`` at ``s = 1`` for every text head from one backward pass (``s_h`` the
   head's scale along the mean-ablation direction ``z_h - mean_h``; with images B is the soft top-K
-  MaxSkew surrogate :func:`surgery.ablation.soft_max_skew`, without images T itself), the
+  MaxSkew surrogate :func:`surgery.audit.ablation.soft_max_skew`, without images T itself), the
   first-order estimate of (c); the Spearman correlation of (d) with (c) is reported.
 
 Head means (mean ablation, plan ``mean``): each head's output ``z_h`` averaged over the real tokens
 (start to end-of-text) of every prompt of the probe.
 
 **Supervised CAVs** (:func:`supervised_image_cavs`, :func:`supervised_vision_scores`): with labelled
-images, class means of the normalised image embeddings (:func:`surgery.cav.supervised_cavs`); the
+images, class means of the normalised image embeddings (:func:`surgery.audit.cav.supervised_cavs`); the
 (a) and (b) scores are repeated along them (``cav_supervised``, ``group_acc_supervised``) for the
 vision heads, and for the text heads when the prompt groups carry the label values' names.
 """

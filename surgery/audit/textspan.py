@@ -1,7 +1,7 @@
 """TextSpan (Gandelsman et al., ICLR 2024): describe one head by the texts that span its output.
 
 Inputs, for one head: ``C`` (K, D), its direct contributions to the joint embedding over K probe
-images (rows of :attr:`surgery.decompose.Decomposition.heads`), and ``R`` (M, D), text embeddings of
+images (rows of :attr:`surgery.audit.decompose.Decomposition.heads`), and ``R`` (M, D), text embeddings of
 a pool of M descriptions. The procedure (the reference implementation's, clip_text_span):
 
 1. ``V`` (r, D): the top ``r = n_components`` right singular vectors of C. By default of the raw,
@@ -60,7 +60,6 @@ class TextSpanError(SurgeryError, ValueError):
 @dataclass(frozen=True)
 class TextSpanOptions:
     """How TextSpan runs (defaults: the reference implementation, seed 002's 5 descriptions)."""
-
     n_components: int = 80  # rank of the head's output span the texts are projected onto (>= 1; clipped to min(K, D))
     iterations: int = 5  # descriptions to pick (>= 1); seed 002 uses 5, the reference 10
     normalize_texts: bool = True  # L2-normalise text embeddings before projecting (reference: yes)
@@ -89,7 +88,6 @@ class TextSpanOptions:
 @dataclass
 class TextSpanResult:
     """The descriptions TextSpan picked for one head, in order."""
-
     texts: list[str]  # chosen descriptions, first = most variance
     indices: list[int]  # their rows in the text pool
     variance_explained: list[float]  # per step: fraction of the head's centred variance removed

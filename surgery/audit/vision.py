@@ -4,7 +4,7 @@ Per (layer, head), side by side:
 
 * (a) ``cav``: separation of the protected groups along zero-shot concept directions (CAVs from
   group prompts) by the head's direct contribution alone (Cohen's d for two groups, eta-squared
-  over the CAV subspace for more: :mod:`surgery.head_scores`);
+  over the CAV subspace for more: :mod:`surgery.audit.head_scores`);
 * (b) ``group_acc``: zero-shot group accuracy from the head's contribution alone;
 * (c) ``ablation``: the causal effect of mean-ablating the head on mean MaxSkew@K of the neutral
   queries (baseline minus ablated) and on zero-shot concept accuracy;
@@ -103,8 +103,8 @@ def projections(model: nn.Module, probe: ProbeSet, directions: torch.Tensor, bat
     mean output over images and tokens (L, H, d), for mean ablation.
 
     Only the class token's head outputs are projected (never every token's), straight onto the
-    directions: ``c . u = (gamma * centre(W_O z)) / sigma . (P u)`` (:mod:`surgery.decompose`),
-    and the last block runs for the class token only (:func:`surgery.decompose.pooled_forward`).
+    directions: ``c . u = (gamma * centre(W_O z)) / sigma . (P u)`` (:mod:`surgery.audit.decompose`),
+    and the last block runs for the class token only (:func:`surgery.audit.decompose.pooled_forward`).
     """
     view = get_towers(model)["vision"]
     device = next(model.parameters()).device
@@ -197,7 +197,7 @@ def audit_vision(model: nn.Module, probe: ProbeSet, tokenizer: dict, options: Au
     ).validate()
     result = AuditResult(scores=scores, accuracy_drop=accuracy_drop, cheap_rank=ranked, baseline=baseline,
                          spearman_gradient_vs_ablation=spearman_dc, means=means, plan=plan, timings=timings)
-    if kept is not None and opt.textspan_iterations > 0 and _has_textspan():
+    if kept is not None and opt.textspan_iterations > 0:
         start = time.perf_counter()
         _describe_heads(result, kept, view.n_layers - keep_layers, embed, extra_descriptions or [], opt)
         timings["textspan_ccs"] = time.perf_counter() - start
@@ -213,20 +213,9 @@ def _baseline_from_scores(scores: torch.Tensor, n_queries: int, probe: ProbeSet,
     return out
 
 
-def _has_textspan() -> bool:
-    try:
-        import surgery.audit.ccs
-        import surgery.audit.textspan
-    except ImportError:
-        log.warning("TextSpan/CCS modules not available; head descriptions skipped")
-        return False
-    return True
-
-
 def _describe_heads(result: AuditResult, kept: torch.Tensor, first_layer: int, embed, extra: list[str],
                     opt: AuditOptions) -> None:
     """Bias-augmented TextSpan descriptions and CCS for the heads whose contributions were kept."""
-
     pool = list(dict.fromkeys(load_pool("bias_augmented") + extra))
     pool_emb = embed(pool)  # (M, D)
     judge = EmbeddingJudge(embed_texts=embed)

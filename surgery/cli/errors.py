@@ -10,7 +10,6 @@ from surgery.errors import SurgeryError
 
 def user_errors(fn):
     """Turn library errors into click errors: one line, non-zero exit, no traceback."""
-
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:

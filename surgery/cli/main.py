@@ -26,6 +26,7 @@ from surgery.audit.text import (
 )
 from surgery.audit.vision import AuditOptions, audit_vision
 from surgery.cli.errors import user_errors
+from surgery.debias.budget import Budget
 from surgery.debias.pipeline import DebiasOptions, run_debias
 from surgery.edit.bake import bake as bake_plan
 from surgery.edit.plan import SurgeryPlan
@@ -74,7 +75,6 @@ def inspect(model: str, arch: str | None, pretrained: str | None, as_json: bool)
 
 # ---------------------------------------------------------------------------------- bake/export
 def _export(loaded, out, plan, tower, precision, normalize, opset, force, graph="auto"):
-
     if out.endswith(".safetensors"):
         export_safetensors(loaded, out, plan, force=force)
         click.echo(f"wrote {out}")
@@ -112,7 +112,6 @@ def _export_options(f):
 @_user_errors
 def bake(model, plan_path, out, tower, precision, normalize, opset, graph, force, arch):
     """Bake PLAN's head edits into MODEL's weights and write OUT (.safetensors or .onnx)."""
-
     plan = SurgeryPlan.load(plan_path)
     loaded = load(model, arch=arch)
     plan.check_fits(loaded.model, loaded.sha256, force=force)
@@ -129,7 +128,6 @@ def bake(model, plan_path, out, tower, precision, normalize, opset, graph, force
 @_user_errors
 def export(model, out, tower, precision, normalize, opset, graph, force, arch):
     """Export MODEL (any checkpoint, or a patched .safetensors) as .safetensors or .onnx."""
-
     loaded = load(model, arch=arch)
     plan = SurgeryPlan.from_dict(loaded.metadata["plan"]) if loaded.metadata.get("plan") else None
     _export(loaded, out, plan, tower, precision, normalize, opset, force, graph)
@@ -158,7 +156,6 @@ def export(model, out, tower, precision, normalize, opset, graph, force, arch):
 def audit(model, images_dir, labels_path, tower, attributes, prompts_path, top_k, k, n_probe, ablation, no_sweep,
           batch_size, out_dir):
     """Locate bias in single attention heads; write audit.json, heatmaps, report.md and plan.json."""
-
     if (images_dir is None) != (labels_path is None):
         raise click.UsageError("--images and --labels go together")
     attribute = attributes.split(",")[0] if attributes else None
@@ -246,7 +243,6 @@ def audit(model, images_dir, labels_path, tower, attributes, prompts_path, top_k
 def debias(model_in, out, images_dir, labels_path, attributes, max_bias_ratio, max_accuracy_drop, max_recall_drop,
            max_heads, k, n_probe, selection_draws, holdout, tower, heads_only, neurons_only, force):
     """Audit IN, choose head edits, bake them, export OUT (.onnx or .safetensors), and compare."""
-
     if not out.endswith((".onnx", ".safetensors")):
         raise click.UsageError(f"output {out} must end in .onnx or .safetensors")
     if (images_dir is None) != (labels_path is None):
@@ -256,8 +252,9 @@ def debias(model_in, out, images_dir, labels_path, attributes, max_bias_ratio, m
     if holdout is not None and images_dir is None:
         raise click.UsageError("--holdout applies to --images probes only (a world model's report is on its own "
                                "eval split)")
-    options = DebiasOptions(max_bias_ratio=max_bias_ratio, max_accuracy_drop=max_accuracy_drop / 100.0,
-                            max_recall_drop=max_recall_drop / 100.0, max_heads=max_heads, k=k, n_probe=n_probe,
+    budget = Budget(max_bias_ratio=max_bias_ratio, max_accuracy_drop=max_accuracy_drop / 100.0,
+                    max_recall_drop=max_recall_drop / 100.0)
+    options = DebiasOptions(budget=budget, max_heads=max_heads, k=k, n_probe=n_probe,
                             selection_draws=selection_draws, holdout=0.5 if holdout is None else holdout,
                             tower=tower, force=force,
                             heads=not neurons_only, neurons=not heads_only)
@@ -305,7 +302,6 @@ def world() -> None:
 @_user_errors
 def world_generate(out_dir, split, n, like, seed, concepts, groups, attribute_kind, bias_strength, group_in_caption, force):
     """Write a split of a world: images/*.png, labels.csv, captions.csv, world.json."""
-
     base = WorldParams()
     if like:
 
@@ -384,7 +380,6 @@ class _Bar:
 @_user_errors
 def eval_cmd(model, out_dir, **kwargs):
     """Bias, zero-shot accuracy and retrieval of one MODEL on a labelled image set."""
-
     spec, options = _spec_and_options(out_dir=out_dir, **kwargs)
     report = evaluate(open_encoder(model), spec, options, _Bar([model]))
     rows = summary_rows(report, None, spec.conventions.k)
@@ -402,7 +397,6 @@ def eval_cmd(model, out_dir, **kwargs):
 @_user_errors
 def compare_cmd(before, after, out_dir, **kwargs):
     """Compare BEFORE and AFTER (checkpoints, patched safetensors or ONNX) on one labelled set."""
-
     spec, options = _spec_and_options(out_dir=out_dir, **kwargs)
     result = compare(open_encoder(before), open_encoder(after), spec, options, _Bar(["before", "after"]))
     write_report(out_dir, result)

@@ -1,6 +1,6 @@
 """``clipsurgery sae ...``: train SAEs and find social neurons (a thin click layer over surgery.sae).
 
-Registered in surgery/cli.py with ``main.add_command(sae)``.
+Registered in surgery/cli/main.py with ``main.add_command(sae)``.
 """
 from __future__ import annotations
 
@@ -39,13 +39,11 @@ def sae() -> None:
 
 
 def _image_batches(images_dir: str, transform, batch_size: int):
-
     dataset = ImageFolderDataset(images_dir, None, transform)
     return (images for images, _idx in dataset.batches(batch_size)), len(dataset)
 
 
 def _text_batches(texts_path: str, tokenizer: dict, batch_size: int):
-
     try:
         lines = [ln.strip() for ln in open(texts_path, encoding="utf-8")]
     except OSError as exc:

@@ -17,6 +17,7 @@ from torch import nn
 from surgery.audit.ablation import evaluate_head_set
 from surgery.audit.probe import ProbeSet
 from surgery.audit.vision import AuditResult
+from surgery.debias.budget import Budget
 from surgery.edit.plan import HeadEdit, SurgeryPlan
 
 log = logging.getLogger(__name__)
@@ -24,21 +25,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SearchOptions:
-    max_bias_ratio: float = 0.5  # target: MaxSkew after / before <= this
-    max_accuracy_drop: float = 0.02  # target: concept accuracy may drop by at most this (fraction)
-    max_recall_drop: float = 0.02  # target: text->image Recall@5 may drop by at most this (probes with captions)
+    budget: Budget = field(default_factory=Budget)  # the bias target and the accuracy / recall budgets
     max_heads: int = 8  # never edit more heads than this
     scales: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)  # kept fractions tried for each head (0 = removed)
     k: int = 50  # MaxSkew@K
     ablation: str = "mean"  # how edited heads are removed
-
-    def __post_init__(self) -> None:
-        if not 0 < self.max_bias_ratio <= 1:
-            raise ValueError(f"max_bias_ratio must be in (0, 1], got {self.max_bias_ratio}")
-        if not 0 <= self.max_accuracy_drop <= 1:
-            raise ValueError(f"max_accuracy_drop must be in [0, 1], got {self.max_accuracy_drop}")
-        if not 0 <= self.max_recall_drop <= 1:
-            raise ValueError(f"max_recall_drop must be in [0, 1], got {self.max_recall_drop}")
 
 
 @dataclass
@@ -66,12 +57,6 @@ def mean_figures(figures: list[dict]) -> dict:
     return {key: sum(f[key] for f in figures) / len(figures) for key in figures[0]}
 
 
-def within_budget(before: dict, trial: dict, max_accuracy_drop: float, max_recall_drop: float) -> bool:
-    """Concept accuracy and recall (where measured) dropped by no more than their budgets."""
-    return (before.get("accuracy", 0.0) - trial.get("accuracy", 0.0) <= max_accuracy_drop
-            and before.get("recall", 0.0) - trial.get("recall", 0.0) <= max_recall_drop)
-
-
 def search_heads(model: nn.Module, probe: ProbeSet | Sequence[ProbeSet], audit: AuditResult,
                  query_emb: torch.Tensor, class_emb: torch.Tensor | None, options: SearchOptions | None = None,
                  post=None, before: dict | None = None,
@@ -82,7 +67,7 @@ def search_heads(model: nn.Module, probe: ProbeSet | Sequence[ProbeSet], audit: 
     ``post``: an embedding-site edit already chosen (applied in every trial); ``before``: the
     unedited model's figures (targets are relative to them), measured here when not given;
     ``caption_embs``: per draw, its images' caption embeddings, to keep text->image recall within
-    ``max_recall_drop``.
+    the recall budget.
     """
     opt = options or SearchOptions()
     probes = [probe] if isinstance(probe, ProbeSet) else list(probe)
@@ -97,7 +82,7 @@ def search_heads(model: nn.Module, probe: ProbeSet | Sequence[ProbeSet], audit: 
     chosen: dict[tuple[int, int], float] = {}
     current = start
     steps = []
-    if current["max_skew"] <= opt.max_bias_ratio * before["max_skew"]:
+    if opt.budget.bias_met(before, current):
         return SearchResult(chosen, True, before, current, steps)
     for head in audit.cheap_rank:
         if len(chosen) >= opt.max_heads:
@@ -105,8 +90,7 @@ def search_heads(model: nn.Module, probe: ProbeSet | Sequence[ProbeSet], audit: 
         best = None
         for scale in opt.scales:  # the strongest edit of this head that keeps accuracy within budget
             trial = evaluate({**chosen, head: scale}, post)
-            ok = trial["max_skew"] < current["max_skew"] and within_budget(before, trial, opt.max_accuracy_drop,
-                                                                            opt.max_recall_drop)
+            ok = trial["max_skew"] < current["max_skew"] and opt.budget.within(before, trial)
             steps.append({"head": list(head), "scale": scale, "max_skew": trial["max_skew"],
                           "accuracy": trial.get("accuracy"), "recall": trial.get("recall"), "within_budget": ok})
             if ok and (best is None or trial["max_skew"] < best[1]["max_skew"]):
@@ -114,7 +98,7 @@ def search_heads(model: nn.Module, probe: ProbeSet | Sequence[ProbeSet], audit: 
         if best is not None:
             chosen[head] = best[0]
             current = best[1]
-            if current["max_skew"] <= opt.max_bias_ratio * before["max_skew"]:
+            if opt.budget.bias_met(before, current):
                 return SearchResult(chosen, True, before, current, steps)
     return SearchResult(chosen, False, before, current, steps)
 
@@ -128,8 +112,7 @@ def plan_from_search(search: SearchResult, audit: AuditResult, source: dict, opt
                for (l, h), scale in search.heads.items()],
         provenance={
             "method": "clipsurgery debias: greedy over the audit's cheap-score ranking, confirmed by forward passes",
-            "targets": {"max_bias_ratio": options.max_bias_ratio, "max_accuracy_drop": options.max_accuracy_drop,
-                        "max_recall_drop": options.max_recall_drop},
+            "targets": options.budget.to_dict(),
             "met_on_selection_probe": search.met, "before": search.before, "after": search.after,
             "search": search.steps,
         },

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgery import metrics
 from surgery import sae as S
-from surgery.audit.probe import ProbeSet, caption_recall
-from surgery.debias.heads import mean_figures, within_budget
+from surgery.audit.probe import ProbeSet, edit_figures
+from surgery.debias.budget import Budget
+from surgery.debias.heads import mean_figures
 from surgery.edit.plan import NeuronEdit
 
 
@@ -42,53 +42,36 @@ class NeuronStageOptions:
     alpha: float = 0.6  # deactivation strength
     form: str = "paper"  # "paper" | "error_preserving"
     seed: int = 0
-
-
-@dataclass
-class NeuronTargets:
-    max_bias_ratio: float = 0.5  # stop once mean MaxSkew@K after / before <= this
-    max_accuracy_drop: float = 0.02  # concept accuracy may drop by at most this (fraction)
-    max_recall_drop: float = 0.02  # text->image Recall@5 may drop by at most this (probes with captions)
-    k: int = 50  # MaxSkew@K
-
-
-def _figures(emb: torch.Tensor, probe: ProbeSet, query_emb: torch.Tensor, class_emb: torch.Tensor | None,
-             k: int, caption_emb: torch.Tensor | None = None) -> dict:
-    """Mean MaxSkew@K, concept accuracy and caption recall of (unnormalised) embeddings (n, D)."""
-    e = F.normalize(emb, dim=-1)
-    out = {"max_skew": float(metrics.max_skew_at_k(query_emb @ e.T, probe.groups, k, len(probe.group_names)).mean())}
-    if class_emb is not None and probe.concepts is not None:
-        out["accuracy"] = float(((class_emb @ e.T).argmax(0) == probe.concepts).double().mean())
-    if caption_emb is not None:
-        out["recall"] = caption_recall(e, caption_emb, probe.captions)
-    return out
+    batch_size_embed: int = 256  # images per forward pass when embedding the SAE's training and probe images
 
 
 def _figures_on_draws(embs: list[torch.Tensor], probes: list[ProbeSet], edit, query_emb: torch.Tensor,
                       class_emb: torch.Tensor | None, k: int, caption_embs: list | None = None) -> dict:
-    """``_figures`` averaged over independent probe draws, ``edit`` applied to each draw's embeddings."""
+    """:func:`edit_figures` averaged over independent probe draws, ``edit`` applied to each draw's
+    unnormalised embeddings (n_i, D)."""
     captions = caption_embs if caption_embs is not None else [None] * len(probes)
-    return mean_figures([_figures(edit(e), p, query_emb, class_emb, k, c) for e, p, c in zip(embs, probes, captions)])
+    return mean_figures([edit_figures(F.normalize(edit(e), dim=-1), p, query_emb, class_emb, k, c)
+                         for e, p, c in zip(embs, probes, captions)])
 
 
 @torch.no_grad()
 def greedy_neurons(sae, candidates: list[int], embs: list[torch.Tensor], probes: list[ProbeSet],
-                   query_emb: torch.Tensor, class_emb: torch.Tensor | None, targets: NeuronTargets,
+                   query_emb: torch.Tensor, class_emb: torch.Tensor | None, budget: Budget, k: int,
                    options: NeuronStageOptions, caption_embs: list | None = None):
     """Forward selection over ``candidates`` on the unedited embeddings ``embs`` ((n_i, D) per
-    probe draw; figures are averaged over the draws). Returns (chosen ids, before, after, steps)."""
-
-    before = _figures_on_draws(embs, probes, lambda e: e, query_emb, class_emb, targets.k, caption_embs)
+    probe draw; figures at MaxSkew@``k`` are averaged over the draws) until ``budget``'s bias target
+    is met. Returns (chosen ids, before, after, steps)."""
+    before = _figures_on_draws(embs, probes, lambda e: e, query_emb, class_emb, k, caption_embs)
     chosen: list[int] = []
     current, steps = before, []
-    while len(chosen) < options.max_neurons and current["max_skew"] > targets.max_bias_ratio * before["max_skew"]:
+    while len(chosen) < options.max_neurons and not budget.bias_met(before, current):
         best = None
         for latent in candidates:
             if latent in chosen:
                 continue
             fix = S.deactivation(sae, chosen + [latent], options.alpha, options.form)
-            trial = _figures_on_draws(embs, probes, fix, query_emb, class_emb, targets.k, caption_embs)
-            ok = within_budget(before, trial, targets.max_accuracy_drop, targets.max_recall_drop)
+            trial = _figures_on_draws(embs, probes, fix, query_emb, class_emb, k, caption_embs)
+            ok = budget.within(before, trial)
             if trial["max_skew"] < current["max_skew"] and ok and (
                     best is None or trial["max_skew"] < best[1]["max_skew"]):
                 best = (latent, trial)
@@ -101,19 +84,18 @@ def greedy_neurons(sae, candidates: list[int], embs: list[torch.Tensor], probes:
 
 
 def choose_neurons(model: nn.Module, train_images: torch.Tensor, probes: ProbeSet | list[ProbeSet], sae_dir: str,
-                   query_emb: torch.Tensor, class_emb: torch.Tensor | None, targets: NeuronTargets | None = None,
+                   query_emb: torch.Tensor, class_emb: torch.Tensor | None, budget: Budget | None = None, k: int = 50,
                    options: NeuronStageOptions | None = None, caption_embs: list | None = None
                    ) -> tuple[NeuronEdit | None, nn.Module | None, dict]:
     """Train and save the SAE in ``sae_dir``, pick social neurons on the labelled ``probes`` (one
     set or several independent draws); returns the plan edit, the deactivation module (h -> h' on
     the embedding) and a summary for the report. The edit and module are None when no candidate
     lowers bias within the accuracy and recall budgets."""
-
     opt = options or NeuronStageOptions()
-    tgt = targets or NeuronTargets()
+    budget = budget or Budget()
     site = S.Site("vision", "embedding")
     cache_dir = os.path.join(sae_dir, "cache")
-    cache = S.build_cache(model, site, train_images.split(256), cache_dir, seed=opt.seed)
+    cache = S.build_cache(model, site, train_images.split(opt.batch_size_embed), cache_dir, seed=opt.seed)
     cfg = S.SAEConfig(d_in=cache.d, expansion=opt.expansion, kind="batchtopk", k=opt.k, site="embedding",
                       tower="vision", dead_after=max(20 * opt.batch_size, 20_000), matryoshka=opt.matryoshka)
     sae, history = S.train_sae(cache, cfg, S.TrainOptions(steps=opt.steps, batch_size=opt.batch_size, seed=opt.seed))
@@ -125,14 +107,14 @@ def choose_neurons(model: nn.Module, train_images: torch.Tensor, probes: ProbeSe
     device = next(model.parameters()).device
     sae.eval()
     with torch.no_grad():
-        embs = [torch.cat([model.encode_image(x.to(device)).float().cpu() for x, _ in p.batches(256)])
+        embs = [torch.cat([model.encode_image(x.to(device)).float().cpu() for x, _ in p.batches(opt.batch_size_embed)])
                 for p in probes]  # (n_i, D) per draw
         latents = sae.encode(torch.cat(embs))  # (sum n_i, F)
     groups = torch.cat([p.groups for p in probes])
     report = S.find_neurons(latents, groups, probes[0].group_names, S.NeuronOptions(tau=opt.tau, top_n=opt.pool),
                             attribute=probes[0].attribute)
     candidates = report.selected_ids
-    ids, before, after, steps = greedy_neurons(sae, candidates, embs, probes, query_emb, class_emb, tgt, opt,
+    ids, before, after, steps = greedy_neurons(sae, candidates, embs, probes, query_emb, class_emb, budget, k, opt,
                                                caption_embs)
     summary = {"sae": {"nmse": metrics_.nmse, "explained_variance": metrics_.explained_variance, "l0": metrics_.l0,
                        "dead_fraction": metrics_.dead_fraction},

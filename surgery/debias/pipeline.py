@@ -1,4 +1,9 @@
-"""``clipsurgery debias``: audit -> choose edits -> plan -> bake -> export -> verify -> compare."""
+"""``clipsurgery debias``: audit -> choose edits -> plan -> bake -> export -> verify -> compare.
+
+:func:`run_debias` reads as its steps: check the outputs, open the model, build the probes (what
+the edits are chosen on, and the report's images), embed the prompts, audit the heads, choose
+social neurons, choose head edits, write the plan, bake and export, compare before / after.
+"""
 from __future__ import annotations
 
 import copy
@@ -6,29 +11,31 @@ import dataclasses
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from surgery.audit.probe import folder_probe_set, world_probe_set
-from surgery.audit.vision import AuditOptions, audit_vision
-from surgery.debias.heads import SearchOptions, plan_from_search, search_heads
-from surgery.debias.neurons import NeuronTargets, choose_neurons
+from surgery.audit.probe import ProbeSet, folder_probe_set, world_probe_set
+from surgery.audit.vision import AuditOptions, AuditResult, audit_vision
+from surgery.debias.budget import POINTS_TOLERANCE, Budget, bias_ratio
+from surgery.debias.heads import SearchOptions, SearchResult, plan_from_search, search_heads
+from surgery.debias.neurons import choose_neurons
 from surgery.edit.bake import bake
+from surgery.edit.plan import SurgeryPlan
 from surgery.errors import SurgeryError
 from surgery.eval.compare import Row, compare, format_table, write_report
 from surgery.eval.embedding import EmbedOptions
 from surgery.eval.encoders import TorchEncoder, open_encoder
-from surgery.eval.evaluate import PROTECTED_COLUMNS, spec_from_folder
+from surgery.eval.evaluate import PROTECTED_COLUMNS, EvalSpec, spec_from_folder
 from surgery.export.onnx import OnnxOptions, export_onnx
 from surgery.export.safetensors import export_safetensors
 from surgery.io.fs import check_output_path
 from surgery.io.labels import load_labels, split_label_table, write_labels_csv
 from surgery.io.onnx import onnx_paths
 from surgery.metrics.bias import BiasConventions
-from surgery.model.encode import text_embeddings
-from surgery.model.loading import load
+from surgery.model.encode import caption_embeddings, text_embeddings
+from surgery.model.loading import LoadedModel, load
 from surgery.model.preprocess import images_to_tensor
 from surgery.world.checkpoint import world_params_of
 from surgery.world.generator import CAPTIONS_CSV, WORLD_JSON, generate, split_dir, write_split
@@ -38,9 +45,7 @@ SELECTION_SEED_OFFSET = 1000  # the selection probe is another draw of the world
 
 @dataclass
 class DebiasOptions:
-    max_bias_ratio: float = 0.5  # target: mean MaxSkew@K after / before
-    max_accuracy_drop: float = 0.02  # target: concept accuracy drop (fraction)
-    max_recall_drop: float = 0.02  # target: text->image Recall@5 drop (fraction; probes with captions)
+    budget: Budget = field(default_factory=Budget)  # targets on the report's images: bias ratio, accuracy, recall
     max_heads: int = 8  # most heads edited
     k: int = 50  # MaxSkew@K
     n_probe: int = 1200  # world models: images per generated split
@@ -57,36 +62,234 @@ class DebiasOptions:
     # Folder probes: this fraction of the labelled images (of each group) is held out of the edit
     # search and used for the report only; 0 chooses and reports on the same images.
     holdout: float = 0.5
+    # World models: unlabelled train-split images the SAE trains on (enough for an x8 SAE on a
+    # 64-wide embedding to see every concept x group cell many times; 800 steps of 256 revisit them).
+    sae_images: int = 4000
+    # Probe images the ONNX parity gate checks beside its own inputs (real images, not noise).
+    parity_images: int = 64
 
     def __post_init__(self) -> None:
-        if not 0 < self.max_bias_ratio <= 1:
-            raise SurgeryError(f"--max-bias-ratio must be in (0, 1], got {self.max_bias_ratio}")
-        for name in ("max_accuracy_drop", "max_recall_drop"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise SurgeryError(f"--{name.replace('_', '-')} must be between 0 and 100 points, "
-                                   f"got {100 * getattr(self, name):g}")
         if not 0 <= self.holdout < 1:
             raise SurgeryError(f"--holdout must be at least 0 and below 1, got {self.holdout}")
+        if not (self.heads or self.neurons):
+            raise SurgeryError("nothing to do: --heads-only and --neurons-only exclude each other")
+
+    def selection_budget(self) -> Budget:
+        """The budget the searches aim for on the selection probes (tightened by the margins)."""
+        return self.budget.tightened(self.selection_margin, self.selection_bias_margin)
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Every path a run writes, checked before any work starts."""
+
+    model: dict[str, str]  # {"vision"/"text": .onnx} or {"model": .safetensors}
+    plan: str  # <stem>.plan.json
+    report: str  # <stem>.report/
+    sae: str  # <stem>.sae/
+
+    @classmethod
+    def of(cls, out: str, tower: str) -> Outputs:
+        onnx = out.endswith(".onnx")
+        stem = out[: -len(".onnx")] if onnx else out[: -len(".safetensors")]
+        model = onnx_paths(out, tower) if onnx else {"model": out}
+        return cls(model, f"{stem}.plan.json", f"{stem}.report", f"{stem}.sae")
+
+    def check(self, model_in: str, force: bool) -> None:
+        for path in self.model.values():
+            check_output_path(path, inputs=(model_in,), force=force)
+        check_output_path(self.plan, force=force)
+
+
+@dataclass
+class Probes:
+    """What the edits are chosen on (``selection``: one folder probe or several world draws) and
+    the report's images (``eval_images``/``eval_labels``, checked as ``spec``)."""
+
+    selection: list[ProbeSet]
+    eval_images: str
+    eval_labels: str
+    sae_images: torch.Tensor | None  # (N, 3, H, W) unlabelled SAE training images; None: the probe's own
+    source: dict | None = None  # folder probes: recorded in the plan's provenance
+    spec: EvalSpec | None = None
+
+    @property
+    def first(self) -> ProbeSet:
+        return self.selection[0]
+
+
+@dataclass
+class Prompts:
+    """Normalised text embeddings the searches score with: neutral queries (Q, D), class prompts
+    (C, D) or None, and per selection draw each image's caption (N, D) or None."""
+
+    queries: torch.Tensor
+    classes: torch.Tensor | None
+    captions: list[torch.Tensor | None]
+
+
+Say = Callable[[str], None]
 
 
 def run_debias(model_in: str, out: str, options: DebiasOptions, *, images_dir: str | None = None,
-               labels_path: str | None = None, attribute: str | None = None,
-               progress: Callable[[str], None] | None = None) -> dict:
+               labels_path: str | None = None, attribute: str | None = None, progress: Say | None = None) -> dict:
+    """Debias ``model_in`` into ``out`` (.onnx or .safetensors); returns the table and summary lines."""
     say = progress or (lambda msg: None)
-    outputs = onnx_paths(out, options.tower) if out.endswith(".onnx") else {"model": out}
-    for path in outputs.values():
-        check_output_path(path, inputs=(model_in,), force=options.force)
-    stem = out[: -len(".onnx")] if out.endswith(".onnx") else out[: -len(".safetensors")]
-    plan_path, report_dir, sae_dir = f"{stem}.plan.json", f"{stem}.report", f"{stem}.sae"
-    check_output_path(plan_path, force=options.force)
-
+    outputs = Outputs.of(out, options.tower)
+    outputs.check(model_in, options.force)
     loaded = load(model_in)
     work = tempfile.mkdtemp(prefix="clipsurgery-debias-")
     try:
-        return _run(loaded, model_in, out, options, work, plan_path, report_dir, sae_dir, images_dir, labels_path,
-                    attribute, say)
+        probes = build_probes(loaded, model_in, options, work, images_dir, labels_path, attribute, say)
+        say("auditing heads (cheap scores a, b, d)")
+        audit = audit_vision(loaded.model, probes.first, loaded.tokenizer,
+                             AuditOptions(k=options.k, sweep=False, textspan_iterations=0))
+        prompts = embed_prompts(loaded, probes, say)
+        neuron_edit, post, neuron_summary = choose_neuron_edit(loaded, probes, prompts, options, outputs.sae, say)
+        search = choose_head_edits(loaded, probes, audit, prompts, options, post, neuron_summary, say)
+        plan = make_plan(loaded, search, audit, options, probes, neuron_edit, neuron_summary)
+        exported = bake_and_export(loaded, plan, out, probes, options, say)
+        plan.save(outputs.plan)
+        result = compare_before_after(loaded, out, probes, plan, outputs.report, work, say)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    return summarise(result, search, exported, outputs, plan, options)
+
+
+def build_probes(loaded: LoadedModel, model_in: str, options: DebiasOptions, work: str, images_dir: str | None,
+                 labels_path: str | None, attribute: str | None, say: Say) -> Probes:
+    """Folder probes (``--images``: a held-out part for the report) or draws of a world model's own world."""
+    params = world_params_of(loaded)
+    if images_dir:
+        eval_labels = selection_labels = labels_path
+        if options.holdout > 0:
+            selection_labels, eval_labels = split_folder_labels(images_dir, labels_path, attribute, options.holdout,
+                                                                os.path.join(work, "split"))
+            say(f"folder probe: choosing the edits on {1 - options.holdout:.0%} of the labelled images, reporting on "
+                f"the other {options.holdout:.0%} (--holdout)")
+        else:
+            say("warning: --holdout 0: the report is on the same images the edits were chosen on")
+        probe = folder_probe_set(images_dir, selection_labels, attribute, loaded.preprocess)
+        probes = Probes([probe], images_dir, eval_labels, None,
+                        source={"images": images_dir, "labels": labels_path, "holdout": options.holdout,
+                                "selection_images": len(probe)})
+    elif params is not None:
+        selection = [world_probe_set(dataclasses.replace(params, seed=params.seed + SELECTION_SEED_OFFSET + i),
+                                     loaded.preprocess, options.n_probe) for i in range(max(1, options.selection_draws))]
+        write_split(generate(params, "eval", options.n_probe), os.path.join(work, "eval"))
+        sae_images = images_to_tensor(generate(params, "train", options.sae_images).images, loaded.preprocess)
+        probes = Probes(selection, os.path.join(work, "eval", "images"), os.path.join(work, "eval", "labels.csv"),
+                        sae_images)
+        say(f"probing on {len(selection)} generated draws of the model's world (selection seeds "
+            f"{params.seed + SELECTION_SEED_OFFSET}+; report on its own eval split, {options.n_probe} images)")
+    else:
+        raise SurgeryError(f"vision surgery needs probe images: pass --images DIR --labels CSV "
+                           f"({model_in} carries no world to generate them from)")
+    # The report's images are checked (K, groups, labels) before anything is chosen or written.
+    probes.spec = spec_from_folder(probes.eval_images, probes.eval_labels, conventions=BiasConventions(k=options.k))
+    return probes
+
+
+def embed_prompts(loaded: LoadedModel, probes: Probes, say: Say) -> Prompts:
+    """The neutral queries, class prompts and captions of the selection probes, and which budgets they can check."""
+    probe = probes.first
+    prompts = Prompts(
+        queries=text_embeddings(loaded.model, probe.queries, loaded.tokenizer),
+        classes=text_embeddings(loaded.model, probe.class_prompts, loaded.tokenizer) if probe.class_prompts else None,
+        captions=[caption_embeddings(loaded.model, p.captions, loaded.tokenizer) if p.captions is not None else None
+                  for p in probes.selection])
+    if prompts.classes is None or probe.concepts is None:
+        say("warning: the probe has no concept labels, so the accuracy budget cannot be checked")
+    if all(c is None for c in prompts.captions):
+        say("warning: the probe has no captions, so the recall budget cannot be checked")
+    return prompts
+
+
+def choose_neuron_edit(loaded: LoadedModel, probes: Probes, prompts: Prompts, options: DebiasOptions, sae_dir: str,
+                       say: Say):
+    """(NeuronEdit | None, embedding-site module | None, summary | None): seed 001's social neurons."""
+    if not options.neurons:
+        return None, None, None
+    say("training an SAE on unlabelled vision embeddings and finding social neurons")
+    train = probes.sae_images if probes.sae_images is not None else probes.first.images[0:len(probes.first)]
+    edit, post, summary = choose_neurons(loaded.model, train, probes.selection, sae_dir, prompts.queries,
+                                         prompts.classes, options.selection_budget(), options.k,
+                                         caption_embs=prompts.captions)
+    if edit is None:
+        say("no social neuron lowered bias within the accuracy and recall budgets; continuing with heads only")
+        shutil.rmtree(sae_dir, ignore_errors=True)
+    return edit, post, summary
+
+
+def choose_head_edits(loaded: LoadedModel, probes: Probes, audit: AuditResult, prompts: Prompts,
+                      options: DebiasOptions, post, neuron_summary: dict | None, say: Say) -> SearchResult:
+    """Greedy head search on top of the chosen neurons (``post``), confirmed by forward passes."""
+    say("choosing head edits (confirmed by forward passes)")
+    unedited = neuron_summary["selection"]["before"] if neuron_summary else None  # the same draws, measured once
+    return search_heads(loaded.model, probes.selection, audit, prompts.queries, prompts.classes,
+                        _search_options(options), post=post, before=unedited, caption_embs=prompts.captions)
+
+
+def _search_options(options: DebiasOptions) -> SearchOptions:
+    return SearchOptions(budget=options.selection_budget(), max_heads=options.max_heads if options.heads else 0,
+                         k=options.k)
+
+
+def make_plan(loaded: LoadedModel, search: SearchResult, audit: AuditResult, options: DebiasOptions, probes: Probes,
+              neuron_edit, neuron_summary: dict | None) -> SurgeryPlan:
+    """The SurgeryPlan of the chosen edits, with how they were chosen; refuses an empty plan."""
+    plan = plan_from_search(search, audit, {"arch": loaded.arch, "sha256": loaded.sha256}, _search_options(options))
+    if probes.source is not None:
+        plan.provenance["probe"] = probes.source
+    if neuron_edit is not None:
+        plan.neurons = [neuron_edit]
+        plan.provenance["neurons"] = neuron_summary
+    plan.validate()
+    if not plan.heads and not plan.neurons:
+        raise SurgeryError("no edit lowered bias within the accuracy and recall budgets; raise --max-accuracy-drop "
+                           "or --max-recall-drop")
+    return plan
+
+
+def bake_and_export(loaded: LoadedModel, plan: SurgeryPlan, out: str, probes: Probes, options: DebiasOptions,
+                    say: Say) -> list[str]:
+    """Bake ``plan`` into a copy of the model and export it (ONNX parity-gated); returns what was written."""
+    patched = copy.copy(loaded)
+    patched.model = bake(copy.deepcopy(loaded.model), plan)
+    say(f"baked {len(plan.heads)} head edits and {sum(len(n.ids) for n in plan.neurons)} neuron deactivations; "
+        f"exporting {out}")
+    if not out.endswith(".onnx"):
+        export_safetensors(patched, out, plan, force=options.force)
+        return [out]
+    results = export_onnx(patched, out, plan, OnnxOptions(tower=options.tower, force=options.force),
+                          probe_images=probes.first.images[0:options.parity_images])
+    return [f"{r['path']} (ONNX Runtime vs PyTorch max abs error {r['max_abs_error']:.1e})" for r in results.values()]
+
+
+def compare_before_after(loaded: LoadedModel, out: str, probes: Probes, plan: SurgeryPlan, report_dir: str,
+                         work: str, say: Say) -> dict:
+    """The exported model against the original on the report's images; writes the report."""
+    say("comparing before / after")
+    result = compare(TorchEncoder(loaded), open_encoder(out), probes.spec,
+                     EmbedOptions(cache_dir=os.path.join(work, "cache")))
+    result["plan"] = plan.to_dict()
+    write_report(report_dir, result, title="clipsurgery debias")
+    return result
+
+
+def summarise(result: dict, search: SearchResult, exported: list[str], outputs: Outputs, plan: SurgeryPlan,
+              options: DebiasOptions) -> dict:
+    """The table and the lines the CLI prints."""
+    rows = [Row(r["metric"], r["before"], r["after"], r["better"]) for r in result["rows"]]
+    met = "met" if search.met else "NOT met"
+    selection = options.selection_budget()
+    lines = [*(f"wrote {p}" for p in exported), f"wrote {outputs.plan}", f"report: {outputs.report}/report.md",
+             *([f"SAE: {outputs.sae}/ (the plan's neuron edit refers to it)"] if plan.neurons else []),
+             f"targets on the selection probe ({met}): MaxSkew@{options.k} {search.before['max_skew']:.3f} -> "
+             f"{search.after['max_skew']:.3f} (ratio {bias_ratio(search.before['max_skew'], search.after['max_skew']):.2f} "
+             f"vs <= {selection.max_bias_ratio:g}, the target less a {options.selection_bias_margin:g} margin)",
+             report_targets(result, options)]
+    return {"table": format_table(rows), "lines": lines, "result": result, "search": search}
 
 
 def split_folder_labels(images_dir: str, labels_path: str, attribute: str | None, holdout: float,
@@ -97,7 +300,6 @@ def split_folder_labels(images_dir: str, labels_path: str, attribute: str | None
     go to the report. A world split's ``world.json`` and ``captions.csv`` are copied beside both,
     so the report still finds its concepts and captions.
     """
-
     table = load_labels(labels_path, images_dir)
     stratify = attribute if attribute in table.attributes else next(
         (c for c in PROTECTED_COLUMNS if c in table.attributes), None)
@@ -116,140 +318,24 @@ def split_folder_labels(images_dir: str, labels_path: str, attribute: str | None
     return paths
 
 
-def _caption_embeddings(loaded, probe) -> torch.Tensor | None:
-    """(N, D) normalised text embedding of each probe image's caption, or None without captions."""
-    if probe.captions is None:
-        return None
-    unique = sorted(set(probe.captions))
-    emb = text_embeddings(loaded.model, unique, loaded.tokenizer)  # (U, D)
-    index = {text: i for i, text in enumerate(unique)}
-    return emb[torch.tensor([index[t] for t in probe.captions])]
-
-
-def _run(loaded, model_in, out, options, work, plan_path, report_dir, sae_dir, images_dir, labels_path, attribute,
-         say) -> dict:
-    params = world_params_of(loaded)
-    if images_dir:
-        eval_images, eval_labels, selection_labels = images_dir, labels_path, labels_path
-        if options.holdout > 0:
-            selection_labels, eval_labels = split_folder_labels(images_dir, labels_path, attribute, options.holdout,
-                                                                os.path.join(work, "split"))
-            say(f"folder probe: choosing the edits on {1 - options.holdout:.0%} of the labelled images, reporting on "
-                f"the other {options.holdout:.0%} (--holdout)")
-        else:
-            say("warning: --holdout 0: the report is on the same images the edits were chosen on")
-        probe = folder_probe_set(images_dir, selection_labels, attribute, loaded.preprocess)
-        selection_probes = [probe]
-        sae_images = None  # the probe images themselves (labels unused for training)
-    elif params is not None:
-        selection_probes = [
-            world_probe_set(dataclasses.replace(params, seed=params.seed + SELECTION_SEED_OFFSET + i),
-                            loaded.preprocess, options.n_probe) for i in range(max(1, options.selection_draws))]
-        probe = selection_probes[0]
-        write_split(generate(params, "eval", options.n_probe), os.path.join(work, "eval"))
-        eval_images, eval_labels = os.path.join(work, "eval", "images"), os.path.join(work, "eval", "labels.csv")
-        sae_images = images_to_tensor(generate(params, "train", 4000).images, loaded.preprocess)
-        say(f"probing on {len(selection_probes)} generated draws of the model's world (selection seeds "
-            f"{params.seed + SELECTION_SEED_OFFSET}+; report on its own eval split, {options.n_probe} images)")
-    else:
-        raise SurgeryError(f"vision surgery needs probe images: pass --images DIR --labels CSV "
-                           f"({model_in} carries no world to generate them from)")
-
-    if not (options.heads or options.neurons):
-        raise SurgeryError("nothing to do: --heads-only and --neurons-only exclude each other")
-    # The report's images are checked (K, groups, labels) before anything is chosen or written.
-    spec = spec_from_folder(eval_images, eval_labels, conventions=BiasConventions(k=options.k))
-    say("auditing heads (cheap scores a, b, d)")
-    audit = audit_vision(loaded.model, probe, loaded.tokenizer,
-                         AuditOptions(k=options.k, sweep=False, textspan_iterations=0))
-    queries = text_embeddings(loaded.model, probe.queries, loaded.tokenizer)
-    classes = text_embeddings(loaded.model, probe.class_prompts, loaded.tokenizer) if probe.class_prompts else None
-    budget = max(0.0, options.max_accuracy_drop - options.selection_margin)
-    recall_budget = max(0.0, options.max_recall_drop - options.selection_margin)
-    selection_ratio = max(0.05, options.max_bias_ratio - options.selection_bias_margin)
-    search_opt = SearchOptions(max_bias_ratio=selection_ratio, max_accuracy_drop=budget,
-                               max_recall_drop=recall_budget, max_heads=options.max_heads if options.heads else 0,
-                               k=options.k)
-    caption_embs = [_caption_embeddings(loaded, p) for p in selection_probes]
-    if classes is None or probe.concepts is None:
-        say("warning: the probe has no concept labels, so the accuracy budget cannot be checked")
-    if all(c is None for c in caption_embs):
-        say("warning: the probe has no captions, so the recall budget cannot be checked")
-    neuron_edit, post, neuron_summary = None, None, None
-    if options.neurons:
-        say("training an SAE on unlabelled vision embeddings and finding social neurons")
-
-        train = sae_images if sae_images is not None else probe.images[0:len(probe)]
-        neuron_edit, post, neuron_summary = choose_neurons(
-            loaded.model, train, selection_probes, sae_dir, queries, classes,
-            NeuronTargets(max_bias_ratio=selection_ratio, max_accuracy_drop=budget,
-                          max_recall_drop=recall_budget, k=options.k), caption_embs=caption_embs)
-        if neuron_edit is None:
-            say("no social neuron lowered bias within the accuracy and recall budgets; continuing with heads only")
-            shutil.rmtree(sae_dir, ignore_errors=True)
-    say("choosing head edits (confirmed by forward passes)")
-    unedited = neuron_summary["selection"]["before"] if neuron_summary else None  # the same draws, measured once
-    search = search_heads(loaded.model, selection_probes, audit, queries, classes, search_opt, post=post,
-                          before=unedited, caption_embs=caption_embs)
-    plan = plan_from_search(search, audit, {"arch": loaded.arch, "sha256": loaded.sha256}, search_opt)
-    if images_dir:
-        plan.provenance["probe"] = {"images": images_dir, "labels": labels_path, "holdout": options.holdout,
-                                    "selection_images": len(probe)}
-    if neuron_edit is not None:
-        plan.neurons = [neuron_edit]
-        plan.provenance["neurons"] = neuron_summary
-    plan.validate()
-    if not plan.heads and not plan.neurons:
-        raise SurgeryError("no edit lowered bias within the accuracy and recall budgets; raise --max-accuracy-drop "
-                           "or --max-recall-drop")
-
-    patched = copy.copy(loaded)
-    patched.model = bake(copy.deepcopy(loaded.model), plan)
-    say(f"baked {len(plan.heads)} head edits and {sum(len(n.ids) for n in plan.neurons)} neuron deactivations; "
-        f"exporting {out}")
-    if out.endswith(".onnx"):
-        results = export_onnx(patched, out, plan, OnnxOptions(tower=options.tower, force=options.force),
-                              probe_images=probe.images[0:64])
-        exported = [f"{r['path']} (ONNX Runtime vs PyTorch max abs error {r['max_abs_error']:.1e})" for r in results.values()]
-    else:
-        export_safetensors(patched, out, plan, force=options.force)
-        exported = [out]
-    plan.save(plan_path)
-
-    say("comparing before / after")
-    after = open_encoder(out)
-    result = compare(TorchEncoder(loaded), after, spec, EmbedOptions(cache_dir=os.path.join(work, "cache")))
-    result["plan"] = plan.to_dict()
-    write_report(report_dir, result, title="clipsurgery debias")
-    rows = [Row(r["metric"], r["before"], r["after"], r["better"]) for r in result["rows"]]
-    met = "met" if search.met else "NOT met"
-    lines = [*(f"wrote {p}" for p in exported), f"wrote {plan_path}", f"report: {report_dir}/report.md",
-             *([f"SAE: {sae_dir}/ (the plan's neuron edit refers to it)"] if plan.neurons else []),
-             f"targets on the selection probe ({met}): MaxSkew@{options.k} {search.before['max_skew']:.3f} -> "
-             f"{search.after['max_skew']:.3f} (ratio {search.after['max_skew'] / max(search.before['max_skew'], 1e-12):.2f} "
-             f"vs <= {selection_ratio:g}, the target less a {options.selection_bias_margin:g} margin)",
-             report_targets(result, options)]
-    return {"table": format_table(rows), "lines": lines, "result": result, "search": search}
-
-
 def report_targets(result: dict, options: DebiasOptions) -> str:
     """One line: the targets checked on the report's images (not the selection probe)."""
-    before, after = result["before"], result["after"]
+    before, after, budget = result["before"], result["after"], options.budget
     parts, met = [], True
     for name, summ in before["bias"].items():
         ratio = after["bias"][name]["max_skew"] / summ["max_skew"] if summ["max_skew"] > 0 else 1.0
-        met &= ratio <= options.max_bias_ratio
-        parts.append(f"{name} MaxSkew@{options.k} ratio {ratio:.2f} (<= {options.max_bias_ratio})")
+        met &= ratio <= budget.max_bias_ratio
+        parts.append(f"{name} MaxSkew@{options.k} ratio {ratio:.2f} (<= {budget.max_bias_ratio})")
     if "zero_shot_accuracy" in before:
         drop = 100 * (before["zero_shot_accuracy"] - after["zero_shot_accuracy"])
-        met &= drop <= 100 * options.max_accuracy_drop + 1e-9
-        parts.append(f"accuracy drop {drop:.1f} points (<= {100 * options.max_accuracy_drop:g})")
+        met &= drop <= 100 * budget.max_accuracy_drop + POINTS_TOLERANCE
+        parts.append(f"accuracy drop {drop:.1f} points (<= {100 * budget.max_accuracy_drop:g})")
     else:
         parts.append("accuracy not measured (no concept labels)")
     if "t2i@5" in before.get("retrieval", {}):
         drop = 100 * (before["retrieval"]["t2i@5"] - after["retrieval"]["t2i@5"])
-        met &= drop <= 100 * options.max_recall_drop + 1e-9
-        parts.append(f"text->image Recall@5 drop {drop:.1f} points (<= {100 * options.max_recall_drop:g})")
+        met &= drop <= 100 * budget.max_recall_drop + POINTS_TOLERANCE
+        parts.append(f"text->image Recall@5 drop {drop:.1f} points (<= {100 * budget.max_recall_drop:g})")
     else:
         parts.append("recall not measured (no captions)")
     return f"targets on the report's images ({'met' if met else 'NOT met'}): " + ", ".join(parts)

@@ -16,7 +16,7 @@ from torch import nn
 
 from surgery.edit.plan import SurgeryPlan
 from surgery.errors import UnsupportedTowerError
-from surgery.model.attention import masked_modules, swap_attention
+from surgery.model.attention import set_head_edits, swap_attention
 from surgery.model.neurons import attach
 from surgery.model.towers import get_towers
 from surgery.sae import deactivation, load_sae
@@ -55,18 +55,16 @@ def _check_bakeable(attn: nn.Module, tower: str) -> None:
 def apply_runtime(model: nn.Module, plan: SurgeryPlan, backend: str = "math") -> nn.Module:
     """The same edits as head masks on swapped attention (weights untouched): the reference for bake."""
     swap_attention(model, backend=backend)
+    device = next(model.parameters()).device
     for tower, view in get_towers(model).items():
-        mods = masked_modules(model, tower)
-        device = next(model.parameters()).device
         scales = plan.head_scales(tower, view.n_layers, view.n_heads).to(device)  # (L, H)
-        for layer, mod in enumerate(mods):
-            edits = [e for e in plan.heads if e.tower == tower and e.layer == layer]
-            mod.set_head_mask(scales[layer] if edits else None)
-            fill = torch.zeros(view.n_heads, view.head_dim, device=device)
-            for e in edits:
-                if e.ablation == "mean":
-                    fill[e.head] = torch.tensor(e.mean, device=device)
-            mod.set_head_fill(fill if any(e.ablation == "mean" for e in edits) else None)
+        fills = None
+        mean_edits = [e for e in plan.heads if e.tower == tower and e.ablation == "mean"]
+        if mean_edits:
+            fills = torch.zeros(view.n_layers, view.n_heads, view.head_dim, device=device)  # (L, H, d)
+            for e in mean_edits:
+                fills[e.layer, e.head] = torch.tensor(e.mean, device=device)
+        set_head_edits(model, tower, scales, fills)
     return model
 
 

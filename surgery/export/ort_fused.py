@@ -1,4 +1,4 @@
-"""ONNX Runtime-fused transformer blocks for the ``ort`` export graph (see surgery/export.py).
+"""ONNX Runtime-fused transformer blocks for the ``ort`` export graph (see surgery/export/onnx.py).
 
 :class:`FusedBlock` stands in for an open_clip residual block while exporting: its autograd
 Function computes the block exactly in PyTorch and exports as com.microsoft contrib ops

@@ -2,7 +2,7 @@
 
 Formats: ``.safetensors``; ``torch.save`` files (``.pt/.pth/.bin``, zip or legacy), always read with
 ``torch.load(weights_only=True)``; OpenAI's TorchScript archives, read by
-:mod:`surgery.torchscript_reader` without running their code. Wrappers (``{"state_dict": ...}``,
+:mod:`surgery.io.torchscript` without running their code. Wrappers (``{"state_dict": ...}``,
 ``{"model": ...}``) and ``module.`` prefixes (DDP) are removed.
 """
 from __future__ import annotations
@@ -35,7 +35,6 @@ _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 @dataclass
 class RawCheckpoint:
     """A state dict as read from disk, before any model is built."""
-
     state_dict: dict[str, torch.Tensor]  # name -> tensor, prefixes stripped
     format: str  # "safetensors" | "torch" | "torchscript"
     sha256: str  # of the file's bytes

@@ -46,7 +46,6 @@ def list_images(images_dir: str | Path) -> list[str]:
 @dataclass(frozen=True)
 class SkippedImage:
     """An image that could not be used."""
-
     file: str  # path relative to the images folder
     reason: str  # why it was skipped (one line)
 
@@ -54,7 +53,6 @@ class SkippedImage:
 @dataclass(frozen=True)
 class _Skip:
     """Returned by ``__getitem__`` in place of a sample whose image failed to decode."""
-
     index: int  # position in the dataset's ``files`` list
     reason: str  # why it failed
 

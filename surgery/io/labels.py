@@ -40,7 +40,6 @@ _UTK_NAME = re.compile(r"^(\d+)_(\d+)_(\d+)_(\d+)")
 @dataclass
 class LabelTable:
     """Image files and their string-valued attributes, one row per file."""
-
     files: list[str]  # paths relative to the images folder, in table order
     attributes: dict[str, list[str]]  # attribute name -> one value per file
     skipped: list[str] = field(default_factory=list)  # names that could not be parsed (UTKFace)

@@ -223,7 +223,6 @@ def cramers_v(pred: Any, groups: Any, bias_correction: bool = False) -> float:
 @dataclass(frozen=True)
 class BiasConventions:
     """The conventions a bias report uses; ``to_dict()`` goes into every report."""
-
     k: int = 50  # top-K list length for Skew and NDKL (the world's quality bar uses 50)
     target: str | tuple[float, ...] = "uniform"  # "uniform", "dataset", or G probabilities
     zero_count: float = DEFAULT_ZERO_COUNT  # Skew smoothing: empty group -> p_top = zero_count / K

@@ -40,7 +40,6 @@ def _check(x: torch.Tensor, y: torch.Tensor, n_classes: int) -> None:
 @dataclass
 class LinearProbe:
     """``argmax(((z - mean) / std) @ weight + bias)``; fitted by :func:`fit_linear_probe`."""
-
     mean: torch.Tensor  # (D,) training mean
     std: torch.Tensor  # (D,) training std (floored at 1e-6)
     weight: torch.Tensor  # (D, C) on standardised features

@@ -28,7 +28,6 @@ _TEXT_DEFAULTS = {"context_length": 77, "vocab_size": 49408, "width": 512, "laye
 @dataclass(frozen=True)
 class Signature:
     """The shape facts of a CLIP that its weights reveal (heads do not change any shape)."""
-
     embed_dim: int
     vision_width: int
     vision_layers: int

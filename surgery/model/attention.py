@@ -163,7 +163,7 @@ class HeadMaskedAttention(nn.Module):
         causal = False
         if bias is not None:
             if not (self.causal and _is_causal(bias)):
-                _warn_once(f"triton backend: arbitrary attention masks are not fused; using sdpa")
+                _warn_once("triton backend: arbitrary attention masks are not fused; using sdpa")
                 return None
             causal = True
         if self.training and self.dropout > 0:
@@ -322,6 +322,30 @@ def set_head_masks(model: nn.Module, tower: str, masks: torch.Tensor | None) -> 
         )
     for layer, mod in enumerate(mods):
         mod.set_head_mask(masks[..., layer, :])
+
+
+def set_head_edits(model: nn.Module, tower: str, scales: torch.Tensor, fills: torch.Tensor | None = None) -> None:
+    """Runtime head edits of a tower, the one path every caller applies them through.
+
+    ``scales (L, H)``: kept fraction of each head (1 = untouched, 0 = removed); ``fills (L, H, d)``:
+    what a scaled head's output moves toward (its mean output, for mean ablation) or None (zero
+    ablation). Layers whose heads are all 1 run without a mask.
+    """
+    mods = masked_modules(model, tower)
+    if scales.ndim != 2 or tuple(scales.shape) != (len(mods), mods[0].num_heads):
+        raise HeadMaskError(f"{tower} head scales of shape {tuple(scales.shape)} must be "
+                            f"({len(mods)}, {mods[0].num_heads})")
+    for layer, mod in enumerate(mods):
+        edited = bool((scales[layer] != 1).any())
+        mod.set_head_mask(scales[layer] if edited else None)
+        mod.set_head_fill(fills[layer] if (edited and fills is not None) else None)
+
+
+def clear_head_edits(model: nn.Module, tower: str) -> None:
+    """Remove every head mask and fill of a tower."""
+    for mod in masked_modules(model, tower):
+        mod.set_head_mask(None)
+        mod.set_head_fill(None)
 
 
 def set_backend(model: nn.Module, backend: str) -> None:

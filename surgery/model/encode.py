@@ -1,4 +1,4 @@
-"""Embeddings from an open_clip model in PyTorch: L2-normalised text and image embeddings.
+"""Embeddings from an open_clip model in PyTorch: L2-normalised text embeddings of prompts and captions.
 """
 from __future__ import annotations
 
@@ -11,7 +11,15 @@ from surgery.model.preprocess import tokenize
 
 def text_embeddings(model: nn.Module, texts: list[str], tokenizer: dict) -> torch.Tensor:
     """Normalised (n, D) text embeddings."""
-
     device = next(model.parameters()).device
     with torch.no_grad():
         return F.normalize(model.encode_text(tokenize(texts, tokenizer).to(device)).float(), dim=-1).cpu()
+
+
+def caption_embeddings(model: nn.Module, captions: list[str], tokenizer: dict) -> torch.Tensor:
+    """Normalised (N, D) embedding of each of N captions, each distinct caption embedded once
+    (a world's captions repeat about 100 times)."""
+    unique = sorted(set(captions))
+    emb = text_embeddings(model, unique, tokenizer)  # (U, D)
+    index = {text: i for i, text in enumerate(unique)}
+    return emb[torch.tensor([index[t] for t in captions])]

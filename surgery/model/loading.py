@@ -2,8 +2,8 @@
 
 Sources, tried in this order:
 
-* ``builtin:tiny`` — the tiny demo CLIP built in-process (:mod:`surgery.tiny`);
-  ``builtin:world`` — the bundled planted-bias world model (:mod:`surgery.world_model`).
+* ``builtin:tiny`` — the tiny demo CLIP built in-process (:mod:`surgery.model.tiny`);
+  ``builtin:world`` — the bundled planted-bias world model (:mod:`surgery.world.train`).
 * ``hf-hub:org/name`` — an open_clip repository on the Hugging Face hub (config + weights).
 * a local file — ``.safetensors``, ``torch.save`` state dicts (``.pt/.pth/.bin``, optionally
   wrapped in ``{"state_dict": ...}`` and/or prefixed with ``module.``) and OpenAI's TorchScript
@@ -14,7 +14,7 @@ Sources, tried in this order:
 
 The architecture comes from ``arch`` if given, else from the checkpoint's own metadata
 (clipsurgery exports) or an ``open_clip_config.json`` beside it, else it is inferred from the
-weights' names and shapes (:func:`surgery.arch.infer_arch`).
+weights' names and shapes (:func:`surgery.model.arch.infer_arch`).
 """
 from __future__ import annotations
 
@@ -48,7 +48,6 @@ BUNDLED_WORLD_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "
 @dataclass
 class LoadedModel:
     """An open_clip CLIP plus what is known about where it came from."""
-
     model: nn.Module  # open_clip CLIP / CustomTextCLIP, eval mode
     arch: str  # registry name, or "custom" for a config carried by the checkpoint
     config: dict  # the open_clip model config it was built from

@@ -122,7 +122,6 @@ def reattach(model: nn.Module, edits: Sequence[Mapping], state: dict[str, torch.
 
 class PaperDeactivation(nn.Module):
     """``h' = (1 - a) h + a * decode(encode(h) * keep)``, ``keep[i] = 0`` for i in S else 1."""
-
     BUFFERS = ("W_enc", "b_enc", "W_dec", "b_dec", "shift", "scale", "threshold", "keep")
 
     def __init__(self, buffers: Mapping[str, torch.Tensor], *, kind: str, k: int, alpha: float, ids: Sequence[int]):

@@ -110,7 +110,6 @@ def capture_rows(model: nn.Module, site: Site, inputs: torch.Tensor, first_index
 @dataclass
 class ActivationCache:
     """A cache folder opened for reading."""
-
     path: str  # the folder
     model_hash: str  # state_dict_hash of the CLIP the rows came from
     site: Site  # where they were read

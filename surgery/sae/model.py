@@ -51,7 +51,7 @@ class SAEConfig:
     threshold_lr: float = 0.01  # batchtopk: EMA rate of the inference threshold (min kept activation)
     site: str = "residual"  # where the SAE reads: "residual" (input of ln_post/ln_final) or "embedding"
     tower: str = "vision"  # "vision" | "text"
-    model_hash: str = ""  # surgery.encoders.state_dict_hash of the CLIP it was trained on
+    model_hash: str = ""  # surgery.io.checkpoint.state_dict_hash of the CLIP it was trained on
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -115,7 +115,6 @@ def sample_latents(model: nn.Module, sae: SparseAutoencoder, batches: Iterable[t
 
 def _pooled_reduction(model: nn.Module, site: Site) -> str:
     """How the tower turns tokens into its embedding: "first" (class token), "eot", or "mean"."""
-
     pooling = get_towers(model)[site.tower].pooling
     if pooling in ("cls", "first"):
         return "first"
@@ -186,7 +185,6 @@ def check_same_model(sae: SparseAutoencoder, model: nn.Module) -> None:
 def neurons_from_images(model: nn.Module, sae: SparseAutoencoder, images_dir: str, labels_path: str,
                         attribute: str, transform, options: NeuronOptions | None = None) -> NeuronReport:
     """Search with a labelled image folder (``labels_path``: CSV ``file,<attribute>,...``)."""
-
     opt = options or NeuronOptions()
     if sae.cfg.tower != "vision":
         raise SAEError("this SAE reads the text tower; search it with group prompts (neurons_from_texts)")

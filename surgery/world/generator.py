@@ -14,7 +14,7 @@ changes, and is part of :meth:`WorldParams.hash`).
 
 On disk (:func:`write_split`): ``images/000000.png ...``, ``labels.csv`` (``file,concept,group``,
 file relative to ``images/``), ``captions.csv`` (``file,caption``), ``world.json`` (params, split,
-n) — the same formats :mod:`surgery.datasets` reads.
+n) — the same formats :mod:`surgery.io` reads.
 """
 from __future__ import annotations
 
@@ -55,7 +55,6 @@ def split_dir(labels_path: str | Path, images_dir: str | Path) -> Path:
 @dataclass
 class WorldSplit:
     """One generated split."""
-
     split: str  # "train" or "eval"
     params: WorldParams  # the parameters it was generated from
     images: np.ndarray  # (n, S, S, 3) uint8

@@ -40,7 +40,6 @@ def _pair(name: str, value: Any) -> tuple[float, float]:
 @dataclass(frozen=True)
 class WorldParams:
     """Everything that determines a world; same params -> same images, byte for byte."""
-
     seed: int = 0  # base random seed (>= 0); train and eval draw from independent streams of it
     concepts: tuple[str, ...] = DEFAULT_CONCEPTS  # 4..8 shape names from SHAPES (stand-ins for occupations)
     groups: tuple[str, ...] | None = None  # 2..4 names from COLORS or TEXTURES; None: red/blue or stripes/dots

@@ -1,4 +1,4 @@
-"""Train and evaluate a tiny open_clip CLIP on a planted-bias world (:mod:`surgery.world`).
+"""Train and evaluate a tiny open_clip CLIP on a planted-bias world (:mod:`surgery.world.generator`).
 
 The trained model is the project's "model with real, measurable bias": it learns shape (the
 concept) and colour/texture (the protected group), and because the training split pairs each

@@ -6,16 +6,19 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import surgery
 from surgery import sae as S
 from surgery.audit.ablation import evaluate_head_set
 from surgery.audit.probe import caption_recall, world_probe_set
-from surgery.debias.heads import evaluate_on_draws, within_budget
-from surgery.debias.neurons import NeuronStageOptions, NeuronTargets, _figures, greedy_neurons
-from surgery.debias.pipeline import DebiasOptions, _caption_embeddings, report_targets
+from surgery.debias.heads import evaluate_on_draws
+from surgery.audit.probe import edit_figures
+from surgery.debias.budget import Budget
+from surgery.debias.neurons import NeuronStageOptions, greedy_neurons
+from surgery.debias.pipeline import DebiasOptions, report_targets
 from surgery.errors import DataError
-from surgery.model.encode import text_embeddings
+from surgery.model.encode import caption_embeddings, text_embeddings
 from surgery.model.preprocess import images_to_tensor
 from surgery.world.checkpoint import world_params_of
 from surgery.world.generator import generate
@@ -33,7 +36,7 @@ def world():
 
 def test_evaluate_on_draws_is_the_mean_over_draws(world):
     loaded, draws, q = world
-    captions = [_caption_embeddings(loaded, d) for d in draws]
+    captions = [caption_embeddings(loaded.model, d.captions, loaded.tokenizer) for d in draws]
     heads = {(1, 0): 0.0, (2, 1): 0.5}
     averaged = evaluate_on_draws(loaded.model, draws, heads, None, q, q, 20, caption_embs=captions)
     single = [evaluate_head_set(loaded.model, d, heads, None, q, q, 20, caption_emb=c) for d, c in zip(draws, captions)]
@@ -46,7 +49,7 @@ def test_evaluate_on_draws_is_the_mean_over_draws(world):
 def test_caption_recall_merges_a_worlds_repeated_captions(world):
     loaded, draws, _ = world
     probe = draws[0]
-    captions = _caption_embeddings(loaded, probe)
+    captions = caption_embeddings(loaded.model, probe.captions, loaded.tokenizer)
     with torch.no_grad():
         images = torch.nn.functional.normalize(loaded.model.encode_image(probe.images), dim=-1)
     merged = caption_recall(images, captions, probe.captions, k=5)
@@ -64,10 +67,10 @@ def test_caption_recall_merges_a_worlds_repeated_captions(world):
 
 def test_within_budget():
     before = {"accuracy": 0.90, "recall": 0.80}
-    assert within_budget(before, {"accuracy": 0.89, "recall": 0.79}, 0.02, 0.02)
-    assert not within_budget(before, {"accuracy": 0.87, "recall": 0.80}, 0.02, 0.02)
-    assert not within_budget(before, {"accuracy": 0.90, "recall": 0.70}, 0.02, 0.02)
-    assert within_budget({}, {}, 0.0, 0.0)  # nothing measured: nothing to exceed
+    assert Budget(max_accuracy_drop=0.02, max_recall_drop=0.02).within(before, {"accuracy": 0.89, "recall": 0.79})
+    assert not Budget(max_accuracy_drop=0.02, max_recall_drop=0.02).within(before, {"accuracy": 0.87, "recall": 0.80})
+    assert not Budget(max_accuracy_drop=0.02, max_recall_drop=0.02).within(before, {"accuracy": 0.90, "recall": 0.70})
+    assert Budget(max_accuracy_drop=0.0, max_recall_drop=0.0).within({}, {})  # nothing measured: nothing to exceed
 
 
 def test_greedy_neurons_steps_match_a_plain_recomputation(world, tmp_path):
@@ -80,22 +83,22 @@ def test_greedy_neurons_steps_match_a_plain_recomputation(world, tmp_path):
     with torch.no_grad():
         embs = [loaded.model.encode_image(d.images) for d in draws]
     options = NeuronStageOptions(max_neurons=4)
-    targets = NeuronTargets(max_bias_ratio=0.01, max_accuracy_drop=0.05, k=8)
-    chosen, before, after, steps = greedy_neurons(sae, list(range(sae.cfg.width)), embs, draws, q, q, targets,
+    budget = Budget(max_bias_ratio=0.01, max_accuracy_drop=0.05)
+    chosen, before, after, steps = greedy_neurons(sae, list(range(sae.cfg.width)), embs, draws, q, q, budget, 8,
                                                   options)
     assert chosen and len(chosen) == len(steps) <= options.max_neurons
     previous = before["max_skew"]
     for i, step in enumerate(steps):  # every step strictly lowers bias, within the budget, as recomputed
         fix = S.deactivation(sae, chosen[:i + 1], options.alpha, options.form)
         with torch.no_grad():
-            figures = [_figures(fix(e), d, q, q, targets.k) for e, d in zip(embs, draws)]
+            figures = [edit_figures(F.normalize(fix(e), dim=-1), d, q, q, 8) for e, d in zip(embs, draws)]
         assert step["max_skew"] == pytest.approx(sum(f["max_skew"] for f in figures) / 2, abs=1e-12)
         assert step["max_skew"] < previous
-        assert before["accuracy"] - step["accuracy"] <= targets.max_accuracy_drop
+        assert before["accuracy"] - step["accuracy"] <= budget.max_accuracy_drop
         previous = step["max_skew"]
     assert after["max_skew"] == steps[-1]["max_skew"]
     # a target already met: nothing is chosen
-    met = greedy_neurons(sae, [0, 1], embs, draws, q, q, NeuronTargets(max_bias_ratio=1.0, k=8), options)
+    met = greedy_neurons(sae, [0, 1], embs, draws, q, q, Budget(max_bias_ratio=1.0), 8, options)
     assert met[0] == [] and met[2] == met[1]
 
 
@@ -116,8 +119,8 @@ def test_report_targets_line():
     ({"max_recall_drop": 1.5}, "--max-recall-drop must be between 0 and 100 points, got 150"),
     ({"max_accuracy_drop": -0.01}, "--max-accuracy-drop must be between 0 and 100 points"),
 ])
-def test_debias_options_refuse_out_of_range_budgets(kwargs, message):
+def test_budget_refuses_out_of_range_targets(kwargs, message):
     from surgery.errors import SurgeryError
 
     with pytest.raises(SurgeryError, match=message):
-        DebiasOptions(**kwargs)
+        Budget(**kwargs)
