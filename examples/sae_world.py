@@ -137,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{zs['zero_shot_accuracy']:.4f} -> {zs['zero_shot_accuracy_replaced']:.4f}")
     # The fixed probe is what a group classifier trained on the unedited model's features sees after
     # the edit: fitted on the search half's unedited embeddings, applied to the edited held-out ones.
-    fixed_probe = fit_linear_probe(S.image_embeddings(model, all_images[idx_search]), groups_all[idx_search],
+    fixed_probe = fit_linear_probe(S.encode_images_replaced(model, all_images[idx_search]), groups_all[idx_search],
                                    params.n_groups)
-    base = figures(S.image_embeddings(model, images), concepts, groups, concept_txt, group_txt, params.n_groups,
+    base = figures(S.encode_images_replaced(model, images), concepts, groups, concept_txt, group_txt, params.n_groups,
                    fixed_probe)
     rows = [("original", None, None, base)]
     if args.select == "greedy":  # selection draws: other seeds of the world than the search/eval images
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         draws = [world_probe_set(dataclasses.replace(params, seed=params.seed + 1000 + i), pre, args.n_search)
                  for i in range(8)]
         with torch.no_grad():
-            draw_embs = [S.image_embeddings(model, d.images) for d in draws]
+            draw_embs = [S.encode_images_replaced(model, d.images) for d in draws]
         queries = torch.nn.functional.normalize(concept_txt, dim=-1)
     chosen_ids = {}
     for form in S.FORMS:
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             chosen_ids[f"{form} a={alpha}"] = ids
             print(f"  {form} a={alpha}: deactivating {len(ids)} latents {ids}")
             fix = S.deactivation(sae, ids, alpha, form)
-            img = S.image_embeddings(model, images, fix, site)
+            img = S.encode_images_replaced(model, images, fix, site)
             rows.append((form, alpha, fix, figures(img, concepts, groups, concept_txt, group_txt, params.n_groups,
                                                       fixed_probe)))
 

@@ -20,7 +20,7 @@ from surgery.io.fs import check_output_path
 from surgery.model.loading import BUNDLED_WORLD_MODEL
 from surgery.world.checkpoint import save_world_model
 from surgery.world.params import WorldParams
-from surgery.world.train import TrainOptions, evaluate_world_model, train_world_model
+from surgery.world.train import WorldTrainOptions, evaluate_world_model, train_world_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,16 +30,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="world seed (images) and training seed")
     ap.add_argument("--bias-strength", type=float, default=WorldParams.bias_strength)
     ap.add_argument("--attribute-kind", choices=["color", "texture"], default="color")
-    ap.add_argument("--epochs", type=int, default=TrainOptions.epochs)
-    ap.add_argument("--n-train", type=int, default=TrainOptions.n_train)
-    ap.add_argument("--lr", type=float, default=TrainOptions.lr)
+    ap.add_argument("--epochs", type=int, default=WorldTrainOptions.epochs)
+    ap.add_argument("--n-train", type=int, default=WorldTrainOptions.n_train)
+    ap.add_argument("--lr", type=float, default=WorldTrainOptions.lr)
     args = ap.parse_args(argv)
 
     force = args.force or os.path.abspath(args.out) == os.path.abspath(BUNDLED_WORLD_MODEL)
     check_output_path(args.out, force=force)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     params = WorldParams(seed=args.seed, bias_strength=args.bias_strength, attribute_kind=args.attribute_kind)
-    options = TrainOptions(epochs=args.epochs, n_train=args.n_train, lr=args.lr, seed=args.seed)
+    options = WorldTrainOptions(epochs=args.epochs, n_train=args.n_train, lr=args.lr, seed=args.seed)
     start = time.perf_counter()
 
     def progress(step: int, total: int, loss: float) -> None:

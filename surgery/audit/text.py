@@ -70,7 +70,7 @@ from surgery.edit.plan import HeadEdit, SurgeryPlan
 from surgery.errors import SurgeryError
 from surgery.io.queries import NEUTRAL_QUERIES
 from surgery.model.attention import head_masked
-from surgery.model.encode import text_embeddings
+from surgery.model.encode import image_embeddings, text_embeddings
 from surgery.model.preprocess import tokenize
 from surgery.model.towers import get_towers
 from surgery.world.prompts import describe, neutral_queries
@@ -409,7 +409,7 @@ def audit_text(model: nn.Module, tokenizer: dict, probe: TextProbe, options: Tex
     image_info = None
     if images is not None:
         if image_emb is None:
-            image_emb = image_embeddings(model, images, opt.batch_size)
+            image_emb = probe_image_embeddings(model, images, opt.batch_size)
         image_info = (image_emb.to(device), images.groups, len(images.group_names))
     measure = _Measure(cavs.directions.to(device), image_info, opt.k, base_emb)
     grad, surrogate = text_gradient_scores(model, query_tokens, measure.surrogate, fill, opt.batch_size, opt.backend)
@@ -477,17 +477,15 @@ def _supervised_labels(probe: TextProbe, supervised: CAVs) -> tuple[torch.Tensor
 
 # ------------------------------------------------------------------------------------- supervised CAVs
 @torch.no_grad()
-def image_embeddings(model: nn.Module, probe: ProbeSet, batch_size: int = 64) -> torch.Tensor:
+def probe_image_embeddings(model: nn.Module, probe: ProbeSet, batch_size: int = 64) -> torch.Tensor:
     """(N, D) normalised image embeddings of the probe images (unedited model), on the CPU."""
-    device = next(model.parameters()).device
-    return torch.cat([F.normalize(model.encode_image(imgs.to(device)).float(), dim=-1).cpu()
-                      for imgs, _ in probe.batches(batch_size)])
+    return image_embeddings(model, (imgs for imgs, _ in probe.batches(batch_size)))
 
 
 def supervised_image_cavs(model: nn.Module, probe: ProbeSet, batch_size: int = 64,
                           image_emb: torch.Tensor | None = None) -> CAVs:
     """Supervised CAVs of the probe's attribute: class means of the normalised image embeddings."""
-    emb = image_emb if image_emb is not None else image_embeddings(model, probe, batch_size)
+    emb = image_emb if image_emb is not None else probe_image_embeddings(model, probe, batch_size)
     try:
         return supervised_cavs(emb, probe.groups, probe.group_names, attribute=probe.attribute)
     except CAVError as exc:

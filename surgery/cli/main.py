@@ -12,19 +12,7 @@ import os
 import click
 
 from surgery import __version__
-from surgery.audit.cav import prompt_set
-from surgery.audit.probe import folder_probe_set, world_probe_set
-from surgery.audit.report import write_audit
-from surgery.audit.text import (
-    TextAuditOptions,
-    audit_text,
-    image_embeddings,
-    supervised_image_cavs,
-    supervised_vision_scores,
-    text_probe,
-    world_text_probe,
-)
-from surgery.audit.vision import AuditOptions, audit_vision
+from surgery.audit.run import AuditRunOptions, run_audit
 from surgery.cli.errors import user_errors
 from surgery.debias.budget import Budget
 from surgery.debias.pipeline import DebiasOptions, run_debias
@@ -38,7 +26,7 @@ from surgery.export.onnx import OnnxOptions, export_onnx
 from surgery.export.safetensors import export_safetensors
 from surgery.io.queries import load_queries
 from surgery.metrics.bias import BiasConventions
-from surgery.model.inspect import describe, format_description
+from surgery.model.inspect import describe_model, format_description
 from surgery.model.loading import load
 from surgery.world.checkpoint import world_params_of
 from surgery.world.generator import generate, write_split
@@ -69,7 +57,7 @@ def inspect(model: str, arch: str | None, pretrained: str | None, as_json: bool)
     open_clip's registry (e.g. ViT-B-32:openai), hf-hub:ORG/NAME, or builtin:tiny.
     """
 
-    info = describe(load(model, arch=arch, pretrained=pretrained))
+    info = describe_model(load(model, arch=arch, pretrained=pretrained))
     click.echo(json.dumps(info, indent=2) if as_json else format_description(info))
 
 
@@ -158,61 +146,12 @@ def audit(model, images_dir, labels_path, tower, attributes, prompts_path, top_k
     """Locate bias in single attention heads; write audit.json, heatmaps, report.md and plan.json."""
     if (images_dir is None) != (labels_path is None):
         raise click.UsageError("--images and --labels go together")
-    attribute = attributes.split(",")[0] if attributes else None
-    loaded = load(model)
-    params = world_params_of(loaded)
-    extra, probe = [], None
-    if images_dir:
-        probe = folder_probe_set(images_dir, labels_path, attribute, loaded.preprocess)
-    elif tower != "text":
-        if params is None:
-            raise click.ClickException(
-                f"the vision audit needs probe images: pass --images DIR --labels CSV "
-                f"({model} carries no world to generate them from); --tower text audits from prompts")
-        probe = world_probe_set(params, loaded.preprocess, n_probe)
-        extra = [f"a {params.group_word(g)} shape" for g in range(params.n_groups)] + [f"a {c}" for c in params.concepts]
-    text_probe_set = None
-    if tower != "vision":  # build (and so validate) the prompts before any model pass
-        attr = attribute or (probe.attribute if probe is not None else ("group" if params is not None else "gender"))
-        if params is not None and attr == "group" and prompts_path is None:
-            text_probe_set = world_text_probe(params)
-        else:
-            text_probe_set = text_probe(attr, prompt_set(attr, prompts_path))
-    image_emb = cavs = None
-    if labels_path:  # supervised CAVs from the labelled images
-        image_emb = image_embeddings(loaded.model, probe, batch_size)
-        cavs = supervised_image_cavs(loaded.model, probe, batch_size, image_emb)
-    result = text_result = None
-    if tower != "text":
-        options = AuditOptions(k=k, top_k=top_k, batch_size=batch_size, ablation=ablation, sweep=not no_sweep)
-        result = audit_vision(loaded.model, probe, loaded.tokenizer, options, extra, progress=_StageBar())
-        if cavs is not None:
-            result.scores.update(supervised_vision_scores(loaded.model, probe, cavs, batch_size))
-        result.plan.source = {"arch": loaded.arch, "sha256": loaded.sha256}
-    if text_probe_set is not None:
-        options = TextAuditOptions(k=k, top_k=top_k, batch_size=batch_size, ablation=ablation,
-                                   sweep=not no_sweep)
-        text_result = audit_text(loaded.model, loaded.tokenizer, text_probe_set, options, images=probe,
-                                 image_emb=image_emb, supervised=cavs)
-        text_result.plan.source = {"arch": loaded.arch, "sha256": loaded.sha256}
-    context = {"model": loaded.source, "sha256": loaded.sha256, "ablation": ablation,
-               "conventions": {"k": k, "target": "uniform", "reduce": "mean", "zero_count": 1.0}}
-    if probe is not None:
-        context["probe"] = {"n_images": len(probe), "attribute": probe.attribute, "n_queries": len(probe.queries),
-                            **probe.source}
-    write_audit(out_dir, result, context, text=text_result)
-    if result is not None:
-        click.echo(f"unedited: mean MaxSkew@{k} {result.baseline.get('max_skew', float('nan')):.4f}")
-        if result.spearman_gradient_vs_ablation is not None:
-            click.echo(f"Spearman (d) gradient vs (c) ablation: {result.spearman_gradient_vs_ablation:.3f}")
-        click.echo("top heads: " + ", ".join(f"L{l}.H{h}" for l, h in result.cheap_rank[:top_k]))
-    if text_result is not None:
-        measure = text_result.measure
-        click.echo(f"text tower: unedited {measure} {text_result.baseline[measure]:.4f}")
-        if text_result.spearman_gradient_vs_ablation is not None:
-            click.echo(f"text tower: Spearman (d) gradient vs (c) ablation: "
-                       f"{text_result.spearman_gradient_vs_ablation:.3f}")
-        click.echo("text tower top heads: " + ", ".join(f"L{l}.H{h}" for l, h in text_result.cheap_rank[:top_k]))
+    options = AuditRunOptions(tower=tower, attribute=attributes.split(",")[0] if attributes else None,
+                              prompts_path=prompts_path, top_k=top_k, k=k, n_probe=n_probe, ablation=ablation,
+                              sweep=not no_sweep, batch_size=batch_size)
+    run = run_audit(model, out_dir, options, images_dir=images_dir, labels_path=labels_path, progress=_StageBar())
+    for line in run.summary_lines(options):
+        click.echo(line)
     click.echo(f"wrote {out_dir}/audit.json, report.md, plan.json and heatmaps")
 
 

@@ -242,3 +242,17 @@ def _count_blocks(sd: dict[str, torch.Tensor], prefix: str) -> int:
 
 def _pair(value) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+#: clipsurgery's own model configs, one JSON file per architecture (as open_clip keeps its model_configs/).
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+
+
+def bundled_config(name: str) -> dict:
+    """The model config ``configs/<name>.json`` (a fresh copy each call)."""
+    path = os.path.join(CONFIG_DIR, f"{name}.json")
+    if not os.path.isfile(path):
+        known = sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".json"))
+        raise ArchitectureError(f"no bundled model config {name!r}; known: {', '.join(known)}")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)

@@ -1,6 +1,8 @@
-"""Embeddings from an open_clip model in PyTorch: L2-normalised text embeddings of prompts and captions.
+"""Embeddings from an open_clip model in PyTorch, L2-normalised: prompts, captions, image batches.
 """
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -23,3 +25,10 @@ def caption_embeddings(model: nn.Module, captions: list[str], tokenizer: dict) -
     emb = text_embeddings(model, unique, tokenizer)  # (U, D)
     index = {text: i for i, text in enumerate(unique)}
     return emb[torch.tensor([index[t] for t in captions])]
+
+
+def image_embeddings(model: nn.Module, batches: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Normalised (N, D) image embeddings, on the CPU, of image batches (B, 3, H, W)."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return torch.cat([F.normalize(model.encode_image(imgs.to(device)).float(), dim=-1).cpu() for imgs in batches])

@@ -5,7 +5,7 @@ from surgery.model.loading import LoadedModel
 from surgery.model.towers import get_towers
 
 
-def describe(loaded: LoadedModel) -> dict:
+def describe_model(loaded: LoadedModel) -> dict:
     """JSON-able facts: architecture, towers (layers x heads, head width, ...), size, dtype, sha256."""
     towers = {name: view.summary() for name, view in get_towers(loaded.model).items()}
     return {
@@ -24,7 +24,7 @@ def describe(loaded: LoadedModel) -> dict:
 
 
 def format_description(info: dict) -> str:
-    """Human-readable lines of :func:`describe`'s output."""
+    """Human-readable lines of :func:`describe_model`'s output."""
     lines = [
         f"source        {info['source']}",
         f"architecture  {info['architecture']}" + ("  (QuickGELU)" if info["quick_gelu"] else ""),

@@ -11,13 +11,10 @@ import copy
 import torch
 from torch import nn
 
-from surgery.model.arch import build_model
+from surgery.model.arch import build_model, bundled_config
 
-TINY_CONFIG: dict = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-}
+TINY_ARCH = "clipsurgery-tiny"
+TINY_CONFIG: dict = bundled_config(TINY_ARCH)  # configs/clipsurgery-tiny.json
 
 
 def tiny_config(**overrides) -> dict:

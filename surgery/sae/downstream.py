@@ -11,10 +11,10 @@ from surgery.sae.activations import Site, replaced
 
 
 @torch.no_grad()
-def image_embeddings(model: nn.Module, images: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+def encode_images_replaced(model: nn.Module, images: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
                      site: Site | None = None, batch_size: int = 256) -> torch.Tensor:
-    """Image embeddings (n, E) of images (n, 3, H, W); with ``fn``, the representation at ``site``
-    (vision tower) is replaced by ``fn(h)`` while encoding."""
+    """Raw (unnormalised) image embeddings (n, E) of images (n, 3, H, W); with ``fn``, the
+    representation at ``site`` (vision tower) is replaced by ``fn(h)`` while encoding."""
     def run() -> torch.Tensor:
         return torch.cat([model.encode_image(chunk).float() for chunk in images.split(batch_size)])
 
@@ -25,9 +25,9 @@ def image_embeddings(model: nn.Module, images: torch.Tensor, fn: Callable[[torch
 
 
 @torch.no_grad()
-def text_embeddings(model: nn.Module, tokens: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+def encode_texts_replaced(model: nn.Module, tokens: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
                     site: Site | None = None, batch_size: int = 256) -> torch.Tensor:
-    """Text embeddings (n, E) of tokens (n, ctx), optionally with the text site replaced."""
+    """Raw (unnormalised) text embeddings (n, E) of tokens (n, ctx), optionally with the text site replaced."""
     def run() -> torch.Tensor:
         return torch.cat([model.encode_text(chunk).float() for chunk in tokens.split(batch_size)])
 
@@ -44,12 +44,12 @@ def zero_shot_with_replacement(model: nn.Module, sae_fn: Callable[[torch.Tensor]
 
     A vision site changes the image side, a text site the class prompts' side."""
     y = torch.as_tensor(labels)
-    img = image_embeddings(model, images)
-    txt = text_embeddings(model, class_tokens)
+    img = encode_images_replaced(model, images)
+    txt = encode_texts_replaced(model, class_tokens)
     before = metrics.zero_shot_accuracy(img, txt, y)
     if site.tower == "vision":
-        img = image_embeddings(model, images, sae_fn, site)
+        img = encode_images_replaced(model, images, sae_fn, site)
     else:
-        txt = text_embeddings(model, class_tokens, sae_fn, site)
+        txt = encode_texts_replaced(model, class_tokens, sae_fn, site)
     after = metrics.zero_shot_accuracy(img, txt, y)
     return {"zero_shot_accuracy": before, "zero_shot_accuracy_replaced": after, "change": after - before}

@@ -33,13 +33,13 @@ from surgery.world.generator import (  # noqa: F401
     read_split,
 )
 from surgery.world.train import (  # noqa: F401
-    WORLD_MODEL_CONFIG,
     WORLD_ARCH,
-    TrainOptions,
+    WORLD_MODEL_CONFIG,
+    WORLD_TOKENIZER,
+    WorldTrainOptions,
     WorldQuality,
     world_vocabulary,
     build_world_clip,
-    tokenize,
     train_world_model,
     caption_truth,
     evaluate_world_model,

@@ -14,31 +14,28 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np
-import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from surgery import metrics
-from surgery.model.arch import build_model
-from surgery.model.preprocess import default_preprocess, images_to_tensor
+from surgery.model.arch import build_model, bundled_config
+from surgery.model.preprocess import default_preprocess, images_to_tensor, tokenize
 from surgery.world.generator import generate
 from surgery.world.params import WorldParams
 from surgery.world.prompts import CAPTION_TEMPLATES, describe, group_prompts, neutral_queries
 
 log = logging.getLogger(__name__)
 
-#: The world model's architecture (DESIGN.md's feasibility run, embed_dim 64).
-WORLD_MODEL_CONFIG: dict = {
-    "embed_dim": 64,
-    "vision_cfg": {"image_size": 32, "layers": 4, "width": 64, "head_width": 16, "patch_size": 4},
-    "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
-}
+#: The world model's architecture (DESIGN.md's feasibility run, embed_dim 64): configs/clipsurgery-world-v1.json.
 WORLD_ARCH = "clipsurgery-world-v1"
+WORLD_MODEL_CONFIG: dict = bundled_config(WORLD_ARCH)
+#: Its tokenizer record (open_clip's BPE, the config's context length).
+WORLD_TOKENIZER = {"name": "openai-clip-bpe", "context_length": WORLD_MODEL_CONFIG["text_cfg"]["context_length"]}
 
 
 @dataclass
-class TrainOptions:
+class WorldTrainOptions:
     n_train: int = 20000  # training images generated from the world
     epochs: int = 6  # passes over the training images
     batch_size: int = 256  # images (and captions) per contrastive batch
@@ -79,7 +76,7 @@ def build_world_clip(params: WorldParams, seed: int = 0) -> nn.Module:
     """
     torch.manual_seed(seed)
     model = build_model(WORLD_MODEL_CONFIG)
-    used = torch.unique(tokenize(world_vocabulary(params)))
+    used = torch.unique(tokenize(world_vocabulary(params), WORLD_TOKENIZER))
     with torch.no_grad():
         keep = torch.zeros(model.token_embedding.weight.shape[0], dtype=torch.bool)
         keep[used] = True
@@ -87,23 +84,19 @@ def build_world_clip(params: WorldParams, seed: int = 0) -> nn.Module:
     return model
 
 
-def tokenize(texts: list[str]) -> torch.Tensor:
-    return open_clip.tokenize(texts, context_length=WORLD_MODEL_CONFIG["text_cfg"]["context_length"])
-
-
 def train_world_model(
     params: WorldParams,
-    options: TrainOptions | None = None,
+    options: WorldTrainOptions | None = None,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> tuple[nn.Module, dict]:
     """Train a world CLIP; returns (model in eval mode, history dict). ``progress(step, total, loss)``."""
-    opt = options or TrainOptions()
+    opt = options or WorldTrainOptions()
     torch.manual_seed(opt.seed)
     preprocess = default_preprocess(WORLD_MODEL_CONFIG)
     train = generate(params, "train", opt.n_train)
     images = images_to_tensor(train.images, preprocess)  # (n, 3, S, S)
     unique, inverse = np.unique(np.array(train.captions), return_inverse=True)
-    caption_tokens = tokenize(list(unique))  # (U, ctx)
+    caption_tokens = tokenize(list(unique), WORLD_TOKENIZER)  # (U, ctx)
     caption_ids = torch.from_numpy(inverse.reshape(-1)).long()  # (n,)
     concepts = torch.from_numpy(train.concepts)  # (n,)
     groups = torch.from_numpy(train.groups)  # (n,)
@@ -199,8 +192,8 @@ def evaluate_world_model(model: nn.Module, params: WorldParams, n_eval: int = 12
     preprocess = default_preprocess(WORLD_MODEL_CONFIG)
     img = torch.cat([model.encode_image(chunk) for chunk in images_to_tensor(split.images, preprocess).split(256)])
     img = F.normalize(img, dim=-1)  # (n, D)
-    concept_txt = F.normalize(model.encode_text(tokenize(neutral_queries(params))), dim=-1)  # (C, D)
-    group_txt = F.normalize(model.encode_text(tokenize(group_prompts(params))), dim=-1)  # (G, D)
+    concept_txt = F.normalize(model.encode_text(tokenize(neutral_queries(params), WORLD_TOKENIZER)), dim=-1)  # (C, D)
+    group_txt = F.normalize(model.encode_text(tokenize(group_prompts(params), WORLD_TOKENIZER)), dim=-1)  # (G, D)
     groups = torch.from_numpy(split.groups)
     scores = concept_txt @ img.T  # (C, n)
     per_query = metrics.max_skew_at_k(scores, groups, k, params.n_groups)

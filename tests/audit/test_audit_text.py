@@ -19,7 +19,7 @@ from surgery.audit.text import (
     _Measure,
     audit_text,
     cav_projection,
-    image_embeddings,
+    probe_image_embeddings,
     supervised_image_cavs,
     supervised_vision_scores,
     text_gradient_scores,
@@ -150,7 +150,7 @@ def test_ablation_equals_naive_rerun_of_the_baked_model(tiny_loaded, with_images
     assert result.measure == ("max_skew" if with_images else "cav_projection")
     cavs = zero_shot_cavs(_embed(model, tok), probe.prompt_set)
     tokens = tokenize(probe.queries, tok)
-    img = image_embeddings(model, images) if with_images else None
+    img = probe_image_embeddings(model, images) if with_images else None
 
     def bias(m):
         with torch.no_grad():

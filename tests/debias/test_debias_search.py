@@ -11,10 +11,9 @@ import torch.nn.functional as F
 import surgery
 from surgery import sae as S
 from surgery.audit.ablation import evaluate_head_set
-from surgery.audit.probe import caption_recall, world_probe_set
-from surgery.debias.heads import evaluate_on_draws
-from surgery.audit.probe import edit_figures
+from surgery.audit.probe import caption_recall, edit_figures, world_probe_set
 from surgery.debias.budget import Budget
+from surgery.debias.heads import evaluate_on_draws
 from surgery.debias.neurons import NeuronStageOptions, greedy_neurons
 from surgery.debias.pipeline import DebiasOptions, report_targets
 from surgery.errors import DataError

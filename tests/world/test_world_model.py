@@ -8,15 +8,16 @@ import torch
 
 import surgery
 from surgery.model.loading import BUNDLED_WORLD_MODEL
+from surgery.model.preprocess import tokenize
 from surgery.world.checkpoint import save_world_model, world_params_of
 from surgery.world.params import WorldParams
 from surgery.world.train import (
     WORLD_MODEL_CONFIG,
-    TrainOptions,
+    WORLD_TOKENIZER,
     WorldQuality,
+    WorldTrainOptions,
     build_world_clip,
     evaluate_world_model,
-    tokenize,
     train_world_model,
     world_vocabulary,
 )
@@ -26,7 +27,7 @@ from surgery.world.train import (
 def trained():
     params = WorldParams(seed=1)
     torch.manual_seed(0)
-    model, history = train_world_model(params, TrainOptions(n_train=512, epochs=3, batch_size=128, warmup_steps=2))
+    model, history = train_world_model(params, WorldTrainOptions(n_train=512, epochs=3, batch_size=128, warmup_steps=2))
     return params, model, history
 
 
@@ -38,7 +39,7 @@ def test_training_lowers_the_loss(trained):
 
 def test_unused_token_rows_stay_exactly_zero(trained):
     params, model, _ = trained
-    used = torch.unique(tokenize(world_vocabulary(params)))
+    used = torch.unique(tokenize(world_vocabulary(params), WORLD_TOKENIZER))
     emb = model.token_embedding.weight
     unused = torch.ones(emb.shape[0], dtype=torch.bool)
     unused[used] = False
