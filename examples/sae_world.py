@@ -34,11 +34,11 @@ import surgery
 from surgery import metrics
 from surgery import sae as S
 from surgery.metrics.linear_probe import cross_validated_accuracy, fit_linear_probe, probe_accuracy
-from surgery.model.preprocess import images_to_tensor
+from surgery.model.preprocess import images_to_tensor, tokenize
 from surgery.world.checkpoint import world_params_of
 from surgery.world.generator import generate
 from surgery.world.prompts import group_prompts, neutral_queries
-from surgery.world.train import tokenize
+from surgery.world.train import WORLD_TOKENIZER
 
 
 def figures(img: torch.Tensor, concepts: torch.Tensor, groups: torch.Tensor, concept_txt: torch.Tensor,
@@ -130,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     # 4: figures on the held-out balanced half
     images, groups, concepts = all_images[idx_eval], groups_all[idx_eval], concepts_all[idx_eval]
     with torch.no_grad():
-        concept_txt = model.encode_text(tokenize(neutral_queries(params))).float()
-        group_txt = model.encode_text(tokenize(group_prompts(params))).float()
-    zs = S.zero_shot_with_replacement(model, sae, site, images, concepts, tokenize(neutral_queries(params)))
+        concept_txt = model.encode_text(tokenize(neutral_queries(params), WORLD_TOKENIZER)).float()
+        group_txt = model.encode_text(tokenize(group_prompts(params), WORLD_TOKENIZER)).float()
+    zs = S.zero_shot_with_replacement(model, sae, site, images, concepts, tokenize(neutral_queries(params), WORLD_TOKENIZER))
     print(f"zero-shot concept accuracy with the representation replaced by its reconstruction: "
           f"{zs['zero_shot_accuracy']:.4f} -> {zs['zero_shot_accuracy_replaced']:.4f}")
     # The fixed probe is what a group classifier trained on the unedited model's features sees after

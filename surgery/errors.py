@@ -2,6 +2,8 @@
 
 Every error the library raises on bad input is a :class:`SurgeryError`: its message says what is
 wrong and what to do about it, so the CLI can print it as-is (no traceback).
+
+Every error class lives here, so any layer can raise and catch them without importing another stage.
 """
 from __future__ import annotations
 
@@ -28,3 +30,51 @@ class HeadMaskError(SurgeryError, ValueError):
 
 class DataError(SurgeryError, ValueError):
     """Bad input data or parameters; the message says what is wrong and what to do."""
+
+
+class PlanError(SurgeryError, ValueError):
+    """A plan that is malformed or does not fit the model."""
+
+
+class ProbeError(SurgeryError):
+    """Bad input to a linear probe."""
+
+
+class ExportParityError(SurgeryError):
+    """ONNX Runtime's output differs from PyTorch's by more than the bound."""
+
+
+class UnfusableBlockError(SurgeryError):
+    """A transformer block has a part the ORT-fused graph does not express (LayerScale aside)."""
+
+
+class JudgeError(SurgeryError, ValueError):
+    """A judge could not give a verdict: bad options, an unreachable endpoint, or a malformed reply."""
+
+
+class TextAuditError(SurgeryError, ValueError):
+    """Bad input to the text-tower audit."""
+
+
+class CAVError(SurgeryError, ValueError):
+    """Bad prompt sets, features or labels for concept directions."""
+
+
+class HeadScoreError(SurgeryError, ValueError):
+    """Bad input to a head score: shapes, labels, or an option."""
+
+
+class TextSpanError(SurgeryError, ValueError):
+    """Bad TextSpan input: shapes, options, or a description pool that cannot be read."""
+
+
+class SAEError(SurgeryError, ValueError):
+    """A bad SAE configuration, artifact or input."""
+
+
+class NeuronError(SurgeryError, ValueError):
+    """Neuron search cannot give an answer for this input."""
+
+
+class CacheError(SurgeryError, ValueError):
+    """An activation cache that is missing, damaged, or made from another model."""

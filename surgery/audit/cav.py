@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from surgery.errors import SurgeryError
+from surgery.errors import CAVError
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,6 @@ WORLD_TEMPLATES = (  # {} = the group word; the first is surgery.world.group_pro
 
 EmbedTexts = Callable[[list[str]], torch.Tensor]  # list of n strings -> (n, D) embeddings
 PromptSet = dict[str, list[str]]  # group -> prompts, for one attribute
-
-
-class CAVError(SurgeryError, ValueError):
-    """Bad prompt sets, features or labels for concept directions."""
 
 
 @dataclass
@@ -114,7 +110,7 @@ def cav_basis(directions: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------- building CAVs
 def zero_shot_cavs(embed_texts: EmbedTexts, prompt_set: Mapping[str, Sequence[str]], attribute: str = "") -> CAVs:
     """CAVs from the text embeddings of each group's prompts (one attribute's prompt set)."""
-    groups = _check_prompt_set(attribute or "prompt set", prompt_set)
+    groups = check_prompt_set(attribute or "prompt set", prompt_set)
     prompts = [p for g in groups for p in prompt_set[g]]
     emb = embed_texts(prompts)
     if not isinstance(emb, torch.Tensor) or emb.dim() != 2 or emb.shape[0] != len(prompts):
@@ -202,7 +198,7 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------- prompt sets
-def _check_prompt_set(attribute: str, groups: Any) -> list[str]:
+def check_prompt_set(attribute: str, groups: Any) -> list[str]:
     """The group names of one attribute's prompt set, validated."""
     if not isinstance(groups, Mapping):
         raise CAVError(f"attribute {attribute!r} must map group names to lists of prompts, got {type(groups).__name__}")
@@ -222,7 +218,7 @@ def _check_prompt_sets(data: Any, source: str) -> dict[str, PromptSet]:
         raise CAVError(f"{source} must hold a mapping {{attribute: {{group: [prompts]}}}} with at least one attribute")
     out: dict[str, PromptSet] = {}
     for attribute, groups in data.items():
-        names = _check_prompt_set(str(attribute), groups)
+        names = check_prompt_set(str(attribute), groups)
         out[str(attribute)] = {g: [p.strip() for p in groups[g]] for g in names}
     return out
 

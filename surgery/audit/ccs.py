@@ -36,7 +36,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from surgery.errors import SurgeryError
+from surgery.errors import JudgeError
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +88,6 @@ DEFAULT_LABELS: dict[str, tuple[str, ...]] = {
     "size and count": ("size and quantity", "many small things or one large thing", "how many objects"),
     "position": ("position and layout", "an object in the centre or at the edge", "spatial arrangement"),
 }
-
-
-class JudgeError(SurgeryError, ValueError):
-    """A judge could not give a verdict: bad options, an unreachable endpoint, or a malformed reply."""
 
 
 # ------------------------------------------------------------------------------------- verdicts

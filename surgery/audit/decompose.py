@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgery.errors import UnsupportedTowerError
-from surgery.model.attention import HeadMaskedAttention, _math_attention, _sdpa_attention, head_masked, resolve_backend
+from surgery.model.attention import HeadMaskedAttention, head_masked, math_attention, resolve_backend, sdpa_attention
 from surgery.model.towers import TowerView, get_towers
 
 
@@ -169,7 +169,7 @@ def _pooled_attention(attn: HeadMaskedAttention, xn: torch.Tensor, index: torch.
     kv = F.linear(xn, w[width:], None if b is None else b[width:])  # (B, N, 2C)
     q = q.view(batch, 1, heads, dim).transpose(1, 2)  # (B, H, 1, d)
     k, v = kv.view(batch, n_tok, 2, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, d)
-    fn = _math_attention if resolve_backend(attn.backend, q) == "math" else _sdpa_attention
+    fn = math_attention if resolve_backend(attn.backend, q) == "math" else sdpa_attention
     z = fn(q, k, v, None, None, 0.0)  # (B, H, 1, d)
     scale = attn._scale(batch, q)  # (H,) | (B, H) | None
     if scale is not None:

@@ -36,13 +36,9 @@ from collections.abc import Sequence
 import torch
 
 from surgery.audit.cav import CAVError, CAVs, cav_basis, check_labels
-from surgery.errors import SurgeryError
+from surgery.errors import HeadScoreError
 
 MEASURES = ("auto", "cohens_d", "eta_squared")
-
-
-class HeadScoreError(SurgeryError, ValueError):
-    """Bad input to a head score: shapes, labels, or an option."""
 
 
 def _check_contrib(contrib: torch.Tensor, name: str = "contrib") -> None:

@@ -10,17 +10,9 @@ import torch
 from surgery.audit.cav import CAVs, prompt_set
 from surgery.audit.probe import ProbeSet, folder_probe_set, world_probe_set
 from surgery.audit.report import write_audit
-from surgery.audit.text import (
-    TextAuditOptions,
-    TextAuditResult,
-    TextProbe,
-    audit_text,
-    probe_image_embeddings,
-    supervised_image_cavs,
-    supervised_vision_scores,
-    text_probe,
-    world_text_probe,
-)
+from surgery.audit.supervised import probe_image_embeddings, supervised_image_cavs, supervised_vision_scores
+from surgery.audit.text import TextAuditOptions, TextAuditResult, audit_text
+from surgery.audit.text_probe import TextProbe, text_probe, world_text_probe
 from surgery.audit.vision import AuditOptions, AuditResult, audit_vision
 from surgery.errors import SurgeryError
 from surgery.model.loading import LoadedModel, load

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -62,18 +61,18 @@ from surgery.audit.ablation import (
     soft_max_skew,
     soft_topk_params,
 )
-from surgery.audit.cav import CAVError, CAVs, _check_prompt_set, supervised_cavs, world_prompt_set, zero_shot_cavs
+from surgery.audit.cav import CAVs, zero_shot_cavs
 from surgery.audit.decompose import decompose, tower_inputs
 from surgery.audit.head_scores import GroupAccuracyAccumulator, SeparationAccumulator, head_table, mean_rank, spearman
 from surgery.audit.probe import ProbeSet
+from surgery.audit.supervised import probe_image_embeddings
+from surgery.audit.text_probe import TextProbe
 from surgery.edit.plan import HeadEdit, SurgeryPlan
-from surgery.errors import SurgeryError
-from surgery.io.queries import NEUTRAL_QUERIES
+from surgery.errors import TextAuditError
 from surgery.model.attention import head_masked
-from surgery.model.encode import image_embeddings, text_embeddings
+from surgery.model.encode import text_embeddings
 from surgery.model.preprocess import tokenize
 from surgery.model.towers import get_towers
-from surgery.world.prompts import describe, neutral_queries
 
 log = logging.getLogger(__name__)
 
@@ -84,87 +83,7 @@ MEASURES = {
     "cav_projection": "mean over neutral queries of sqrt(mean_g <unit(t_q), v_g>^2), v_g the unedited "
                       "zero-shot CAV directions (2 groups: |cos(t_q, p_1) - cos(t_q, p_0)| / 2)",
 }
-_NOUN_PREFIXES = ("a close-up photo of the face of ", "a photo of ", "a portrait of ", "a picture of ",
-                  "an image of ")
-_WORLD_TEMPLATES = ("a photo of {}", "{}", "a picture of {}")  # {} = "a red circle"
 _EPS = 1e-12
-
-
-class TextAuditError(SurgeryError, ValueError):
-    """Bad input to the text-tower audit."""
-
-
-# ------------------------------------------------------------------------------------- prompt sets
-@dataclass
-class TextProbe:
-    queries: list[str]  # neutral queries (no group named); the bias measure is over them
-    prompts: list[str]  # group-naming prompts, for (a) and (b)
-    groups: torch.Tensor  # (P,) int64 group id of each prompt, in the order of group_names
-    group_names: list[str]  # G names, the prompt set's groups in order
-    prompt_set: dict[str, list[str]]  # group -> prompts of the zero-shot CAV prototypes
-    attribute: str = "group"  # the protected attribute's name
-    source: dict = field(default_factory=dict)  # how it was built
-
-    def __post_init__(self) -> None:
-        if not self.queries:
-            raise TextAuditError("the text audit needs at least one neutral query")
-        if list(self.prompt_set) != list(self.group_names):
-            raise TextAuditError("group_names must be the prompt set's groups, in order")
-        if len(self.group_names) < 2:
-            raise TextAuditError(f"attribute {self.attribute!r} has {len(self.group_names)} group(s); "
-                                 "the text audit needs prompts for at least 2 groups")
-        if tuple(self.groups.shape) != (len(self.prompts),):
-            raise TextAuditError(f"{len(self.prompts)} group-naming prompts but {tuple(self.groups.shape)} labels")
-        if torch.unique(self.groups).numel() < 2:
-            raise TextAuditError(f"the group-naming prompts of attribute {self.attribute!r} name one group only")
-
-    def all_prompts(self) -> list[str]:
-        """Every text of the probe (queries, group-naming prompts, CAV prompts), without repeats."""
-        cav = [p for g in self.group_names for p in self.prompt_set[g]]
-        return list(dict.fromkeys([*self.queries, *self.prompts, *cav]))
-
-
-def _group_noun(prompt: str) -> str:
-    """'a photo of a woman' -> 'a woman'; a prompt without a known prefix is kept whole."""
-    for prefix in _NOUN_PREFIXES:
-        if prompt.lower().startswith(prefix):
-            return prompt[len(prefix):]
-    return prompt
-
-
-def text_probe(attribute: str, prompt_set: Mapping[str, Sequence[str]], queries: Sequence[str] | None = None) -> TextProbe:
-    """Prompts for people: neutral queries (default: built-in occupations and traits) x groups,
-    ``"<query> who is <group noun phrase>"``, plus the prompt set itself."""
-
-    names = _check_prompt_set(attribute, prompt_set)
-    queries = list(queries) if queries is not None else \
-        NEUTRAL_QUERIES["occupations"] + NEUTRAL_QUERIES["traits"]
-    prompts, groups = [], []
-    for g, name in enumerate(names):
-        noun = _group_noun(prompt_set[name][0])
-        for text in [*(f"{q} who is {noun}" for q in queries), *prompt_set[name]]:
-            prompts.append(text)
-            groups.append(g)
-    return TextProbe(queries=queries, prompts=prompts, groups=torch.tensor(groups, dtype=torch.int64),
-                     group_names=names, prompt_set={n: list(prompt_set[n]) for n in names}, attribute=attribute,
-                     source={"kind": "people", "n_queries": len(queries), "combination": "<query> who is <group>"})
-
-
-def world_text_probe(params) -> TextProbe:
-    """Prompts of a planted-bias world: its concept queries, every concept named with every group
-    ("a photo of a red circle", "a red circle", "a picture of a red circle"), and the group prompts."""
-
-    pset = world_prompt_set(params)
-    names = list(pset)
-    prompts, groups = [], []
-    for g, name in enumerate(names):
-        texts = [t.format(describe(params, c, g)) for c in range(params.n_concepts) for t in _WORLD_TEMPLATES]
-        for text in [*texts, *pset[name]]:
-            prompts.append(text)
-            groups.append(g)
-    return TextProbe(queries=neutral_queries(params), prompts=prompts, groups=torch.tensor(groups, dtype=torch.int64),
-                     group_names=names, prompt_set=pset, attribute="group",
-                     source={"kind": "world", "hash": params.hash(), "templates": list(_WORLD_TEMPLATES)})
 
 
 # ------------------------------------------------------------------------------------- options, result
@@ -378,26 +297,7 @@ def audit_text(model: nn.Module, tokenizer: dict, probe: TextProbe, options: Tex
         raise TextAuditError(f"K={opt.k} is larger than the {len(images)} probe images; lower --k or add images")
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    embed = lambda texts: text_embeddings(model, texts, tokenizer)  # noqa: E731
-    cavs = zero_shot_cavs(embed, probe.prompt_set, attribute=probe.attribute)
-    basis = cavs.basis().T  # (k, D)
-    k = basis.shape[0]
-    G = len(probe.group_names)
-    prompt_tokens = _tokens(probe.prompts, tokenizer, device)
-    directions = torch.cat([basis, cavs.prototypes])  # (k + G, D)
-    sup_dirs = None
-    sup_info = None
-    if supervised is not None:
-        sup_labels, sup_info = _supervised_labels(probe, supervised)
-        if sup_labels is not None:
-            sup_dirs = torch.cat([supervised.basis().T, supervised.prototypes])
-            directions = torch.cat([directions, sup_dirs])
-    proj = _head_projections(model, prompt_tokens, directions, opt.batch_size)  # (P, L, H, K)
-    scores = dict(zip(("cav", "group_acc"), _separation_and_accuracy(proj[..., :k + G], probe.groups, k, G)))
-    if sup_dirs is not None:
-        k_sup = sup_dirs.shape[0] - supervised.n_groups
-        sep, acc = _separation_and_accuracy(proj[..., k + G:], sup_labels, k_sup, supervised.n_groups)
-        scores.update(cav_supervised=sep, group_acc_supervised=acc)
+    cavs, scores, sup_info = _projection_scores(model, tokenizer, probe, supervised, opt.batch_size, device)
     timings["decomposition_a_b"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -420,31 +320,12 @@ def audit_text(model: nn.Module, tokenizer: dict, probe: TextProbe, options: Tex
     spearman_dc = query_shift = accuracy_drop = None
     if opt.sweep:
         start = time.perf_counter()
-        concepts = images is not None and images.concepts is not None and bool(images.class_prompts)
-        sweep_tokens = torch.cat([query_tokens, _tokens(images.class_prompts, tokenizer, device)]) if concepts \
-            else query_tokens
-        base, ablated = text_ablation_sweep(model, sweep_tokens, fill, opt.batch_size, opt.backend)
-        Q = query_tokens.shape[0]
-        reference = measure.exact(base[:Q].to(device))
-        L, H = view.n_layers, view.n_heads
-        scores["ablation"] = torch.tensor([[reference - measure.exact(ablated[l, h, :Q].to(device)) for h in range(H)]
-                                           for l in range(L)])
-        query_shift = 1 - (ablated[:, :, :Q] * base[:Q]).sum(-1).mean(-1)  # (L, H)
-        if concepts:
-            accuracy = _concept_accuracy(base[Q:], image_emb, images.concepts)
-            accuracy_drop = torch.tensor([[accuracy - _concept_accuracy(ablated[l, h, Q:], image_emb, images.concepts) for h in range(H)]
-                                          for l in range(L)])
-            baseline["accuracy"] = accuracy
+        query_shift, accuracy_drop = _sweep_scores(model, tokenizer, query_tokens, images, image_emb, fill, measure,
+                                                   scores, baseline, opt, view, device)
         spearman_dc = spearman(scores["gradient"], scores["ablation"])
         timings["ablation_sweep_c"] = time.perf_counter() - start
     ranked = mean_rank([scores[name] for name in CHEAP_SCORES])
-    plan = SurgeryPlan(
-        heads=[HeadEdit(TOWER, l, h, 0.0, opt.ablation, means[l, h].tolist() if opt.ablation == "mean" else None)
-               for l, h in ranked[: opt.top_k]],
-        provenance={"method": "clipsurgery audit (text tower)",
-                    "ranking": "mean rank of (a) cav, (b) group_acc, (d) gradient",
-                    "attribute": probe.attribute, "measure": measure.name},
-    ).validate()
+    plan = _text_plan(ranked, means, probe, measure.name, opt)
     info = {"attribute": probe.attribute, "groups": probe.group_names, "n_queries": len(probe.queries),
             "n_group_prompts": len(probe.prompts), "n_cav_prompts": sum(len(v) for v in probe.prompt_set.values()),
             **probe.source}
@@ -454,6 +335,70 @@ def audit_text(model: nn.Module, tokenizer: dict, probe: TextProbe, options: Tex
                            spearman_gradient_vs_ablation=spearman_dc, means=means, plan=plan, probe=info,
                            supervised=sup_info, query_shift=query_shift, accuracy_drop=accuracy_drop,
                            timings=timings)
+
+
+def _projection_scores(model: nn.Module, tokenizer: dict, probe: TextProbe, supervised: CAVs | None,
+                       batch_size: int, device) -> tuple[CAVs, dict[str, torch.Tensor], dict | None]:
+    """(zero-shot CAVs, scores (a) ``cav`` and (b) ``group_acc`` (L, H) -- plus their supervised twins
+    when ``supervised`` CAVs fit the prompts' groups --, what the supervised scores used)."""
+    embed = lambda texts: text_embeddings(model, texts, tokenizer)  # noqa: E731
+    cavs = zero_shot_cavs(embed, probe.prompt_set, attribute=probe.attribute)
+    basis = cavs.basis().T  # (k, D)
+    k = basis.shape[0]
+    G = len(probe.group_names)
+    prompt_tokens = _tokens(probe.prompts, tokenizer, device)
+    directions = torch.cat([basis, cavs.prototypes])  # (k + G, D)
+    sup_dirs = None
+    sup_info = None
+    if supervised is not None:
+        sup_labels, sup_info = _supervised_labels(probe, supervised)
+        if sup_labels is not None:
+            sup_dirs = torch.cat([supervised.basis().T, supervised.prototypes])
+            directions = torch.cat([directions, sup_dirs])
+    proj = _head_projections(model, prompt_tokens, directions, batch_size)  # (P, L, H, K)
+    scores = dict(zip(("cav", "group_acc"), _separation_and_accuracy(proj[..., :k + G], probe.groups, k, G)))
+    if sup_dirs is not None:
+        k_sup = sup_dirs.shape[0] - supervised.n_groups
+        sep, acc = _separation_and_accuracy(proj[..., k + G:], sup_labels, k_sup, supervised.n_groups)
+        scores.update(cav_supervised=sep, group_acc_supervised=acc)
+    return cavs, scores, sup_info
+
+
+def _sweep_scores(model: nn.Module, tokenizer: dict, query_tokens: torch.Tensor, images: ProbeSet | None,
+                  image_emb: torch.Tensor | None, fill: torch.Tensor | None, measure: _Measure,
+                  scores: dict, baseline: dict, opt: TextAuditOptions, view, device
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Score (c) ``ablation`` (L, H) into ``scores`` (and the unedited accuracy into ``baseline``);
+    returns each head's query shift (L, H) and, with labelled images, its accuracy drop (L, H)."""
+    concepts = images is not None and images.concepts is not None and bool(images.class_prompts)
+    sweep_tokens = torch.cat([query_tokens, _tokens(images.class_prompts, tokenizer, device)]) if concepts \
+        else query_tokens
+    base, ablated = text_ablation_sweep(model, sweep_tokens, fill, opt.batch_size, opt.backend)
+    Q = query_tokens.shape[0]
+    reference = measure.exact(base[:Q].to(device))
+    L, H = view.n_layers, view.n_heads
+    scores["ablation"] = torch.tensor([[reference - measure.exact(ablated[l, h, :Q].to(device)) for h in range(H)]
+                                       for l in range(L)])
+    query_shift = 1 - (ablated[:, :, :Q] * base[:Q]).sum(-1).mean(-1)  # (L, H)
+    accuracy_drop = None
+    if concepts:
+        accuracy = _concept_accuracy(base[Q:], image_emb, images.concepts)
+        accuracy_drop = torch.tensor([[accuracy - _concept_accuracy(ablated[l, h, Q:], image_emb, images.concepts)
+                                       for h in range(H)] for l in range(L)])
+        baseline["accuracy"] = accuracy
+    return query_shift, accuracy_drop
+
+
+def _text_plan(ranked: list[tuple[int, int]], means: torch.Tensor, probe: TextProbe, measure: str,
+               opt: TextAuditOptions) -> SurgeryPlan:
+    """The proposed plan: the top-k heads of the cheap ranking, removed (mean- or zero-ablated)."""
+    return SurgeryPlan(
+        heads=[HeadEdit(TOWER, l, h, 0.0, opt.ablation, means[l, h].tolist() if opt.ablation == "mean" else None)
+               for l, h in ranked[: opt.top_k]],
+        provenance={"method": "clipsurgery audit (text tower)",
+                    "ranking": "mean rank of (a) cav, (b) group_acc, (d) gradient",
+                    "attribute": probe.attribute, "measure": measure},
+    ).validate()
 
 
 def _concept_accuracy(class_emb: torch.Tensor, image_emb: torch.Tensor, concepts: torch.Tensor) -> float:
@@ -473,36 +418,3 @@ def _supervised_labels(probe: TextProbe, supervised: CAVs) -> tuple[torch.Tensor
     ids = torch.tensor([index[g] for g in probe.group_names], dtype=torch.int64)[probe.groups]
     return ids, {"method": supervised.method, "groups": list(supervised.groups),
                  "features": "normalised image embeddings of the labelled probe images"}
-
-
-# ------------------------------------------------------------------------------------- supervised CAVs
-@torch.no_grad()
-def probe_image_embeddings(model: nn.Module, probe: ProbeSet, batch_size: int = 64) -> torch.Tensor:
-    """(N, D) normalised image embeddings of the probe images (unedited model), on the CPU."""
-    return image_embeddings(model, (imgs for imgs, _ in probe.batches(batch_size)))
-
-
-def supervised_image_cavs(model: nn.Module, probe: ProbeSet, batch_size: int = 64,
-                          image_emb: torch.Tensor | None = None) -> CAVs:
-    """Supervised CAVs of the probe's attribute: class means of the normalised image embeddings."""
-    emb = image_emb if image_emb is not None else probe_image_embeddings(model, probe, batch_size)
-    try:
-        return supervised_cavs(emb, probe.groups, probe.group_names, attribute=probe.attribute)
-    except CAVError as exc:
-        raise TextAuditError(f"supervised CAVs of attribute {probe.attribute!r}: {exc}") from None
-
-
-@torch.no_grad()
-def supervised_vision_scores(model: nn.Module, probe: ProbeSet, cavs: CAVs, batch_size: int = 64) -> dict[str, torch.Tensor]:
-    """(a) and (b) of every vision head along supervised CAVs: ``cav_supervised`` (effect size of the
-    groups along the supervised CAV basis) and ``group_acc_supervised`` (accuracy against the
-    supervised prototypes), streamed over the probe images (one decomposition pass)."""
-    device = next(model.parameters()).device
-    k = cavs.basis().shape[1]
-    dirs = torch.cat([cavs.basis().T, cavs.prototypes]).to(device)  # (k + G, D)
-    sep, acc = SeparationAccumulator(cavs.n_groups), GroupAccuracyAccumulator(cavs.n_groups)
-    for imgs, sl in probe.batches(batch_size):
-        proj = (decompose(model, "vision", imgs.to(device)).heads @ dirs.T).cpu()  # (b, L, H, k + G)
-        sep.update(proj[..., :k], probe.groups[sl])
-        acc.update(proj[..., k:], probe.groups[sl])
-    return {"cav_supervised": sep.result(), "group_acc_supervised": acc.result()}

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from surgery.errors import SurgeryError
+from surgery.errors import TextSpanError
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +50,6 @@ GENERAL_FILE = "descriptions_general.txt"
 DEMOGRAPHIC_FILE = "descriptions_demographic.txt"
 _POOL_FILES = {"general": (GENERAL_FILE,), "demographic": (DEMOGRAPHIC_FILE,),
                "bias_augmented": (GENERAL_FILE, DEMOGRAPHIC_FILE)}
-
-
-class TextSpanError(SurgeryError, ValueError):
-    """Bad TextSpan input: shapes, options, or a description pool that cannot be read."""
 
 
 # ------------------------------------------------------------------------------------- options

@@ -5,7 +5,6 @@ from __future__ import annotations
 from surgery.edit.plan import (  # noqa: F401
     SCHEMA,
     ABLATIONS,
-    PlanError,
     HeadEdit,
     NEURON_FORMS,
     NEURON_SITES,

@@ -25,16 +25,12 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from surgery.errors import SurgeryError
+from surgery.errors import PlanError
 from surgery.io.fs import write_text_atomic
 from surgery.model.towers import TOWERS, get_towers
 
 SCHEMA = "clipsurgery.plan/1"
 ABLATIONS = ("zero", "mean")
-
-
-class PlanError(SurgeryError, ValueError):
-    """A plan that is malformed or does not fit the model."""
 
 
 @dataclass

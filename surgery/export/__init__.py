@@ -11,7 +11,6 @@ from surgery.export.onnx import (  # noqa: F401
     TOWER_CHOICES,
     GRAPH_CHOICES,
     PARITY_BOUND,
-    ExportParityError,
     OnnxOptions,
     ImageEncoder,
     TextEncoder,

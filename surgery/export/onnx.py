@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgery.edit.plan import SurgeryPlan
-from surgery.errors import SurgeryError
+from surgery.errors import ExportParityError, SurgeryError
 from surgery.export.ort_fused import (
     ORT_CONTRIB_DOMAIN,
     UnfusableBlockError,
@@ -63,10 +63,6 @@ TOWER_CHOICES = ("vision", "text", "both")
 GRAPH_CHOICES = ("auto", "ort", "plain")
 PARITY_BOUND = {"fp32": 1e-4, "fp16": 2e-2}
 _TWO_GB = 2 * 1024**3
-
-
-class ExportParityError(SurgeryError):
-    """ONNX Runtime's output differs from PyTorch's by more than the bound."""
 
 
 @dataclass

@@ -12,12 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgery.errors import SurgeryError
+from surgery.errors import SurgeryError, UnfusableBlockError
 
 ORT_CONTRIB_DOMAIN = "com.microsoft"
-
-class UnfusableBlockError(SurgeryError):
-    """A transformer block has a part the ORT-fused graph does not express (LayerScale aside)."""
 
 
 def _activation_kind(module: nn.Module) -> str:

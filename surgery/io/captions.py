@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from surgery.errors import DataError
-from surgery.io.labels import _file_column, _read_csv_rows
+from surgery.io.labels import file_column, read_csv_rows
 
 logger = logging.getLogger(__name__)
 CAPTION_COLUMN = "caption"
@@ -48,8 +48,8 @@ def _split_hint(splits: set[str] | None) -> str:
 
 
 def _load_caption_csv(path: Path, splits: set[str] | None) -> dict[str, list[str]]:
-    header, rows = _read_csv_rows(path)
-    file_col = _file_column(header, path)
+    header, rows = read_csv_rows(path)
+    file_col = file_column(header, path)
     lowered = [h.lower() for h in header]
     if CAPTION_COLUMN not in lowered:
         raise DataError(

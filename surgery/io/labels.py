@@ -127,7 +127,7 @@ def load_labels(
     return table
 
 
-def _read_csv_rows(path: Path) -> tuple[list[str], list[list[str]]]:
+def read_csv_rows(path: Path) -> tuple[list[str], list[list[str]]]:
     """Header and rows of a CSV file, whitespace stripped, blank lines dropped."""
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:
@@ -140,7 +140,7 @@ def _read_csv_rows(path: Path) -> tuple[list[str], list[list[str]]]:
     return rows[0], rows[1:]
 
 
-def _file_column(header: list[str], path: Path) -> int:
+def file_column(header: list[str], path: Path) -> int:
     lowered = [h.lower() for h in header]
     for alias in FILE_COLUMN_ALIASES:
         if alias in lowered:
@@ -152,8 +152,8 @@ def _file_column(header: list[str], path: Path) -> int:
 
 
 def _load_csv_labels(path: Path) -> LabelTable:
-    header, rows = _read_csv_rows(path)
-    file_col = _file_column(header, path)
+    header, rows = read_csv_rows(path)
+    file_col = file_column(header, path)
     if len(set(header)) != len(header):
         raise DataError(f"{str(path)!r} repeats a column name in its header {header}; make names unique")
     if not rows:

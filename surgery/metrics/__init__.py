@@ -31,7 +31,6 @@ from surgery.metrics.zero_shot import (  # noqa: F401
     zero_shot_accuracy,
 )
 from surgery.metrics.linear_probe import (  # noqa: F401
-    ProbeError,
     LinearProbe,
     probe_loss,
     fit_linear_probe,

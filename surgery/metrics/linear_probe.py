@@ -17,11 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from surgery.errors import SurgeryError
-
-
-class ProbeError(SurgeryError):
-    """Bad input to a linear probe."""
+from surgery.errors import ProbeError
 
 
 def _check(x: torch.Tensor, y: torch.Tensor, n_classes: int) -> None:

@@ -143,7 +143,7 @@ class HeadMaskedAttention(nn.Module):
             z = self._triton(q, k, v, scale, bias, sm_scale)
         if z is None:
             dropout = self.dropout if self.training else 0.0
-            fn = _math_attention if backend == "math" else _sdpa_attention
+            fn = math_attention if backend == "math" else sdpa_attention
             z = fn(q, k, v, bias, sm_scale, dropout)  # (B, H, N, d)
             if scale is not None:
                 z = z * (scale.view(-1, self.num_heads, 1, 1))
@@ -182,7 +182,7 @@ class HeadMaskedAttention(nn.Module):
 
 
 # ------------------------------------------------------------------------------------ backends
-def _math_attention(q, k, v, bias, sm_scale, dropout):
+def math_attention(q, k, v, bias, sm_scale, dropout):
     """Reference: explicit softmax. q, k, v (B, H, N, d); bias (B|1, H|1, N, N) additive or None."""
     scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
     logits = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, H, N, N)
@@ -194,7 +194,7 @@ def _math_attention(q, k, v, bias, sm_scale, dropout):
     return torch.matmul(weights, v)  # (B, H, N, d)
 
 
-def _sdpa_attention(q, k, v, bias, sm_scale, dropout):
+def sdpa_attention(q, k, v, bias, sm_scale, dropout):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=sm_scale)
 
 

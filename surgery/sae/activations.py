@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from surgery.errors import SurgeryError
+from surgery.errors import CacheError
 from surgery.io.checkpoint import state_dict_hash, write_safetensors
 from surgery.io.fs import atomic_output
 from surgery.model.towers import get_towers
@@ -40,10 +40,6 @@ log = logging.getLogger(__name__)
 CACHE_JSON = "cache.json"
 CACHE_SCHEMA = "clipsurgery.activations/1"
 Progress = Callable[[int, int], None]  # (done, total)
-
-
-class CacheError(SurgeryError, ValueError):
-    """An activation cache that is missing, damaged, or made from another model."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +66,7 @@ def site_width(model: nn.Module, site: Site) -> int:
     return int(proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1])
 
 
-def _eot_mask(tokens: torch.Tensor) -> torch.Tensor:
+def eot_mask(tokens: torch.Tensor) -> torch.Tensor:
     """(B, N) bool: token positions up to and including the end-of-text token (argmax id)."""
     eot = tokens.argmax(dim=-1)  # (B,)
     return torch.arange(tokens.shape[1])[None, :] <= eot[:, None]
@@ -101,7 +97,7 @@ def capture_rows(model: nn.Module, site: Site, inputs: torch.Tensor, first_index
     sample = torch.arange(first_index, first_index + acts.shape[0])
     if acts.dim() == 2:
         return acts, sample
-    keep = _eot_mask(inputs) if site.tower == "text" and acts.shape[:2] == inputs.shape[:2] else \
+    keep = eot_mask(inputs) if site.tower == "text" and acts.shape[:2] == inputs.shape[:2] else \
         torch.ones(acts.shape[:2], dtype=torch.bool)
     return acts[keep], sample[:, None].expand(acts.shape[:2])[keep]
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgery.errors import SurgeryError
+from surgery.errors import SAEError
 from surgery.io.checkpoint import write_safetensors
 from surgery.io.fs import atomic_output
 
@@ -30,10 +30,6 @@ TOWER_NAMES = ("vision", "text")
 WEIGHTS_FILE = "weights.safetensors"
 CONFIG_FILE = "cfg.json"
 SCHEMA = "clipsurgery.sae/1"
-
-
-class SAEError(SurgeryError, ValueError):
-    """A bad SAE configuration, artifact or input."""
 
 
 @dataclass

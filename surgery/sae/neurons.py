@@ -24,24 +24,20 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from surgery.errors import SurgeryError
+from surgery.errors import NeuronError, SurgeryError
 from surgery.io.checkpoint import state_dict_hash
 from surgery.io.fs import atomic_output
 from surgery.io.images import ImageFolderDataset
 from surgery.io.labels import load_labels
 from surgery.model.preprocess import tokenize
 from surgery.model.towers import get_towers
-from surgery.sae.activations import Site, _eot_mask, capture
+from surgery.sae.activations import Site, capture, eot_mask
 from surgery.sae.model import SAEError, SparseAutoencoder
 
 log = logging.getLogger(__name__)
 
 TOKEN_REDUCTIONS = ("pooled", "max", "mean", "first")
 NEURONS_SCHEMA = "clipsurgery.neurons/1"
-
-
-class NeuronError(SurgeryError, ValueError):
-    """Neuron search cannot give an answer for this input."""
 
 
 @dataclass
@@ -106,7 +102,7 @@ def sample_latents(model: nn.Module, sae: SparseAutoencoder, batches: Iterable[t
             elif token_reduce_here == "eot":
                 z = z[torch.arange(z.shape[0]), batch.argmax(dim=-1)]
             else:
-                mask = (_eot_mask(batch) if site.tower == "text" and z.shape[:2] == batch.shape[:2]
+                mask = (eot_mask(batch) if site.tower == "text" and z.shape[:2] == batch.shape[:2]
                         else torch.ones(z.shape[:2], dtype=torch.bool)).to(z.dtype)[..., None]  # (B, N, 1)
                 z = (z * mask).amax(1) if token_reduce_here == "max" else (z * mask).sum(1) / mask.sum(1)
         out.append(z.float())

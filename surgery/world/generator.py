@@ -34,7 +34,7 @@ from surgery.io.captions import load_captions
 from surgery.io.labels import load_labels
 from surgery.world.params import GENERATOR_VERSION, WORLD_JSON, WorldParams
 from surgery.world.prompts import CAPTION_TEMPLATES, describe
-from surgery.world.shapes import COLORS, SHAPES, _texture
+from surgery.world.shapes import COLORS, SHAPES, texture_pattern
 
 logger = logging.getLogger(__name__)
 SPLITS = ("train", "eval")
@@ -142,7 +142,7 @@ def _render_chunk(
         iy = np.arange(s)[None, :, None] + phase[:, 1, None, None]
         for g in np.unique(groups):
             sel = groups == g
-            pattern = _texture(params.groups[g], ix[sel], iy[sel])  # (k_g, S, S)
+            pattern = texture_pattern(params.groups[g], ix[sel], iy[sel])  # (k_g, S, S)
             grey = ink[sel, None, None] * pattern + paper[sel, None, None] * (1 - pattern)
             fill[sel] = grey[..., None]
     image = background[:, None, None, None] * (1 - alpha[..., None]) + fill * alpha[..., None] + noise

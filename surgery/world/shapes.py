@@ -117,7 +117,7 @@ SHAPES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
 }
 
 
-def _texture(name: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+def texture_pattern(name: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """1.0 where the pattern is ink, 0.0 where paper; x, y integer pixel coords (+ phase)."""
     if name == "stripes":
         return ((y // 2) % 2 == 0).astype(np.float64)

@@ -12,21 +12,16 @@ import surgery
 from surgery import metrics
 from surgery.audit.cav import prompt_set, zero_shot_cavs
 from surgery.audit.probe import ProbeSet
+from surgery.audit.supervised import probe_image_embeddings, supervised_image_cavs, supervised_vision_scores
 from surgery.audit.text import (
-    TextAuditError,
     TextAuditOptions,
-    TextProbe,
     _Measure,
     audit_text,
     cav_projection,
-    probe_image_embeddings,
-    supervised_image_cavs,
-    supervised_vision_scores,
     text_gradient_scores,
     text_head_means,
-    text_probe,
-    world_text_probe,
 )
+from surgery.audit.text_probe import TextAuditError, TextProbe, text_probe, world_text_probe
 from surgery.edit.bake import bake
 from surgery.edit.plan import HeadEdit, SurgeryPlan
 from surgery.model.attention import head_masked

@@ -123,3 +123,25 @@ def test_budget_refuses_out_of_range_targets(kwargs, message):
 
     with pytest.raises(SurgeryError, match=message):
         Budget(**kwargs)
+
+
+def test_selection_budget_is_the_budget_less_its_margins():
+    from surgery.debias.budget import MIN_SELECTION_RATIO, bias_ratio
+
+    budget = Budget(max_bias_ratio=0.5, max_accuracy_drop=0.02, max_recall_drop=0.004)
+    tight = budget.tightened(margin=0.005, bias_margin=0.05)
+    assert (tight.max_bias_ratio, tight.max_accuracy_drop, tight.max_recall_drop) == pytest.approx((0.45, 0.015, 0.0))
+    assert Budget(max_bias_ratio=0.06).tightened(0.0, 0.05).max_bias_ratio == MIN_SELECTION_RATIO
+    assert DebiasOptions().selection_budget() == DebiasOptions().budget.tightened(0.005, 0.05)
+    assert budget.bias_met({"max_skew": 0.6}, {"max_skew": 0.3}) and not budget.bias_met({"max_skew": 0.6}, {"max_skew": 0.31})
+    assert bias_ratio(0.0, 0.2) > 1e9 and bias_ratio(0.5, 0.25) == 0.5
+
+
+def test_debias_outputs_sit_beside_the_model():
+    from surgery.debias.pipeline import Outputs
+
+    onnx = Outputs.of("dir/out.onnx", "both")
+    assert onnx.model == {"vision": "dir/out.visual.onnx", "text": "dir/out.text.onnx"}
+    assert (onnx.plan, onnx.report, onnx.sae) == ("dir/out.plan.json", "dir/out.report", "dir/out.sae")
+    assert Outputs.of("m.safetensors", "both").model == {"model": "m.safetensors"}
+    assert Outputs.of("m.onnx", "vision").model == {"vision": "m.onnx"}

@@ -179,3 +179,28 @@ def test_batch_first_false_multihead_attention():
         want, _ = mha(x, x, x, need_weights=False)
         got, _ = wrapped(x, x, x, need_weights=False)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_set_head_edits_masks_edited_layers_only_and_mean_fills(tiny, images, tokens):
+    from surgery.model.attention import clear_head_edits, set_head_edits
+
+    model, _ = tiny
+    reference = copy.deepcopy(model)
+    surgery.swap_attention(model, backend="math")
+    scales = torch.ones(2, 4)
+    scales[1, 2] = 0.25  # (L, H): layer 1, head 2 keeps a quarter
+    fills = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(3))  # (L, H, d)
+    set_head_edits(model, "vision", scales, fills)
+    mods = masked_modules(model, "vision")
+    assert mods[0].head_mask is None and mods[0].head_fill is None  # an untouched layer runs unmasked
+    assert torch.equal(mods[1].head_mask, scales[1]) and torch.equal(mods[1].head_fill, fills[1])
+    # the same edit through the per-layer API it stands for
+    surgery.swap_attention(reference, backend="math")
+    ref_mods = masked_modules(reference, "vision")
+    ref_mods[1].set_head_mask(scales[1])
+    ref_mods[1].set_head_fill(fills[1])
+    assert_same_embeddings(reference, model, images, tokens, atol=0)
+    clear_head_edits(model, "vision")
+    assert all(m.head_mask is None and m.head_fill is None for m in mods)
+    with pytest.raises(HeadMaskError, match=r"must be \(2, 4\)"):
+        set_head_edits(model, "vision", torch.ones(3, 4))
