@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1
 ATTRIBUTE_KINDS = ("color", "texture")
+WORLD_JSON = "world.json"  # a generated split's parameters (written beside its images)
 PARAMS_JSON = "world_params.json"  # the world's parameters stored beside a trained model
 DEFAULT_CONCEPTS = ("circle", "square", "triangle", "cross", "ring", "star")
 DEFAULT_GROUPS = {"color": ("red", "blue"), "texture": ("stripes", "dots")}
@@ -180,6 +181,3 @@ def load_params(path: str | Path) -> WorldParams:
         logger.warning("%s was written by world generator v%s; this is v%s, images may differ",
                        path, version, GENERATOR_VERSION)
     return WorldParams.from_dict(data["params"])
-
-
-WORLD_JSON = "world.json"
