@@ -17,6 +17,7 @@ from surgery.audit.vision import AuditOptions, AuditResult, audit_vision
 from surgery.errors import SurgeryError
 from surgery.model.loading import LoadedModel, load
 from surgery.world.checkpoint import world_params_of
+from surgery.world.generator import balanced_size, check_eval_size
 
 TOWER_CHOICES = ("vision", "text", "both")
 
@@ -28,7 +29,7 @@ class AuditRunOptions:
     prompts_path: str | None = None  # group prompts per attribute, JSON/YAML (default: built-in)
     top_k: int = 3  # heads the proposed plan soft-prunes (per tower)
     k: int = 50  # MaxSkew@K
-    n_probe: int = 1200  # world models: probe images generated
+    n_probe: int | None = None  # world models: probe images generated (None: ~1200, a multiple of concepts x groups)
     ablation: str = "mean"  # "mean" | "zero"
     sweep: bool = True  # run the causal ablation sweep (c)
     batch_size: int = 64
@@ -91,7 +92,8 @@ def build_probe(loaded: LoadedModel, model: str, options: AuditRunOptions, image
         raise SurgeryError(f"the vision audit needs probe images: pass --images DIR --labels CSV "
                            f"({model} carries no world to generate them from); --tower text audits from prompts")
     extra = [f"a {params.group_word(g)} shape" for g in range(params.n_groups)] + [f"a {c}" for c in params.concepts]
-    return world_probe_set(params, loaded.preprocess, options.n_probe), extra
+    n = balanced_size(params) if options.n_probe is None else check_eval_size(params, options.n_probe, "--n-probe")
+    return world_probe_set(params, loaded.preprocess, n), extra
 
 
 def build_text_probe(loaded: LoadedModel, probe: ProbeSet | None, options: AuditRunOptions) -> TextProbe | None:

@@ -18,7 +18,7 @@ from surgery.debias.budget import Budget
 from surgery.debias.pipeline import DebiasOptions, run_debias
 from surgery.edit.bake import bake as bake_plan
 from surgery.edit.plan import SurgeryPlan
-from surgery.eval.compare import Row, compare, format_table, summary_rows, write_report
+from surgery.eval.compare import Row, compare, format_query_cuts, format_table, summary_rows, write_report
 from surgery.eval.embedding import EmbedOptions
 from surgery.eval.encoders import open_encoder
 from surgery.eval.evaluate import evaluate, spec_from_folder
@@ -29,10 +29,12 @@ from surgery.metrics.bias import BiasConventions
 from surgery.model.inspect import describe_model, format_description
 from surgery.model.loading import load
 from surgery.world.checkpoint import world_params_of
-from surgery.world.generator import generate, write_split
+from surgery.world.generator import DEFAULT_EVAL_SIZE, balanced_size, generate, write_split
 from surgery.world.params import WorldParams
 
 _user_errors = user_errors
+#: ``clipsurgery debias`` wrote its outputs but missed a target on the report's images.
+EXIT_TARGETS_MISSED = 3
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -135,7 +137,8 @@ def export(model, out, tower, precision, normalize, opset, graph, force, arch):
               help="Group prompts per attribute, JSON/YAML {attribute: {group: [prompts]}} (default: built-in).")
 @click.option("--top-k", type=int, default=3, show_default=True, help="Heads the proposed plan soft-prunes (per tower).")
 @click.option("--k", type=int, default=50, show_default=True, help="MaxSkew@K.")
-@click.option("--n-probe", type=int, default=1200, show_default=True, help="World models: probe images generated.")
+@click.option("--n-probe", type=int, default=None,
+              help="World models: probe images generated (default: about 1200, a multiple of concepts x groups).")
 @click.option("--ablation", type=click.Choice(["mean", "zero"]), default="mean", show_default=True)
 @click.option("--no-sweep", is_flag=True, help="Skip the causal ablation sweep (c): cheap scores only.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
@@ -167,7 +170,8 @@ def audit(model, images_dir, labels_path, tower, attributes, prompts_path, top_k
               help="Target: points of text->image Recall@5 (probes with captions: a world's own).")
 @click.option("--max-heads", type=int, default=8, show_default=True)
 @click.option("--k", type=int, default=50, show_default=True)
-@click.option("--n-probe", type=int, default=1200, show_default=True, help="World models: images per generated split.")
+@click.option("--n-probe", type=int, default=None,
+              help="World models: images per generated split (default: about 1200, a multiple of concepts x groups).")
 @click.option("--selection-draws", type=click.IntRange(1, 16), default=8, show_default=True,
               help="World models: independent draws the edit search averages over.")
 @click.option("--holdout", type=float, default=None,
@@ -178,10 +182,17 @@ def audit(model, images_dir, labels_path, tower, attributes, prompts_path, top_k
 @click.option("--heads-only", is_flag=True, help="Only soft-prune heads (no SAE neurons).")
 @click.option("--neurons-only", is_flag=True, help="Only deactivate SAE neurons (no head edits).")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs (never the input).")
+@click.option("--allow-miss", is_flag=True,
+              help=f"Exit 0 even when the targets are not met on the report's images (default: exit {EXIT_TARGETS_MISSED}).")
 @_user_errors
 def debias(model_in, out, images_dir, labels_path, attributes, max_bias_ratio, max_accuracy_drop, max_recall_drop,
-           max_heads, k, n_probe, selection_draws, holdout, tower, heads_only, neurons_only, force):
-    """Audit IN, choose head edits, bake them, export OUT (.onnx or .safetensors), and compare."""
+           max_heads, k, n_probe, selection_draws, holdout, tower, heads_only, neurons_only, force, allow_miss):
+    """Audit IN, choose head edits, bake them, export OUT (.onnx or .safetensors), and compare.
+
+    Exit status: 0 when the targets hold on the report's images, 1 on an error, 2 on bad usage,
+    3 when the outputs were written but a target was missed (pipelines can gate on it; --allow-miss
+    exits 0 then).
+    """
     if not out.endswith((".onnx", ".safetensors")):
         raise click.UsageError(f"output {out} must end in .onnx or .safetensors")
     if (images_dir is None) != (labels_path is None):
@@ -203,6 +214,10 @@ def debias(model_in, out, images_dir, labels_path, attributes, max_bias_ratio, m
     click.echo(summary["table"])
     for line in summary["lines"]:
         click.echo(line)
+    if not summary["met"] and not allow_miss:
+        click.echo(f"exit {EXIT_TARGETS_MISSED}: a target was missed on the report's images (--allow-miss exits 0)",
+                   err=True)
+        click.get_current_context().exit(EXIT_TARGETS_MISSED)
 
 
 class _StageBar:
@@ -229,7 +244,8 @@ def world() -> None:
 @world.command("generate")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder to write (must not exist).")
 @click.option("--split", type=click.Choice(["train", "eval"]), default="eval", show_default=True)
-@click.option("--n", type=int, default=1200, show_default=True, help="Images (eval: a multiple of concepts x groups).")
+@click.option("--n", type=int, default=None,
+              help="Images (default: 1200; eval: a multiple of concepts x groups, by default the nearest to 1200).")
 @click.option("--like", "like", default=None, help="Use the world a trained MODEL was trained on.")
 @click.option("--seed", type=int, default=None)
 @click.option("--concepts", default=None, help="Comma-separated shapes (4-8), e.g. circle,square,triangle,cross.")
@@ -259,6 +275,8 @@ def world_generate(out_dir, split, n, like, seed, concepts, groups, attribute_ki
     if attribute_kind and not groups:
         data["groups"] = None
     params = WorldParams.from_dict(data)
+    if n is None:
+        n = balanced_size(params, DEFAULT_EVAL_SIZE) if split == "eval" else DEFAULT_EVAL_SIZE
     path = write_split(generate(params, split, n), out_dir, overwrite=force)
     click.echo(f"wrote {n} {split} images to {path} (world {params.hash()[:12]})")
 
@@ -341,6 +359,8 @@ def compare_cmd(before, after, out_dir, **kwargs):
     write_report(out_dir, result)
     rows = [Row(r["metric"], r["before"], r["after"], r["better"]) for r in result["rows"]]
     click.echo(format_table(rows))
+    for line in format_query_cuts(result["per_query"], spec.conventions.k):
+        click.echo(line)
     click.echo(f"report: {os.path.join(out_dir, 'report.md')}")
 
 

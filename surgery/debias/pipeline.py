@@ -24,7 +24,7 @@ from surgery.debias.neurons import choose_neurons
 from surgery.edit.bake import bake
 from surgery.edit.plan import SurgeryPlan
 from surgery.errors import SurgeryError
-from surgery.eval.compare import Row, compare, format_table, write_report
+from surgery.eval.compare import Row, compare, format_query_cuts, format_table, write_report
 from surgery.eval.embedding import EmbedOptions
 from surgery.eval.encoders import TorchEncoder, open_encoder
 from surgery.eval.evaluate import PROTECTED_COLUMNS, EvalSpec, spec_from_folder
@@ -38,7 +38,15 @@ from surgery.model.encode import caption_embeddings, text_embeddings
 from surgery.model.loading import LoadedModel, load
 from surgery.model.preprocess import images_to_tensor
 from surgery.world.checkpoint import world_params_of
-from surgery.world.generator import CAPTIONS_CSV, WORLD_JSON, generate, split_dir, write_split
+from surgery.world.generator import (
+    CAPTIONS_CSV,
+    WORLD_JSON,
+    balanced_size,
+    check_eval_size,
+    generate,
+    split_dir,
+    write_split,
+)
 
 SELECTION_SEED_OFFSET = 1000  # the selection probe is another draw of the world than the report's
 
@@ -48,7 +56,7 @@ class DebiasOptions:
     budget: Budget = field(default_factory=Budget)  # targets on the report's images: bias ratio, accuracy, recall
     max_heads: int = 8  # most heads edited
     k: int = 50  # MaxSkew@K
-    n_probe: int = 1200  # world models: images per generated split
+    n_probe: int | None = None  # world models: images per generated split (None: ~1200, a multiple of concepts x groups)
     selection_draws: int = 8  # world models: independent selection draws the search averages over
     tower: str = "both"  # ONNX towers
     force: bool = False  # overwrite outputs
@@ -174,14 +182,15 @@ def build_probes(loaded: LoadedModel, model_in: str, options: DebiasOptions, wor
                         source={"images": images_dir, "labels": labels_path, "holdout": options.holdout,
                                 "selection_images": len(probe)})
     elif params is not None:
+        n = balanced_size(params) if options.n_probe is None else check_eval_size(params, options.n_probe, "--n-probe")
         selection = [world_probe_set(dataclasses.replace(params, seed=params.seed + SELECTION_SEED_OFFSET + i),
-                                     loaded.preprocess, options.n_probe) for i in range(max(1, options.selection_draws))]
-        write_split(generate(params, "eval", options.n_probe), os.path.join(work, "eval"))
+                                     loaded.preprocess, n) for i in range(max(1, options.selection_draws))]
+        write_split(generate(params, "eval", n), os.path.join(work, "eval"))
         sae_images = images_to_tensor(generate(params, "train", options.sae_images).images, loaded.preprocess)
         probes = Probes(selection, os.path.join(work, "eval", "images"), os.path.join(work, "eval", "labels.csv"),
                         sae_images)
         say(f"probing on {len(selection)} generated draws of the model's world (selection seeds "
-            f"{params.seed + SELECTION_SEED_OFFSET}+; report on its own eval split, {options.n_probe} images)")
+            f"{params.seed + SELECTION_SEED_OFFSET}+; report on its own eval split, {n} images)")
     else:
         raise SurgeryError(f"vision surgery needs probe images: pass --images DIR --labels CSV "
                            f"({model_in} carries no world to generate them from)")
@@ -288,8 +297,10 @@ def summarise(result: dict, search: SearchResult, exported: list[str], outputs: 
              f"targets on the selection probe ({met}): MaxSkew@{options.k} {search.before['max_skew']:.3f} -> "
              f"{search.after['max_skew']:.3f} (ratio {bias_ratio(search.before['max_skew'], search.after['max_skew']):.2f} "
              f"vs <= {selection.max_bias_ratio:g}, the target less a {options.selection_bias_margin:g} margin)",
-             report_targets(result, options)]
-    return {"table": format_table(rows), "lines": lines, "result": result, "search": search}
+             *format_query_cuts(result["per_query"], options.k)]
+    met_on_report, line = check_targets(result, options)
+    lines.append(line)
+    return {"table": format_table(rows), "lines": lines, "result": result, "search": search, "met": met_on_report}
 
 
 def split_folder_labels(images_dir: str, labels_path: str, attribute: str | None, holdout: float,
@@ -320,6 +331,11 @@ def split_folder_labels(images_dir: str, labels_path: str, attribute: str | None
 
 def report_targets(result: dict, options: DebiasOptions) -> str:
     """One line: the targets checked on the report's images (not the selection probe)."""
+    return check_targets(result, options)[1]
+
+
+def check_targets(result: dict, options: DebiasOptions) -> tuple[bool, str]:
+    """(met, line): the budget checked on the report's images (not the selection probe)."""
     before, after, budget = result["before"], result["after"], options.budget
     parts, met = [], True
     for name, summ in before["bias"].items():
@@ -338,4 +354,4 @@ def report_targets(result: dict, options: DebiasOptions) -> str:
         parts.append(f"text->image Recall@5 drop {drop:.1f} points (<= {100 * budget.max_recall_drop:g})")
     else:
         parts.append("recall not measured (no captions)")
-    return f"targets on the report's images ({'met' if met else 'NOT met'}): " + ", ".join(parts)
+    return bool(met), f"targets on the report's images ({'met' if met else 'NOT met'}): " + ", ".join(parts)

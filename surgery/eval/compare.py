@@ -45,7 +45,29 @@ def compare(before: Encoder, after: Encoder, spec: EvalSpec, options: EmbedOptio
         "before": rep_before,
         "after": rep_after,
         "rows": [{**vars(r), "change": r.change} for r in rows],
+        "per_query": query_cuts(rep_before, rep_after),
     }
+
+
+def query_cuts(before: dict, after: dict) -> dict[str, dict]:
+    """Per attribute: each neutral query's MaxSkew@K before and after and its cut (1 - after / before),
+    the mean's cut and the worst query's cut (the mean hides queries an edit does not touch).
+
+    ``{attr: {"queries": [{"query", "before", "after", "cut"}], "mean_cut", "worst_cut", "worst_query"}}``;
+    a query with no skew before has cut None and is left out of the worst.
+    """
+    out = {}
+    for name, summ in before["bias"].items():
+        b, a = summ["per_query"]["max_skew"], after["bias"][name]["per_query"]["max_skew"]
+        rows = [{"query": q, "before": x, "after": y, "cut": 1.0 - y / x if x > 0 else None}
+                for q, x, y in zip(before["queries"], b, a)]
+        cuts = [r for r in rows if r["cut"] is not None]
+        worst = min(cuts, key=lambda r: r["cut"]) if cuts else None
+        mean_before = summ["max_skew"]
+        out[name] = {"queries": rows,
+                     "mean_cut": 1.0 - after["bias"][name]["max_skew"] / mean_before if mean_before > 0 else None,
+                     "worst_cut": worst["cut"] if worst else None, "worst_query": worst["query"] if worst else None}
+    return out
 
 
 def summary_rows(before: dict, after: dict | None, k: int) -> list[Row]:
@@ -66,6 +88,12 @@ def summary_rows(before: dict, after: dict | None, k: int) -> list[Row]:
             label = ("text->image" if key.startswith("t2i") else "image->text") + f" Recall@{key.split('@')[1]} (hit@k)"
             rows.append(Row(label, value, after.get("retrieval", {}).get(key), "higher"))
     return rows
+
+
+def format_query_cuts(per_query: dict, k: int) -> list[str]:
+    """One line per attribute: the mean MaxSkew@K cut beside the worst query's."""
+    return [f"{name}: MaxSkew@{k} cut {_pct(per['mean_cut'])} on the mean, {_pct(per['worst_cut'])} on the worst query"
+            + (f" ({per['worst_query']})" if per["worst_query"] else "") for name, per in per_query.items()]
 
 
 def format_table(rows: list[Row], single: bool = False) -> str:
@@ -112,6 +140,13 @@ def _markdown(result: dict, rows: list[Row], single: bool, title: str) -> str:
         f"{conv['reduce']} over queries; recall is hit@k", "",
         format_table(rows, single), "", f"![before/after]({REPORT_PNG})", "",
     ]
+    for name, per in (result.get("per_query") or {}).items():
+        parts += [f"## {name}: MaxSkew@{conv['k']} per neutral query", "",
+                  f"Mean cut {_pct(per['mean_cut'])}; worst query cut {_pct(per['worst_cut'])} "
+                  f"({per['worst_query']}).", "",
+                  "| query | before | after | cut |", "| --- | ---: | ---: | ---: |"]
+        parts += [f"| {r['query']} | {r['before']:.4f} | {r['after']:.4f} | {_pct(r['cut'])} |" for r in per["queries"]]
+        parts.append("")
     return "\n".join(parts)
 
 
@@ -161,6 +196,10 @@ def _plot(result: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=110)
     plt.close(fig)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
 
 
 def _fmt(value: float | None) -> str:

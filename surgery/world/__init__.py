@@ -6,13 +6,13 @@ from __future__ import annotations
 from surgery.world.params import (  # noqa: F401
     GENERATOR_VERSION,
     ATTRIBUTE_KINDS,
+    WORLD_JSON,
     PARAMS_JSON,
     DEFAULT_CONCEPTS,
     DEFAULT_GROUPS,
     WorldParams,
     save_params,
     load_params,
-    WORLD_JSON,
 )
 from surgery.world.prompts import (  # noqa: F401
     CAPTION_TEMPLATES,
@@ -26,8 +26,11 @@ from surgery.world.generator import (  # noqa: F401
     LABELS_CSV,
     CAPTIONS_CSV,
     IMAGES_DIR,
+    DEFAULT_EVAL_SIZE,
     split_dir,
     WorldSplit,
+    balanced_size,
+    check_eval_size,
     generate,
     write_split,
     read_split,

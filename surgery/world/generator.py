@@ -42,6 +42,7 @@ LABELS_CSV = "labels.csv"
 CAPTIONS_CSV = "captions.csv"
 IMAGES_DIR = "images"
 _SPLIT_CODES = {"train": 0, "eval": 1}
+DEFAULT_EVAL_SIZE = 1200  # balanced eval images when the caller does not say (rounded to the world's cells)
 _CHUNK = 512  # images rendered per noise draw; part of the byte-level determinism contract
 
 
@@ -149,6 +150,25 @@ def _render_chunk(
     return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
 
 
+def balanced_size(params: WorldParams, n: int = DEFAULT_EVAL_SIZE) -> int:
+    """The multiple of concepts x groups nearest to ``n`` (at least one image per pair): a valid
+    balanced eval split size (1200 for 6 shapes x 2 colours, 1206 for 6 x 3, 1200 for 5 x 4)."""
+    cells = params.n_concepts * params.n_groups
+    return max(cells, round(n / cells) * cells)
+
+
+def check_eval_size(params: WorldParams, n: int, what: str = "eval n") -> int:
+    """``n`` when it is a multiple of concepts x groups, else a DataError naming the nearest valid sizes."""
+    cells = params.n_concepts * params.n_groups
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise DataError(f"{what} must be a positive integer, got {n!r}")
+    if n % cells:
+        below, above = max(cells, n // cells * cells), (n // cells + 1) * cells
+        raise DataError(f"{what}={n} is not a multiple of concepts x groups = {cells}; use {below} or {above} "
+                        "so every pair appears equally often (or leave it out for the nearest valid size)")
+    return int(n)
+
+
 def generate(params: WorldParams, split: str, n: int) -> WorldSplit:
     """Generate ``n`` images of ``split`` ("train" or "eval").
 
@@ -160,12 +180,8 @@ def generate(params: WorldParams, split: str, n: int) -> WorldSplit:
         raise DataError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise DataError(f"n must be a positive integer, got {n!r}")
-    cells = params.n_concepts * params.n_groups
-    if split == "eval" and n % cells:
-        raise DataError(
-            f"eval n={n} is not a multiple of concepts x groups = {cells}; use {max(cells, n // cells * cells)} "
-            "so every pair appears equally often"
-        )
+    if split == "eval":
+        check_eval_size(params, n)
     code = _SPLIT_CODES[split]
     rng = np.random.default_rng([params.seed, code])
     concepts, groups = _draw_labels(params, split, int(n), rng)

@@ -21,7 +21,7 @@ from torch import nn
 from surgery import metrics
 from surgery.model.arch import build_model, bundled_config
 from surgery.model.preprocess import default_preprocess, images_to_tensor, tokenize
-from surgery.world.generator import generate
+from surgery.world.generator import check_eval_size, generate
 from surgery.world.params import WorldParams
 from surgery.world.prompts import CAPTION_TEMPLATES, describe, group_prompts, neutral_queries
 
@@ -188,7 +188,7 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
 @torch.no_grad()
 def evaluate_world_model(model: nn.Module, params: WorldParams, n_eval: int = 1200, k: int = 50) -> WorldQuality:
     """The quality bar's figures on a balanced evaluation split of the world."""
-    split = generate(params, "eval", n_eval)
+    split = generate(params, "eval", check_eval_size(params, n_eval, "n_eval"))
     preprocess = default_preprocess(WORLD_MODEL_CONFIG)
     img = torch.cat([model.encode_image(chunk) for chunk in images_to_tensor(split.images, preprocess).split(256)])
     img = F.normalize(img, dim=-1)  # (n, D)

@@ -12,7 +12,7 @@ from surgery.io.onnx import read_metadata
 def test_debias_world_to_onnx(tmp_path):
     out = tmp_path / "out.onnx"
     result = CliRunner().invoke(main, ["debias", "builtin:world", str(out), "--n-probe", "240", "--k", "20",
-                                       "--selection-draws", "2"])
+                                       "--selection-draws", "2", "--allow-miss"])
     assert result.exit_code == 0, result.output
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["out.plan.json", "out.report", "out.sae", "out.text.onnx", "out.visual.onnx"]
@@ -32,7 +32,7 @@ def test_debias_heads_only_to_safetensors(tmp_path):
 
     out = tmp_path / "out.safetensors"
     result = CliRunner().invoke(main, ["debias", "builtin:world", str(out), "--n-probe", "240", "--k", "20",
-                                       "--heads-only", "--selection-draws", "1"])
+                                       "--heads-only", "--selection-draws", "1", "--allow-miss"])
     assert result.exit_code == 0, result.output
     assert not (tmp_path / "out.sae").exists()
     restored = surgery.load(str(out))
@@ -61,7 +61,8 @@ def test_debias_on_a_folder_reports_on_held_out_images(tmp_path):
     out = tmp_path / "out.safetensors"
     runner = CliRunner()
     result = runner.invoke(main, ["debias", "builtin:world", str(out), "--images", images, "--labels", labels,
-                                  "--attributes", "group", "--k", "20", "--heads-only", "--max-accuracy-drop", "5"])
+                                  "--attributes", "group", "--k", "20", "--heads-only", "--max-accuracy-drop", "5",
+                                  "--allow-miss"])
     assert result.exit_code == 0, result.output
     assert "reporting on the other 50%" in result.output
     plan = json.loads((tmp_path / "out.plan.json").read_text())
@@ -79,3 +80,16 @@ def test_debias_on_a_folder_reports_on_held_out_images(tmp_path):
     result = runner.invoke(main, ["debias", "builtin:world", str(tmp_path / "o2.onnx"), "--holdout", "0.3"])
     assert result.exit_code == 2 and "--holdout applies to --images probes only" in result.output
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("o2")]
+
+
+def test_debias_exits_3_when_a_target_is_missed_and_allow_miss_exits_0(tmp_path):
+    args = ["--n-probe", "240", "--k", "20", "--selection-draws", "1", "--heads-only", "--max-heads", "1",
+            "--max-bias-ratio", "0.01"]  # one head cannot cut MaxSkew by 99%
+    missed = CliRunner().invoke(main, ["debias", "builtin:world", str(tmp_path / "a.onnx"), *args])
+    assert missed.exit_code == 3, missed.output
+    assert "targets on the report's images (NOT met)" in missed.output
+    assert (tmp_path / "a.plan.json").is_file() and (tmp_path / "a.visual.onnx").is_file()  # the outputs are written
+    allowed = CliRunner().invoke(main, ["debias", "builtin:world", str(tmp_path / "b.onnx"), *args, "--allow-miss"])
+    assert allowed.exit_code == 0, allowed.output
+    assert "(NOT met)" in allowed.output
+    assert "MaxSkew@20 cut" in allowed.output and "on the worst query" in allowed.output

@@ -143,3 +143,17 @@ def test_world_model_compare_against_itself_and_a_pruned_copy(world_split, tmp_p
     changed = compare(world, pruned, spec)
     skew = next(r for r in changed["rows"] if r["metric"].startswith("group: mean MaxSkew"))
     assert skew["change"] != 0
+
+
+def test_query_cuts_report_each_query_and_the_worst():
+    from surgery.eval.compare import format_query_cuts, query_cuts
+
+    before = {"queries": ["q0", "q1", "q2"],
+              "bias": {"group": {"max_skew": 0.6, "per_query": {"max_skew": [0.9, 0.6, 0.0]}}}}
+    after = {"bias": {"group": {"max_skew": 0.3, "per_query": {"max_skew": [0.18, 0.6, 0.1]}}}}
+    cuts = query_cuts(before, after)["group"]
+    assert [r["cut"] for r in cuts["queries"]] == [pytest.approx(0.8), pytest.approx(0.0), None]  # no skew: no cut
+    assert cuts["mean_cut"] == pytest.approx(0.5)
+    assert cuts["worst_cut"] == pytest.approx(0.0) and cuts["worst_query"] == "q1"  # untouched by the edit
+    line = format_query_cuts({"group": cuts}, 50)[0]
+    assert line == "group: MaxSkew@50 cut 50.0% on the mean, 0.0% on the worst query (q1)"

@@ -161,3 +161,35 @@ def test_queries_and_descriptions():
     assert neutral_queries(p)[:2] == ["a photo of a circle", "a photo of a square"]
     assert describe(p, 5, 0) == "an orange star"
     assert describe(p, 4) == "a ring"
+
+
+def test_balanced_sizes_round_to_the_worlds_cells_and_bad_ones_name_the_nearest():
+    from surgery.world.generator import balanced_size, check_eval_size
+
+    three = WorldParams(groups=("red", "blue", "green"))  # 6 concepts x 3 groups = 18 cells
+    assert balanced_size(WorldParams()) == 1200 and balanced_size(three) == 1206
+    assert balanced_size(WorldParams(concepts=("circle", "square", "star", "ring", "cross"),
+                                     groups=("red", "blue", "green", "yellow"))) == 1200
+    assert balanced_size(three, 5) == 18  # at least one image per pair
+    assert check_eval_size(three, 1206) == 1206
+    with pytest.raises(DataError, match=r"eval n=1200 is not a multiple of concepts x groups = 18; use 1188 or 1206"):
+        check_eval_size(three, 1200)
+    with pytest.raises(DataError, match="--n-probe=1200 is not a multiple"):
+        check_eval_size(three, 1200, "--n-probe")
+
+
+def test_world_generate_defaults_to_a_valid_size_for_three_groups(tmp_path):
+    from click.testing import CliRunner
+
+    from surgery.cli.main import main
+
+    result = CliRunner().invoke(main, ["world", "generate", "--out", str(tmp_path / "w"), "--groups",
+                                       "red,blue,green", "--concepts", "circle,square,star,ring"])
+    assert result.exit_code == 0, result.output
+    assert "wrote 1200 eval images" in result.output  # 4 x 3 = 12 cells: 1200 is valid
+    result = CliRunner().invoke(main, ["world", "generate", "--out", str(tmp_path / "w3"), "--groups",
+                                       "red,blue,green"])
+    assert result.exit_code == 0 and "wrote 1206 eval images" in result.output
+    result = CliRunner().invoke(main, ["world", "generate", "--out", str(tmp_path / "w4"), "--groups",
+                                       "red,blue,green", "--n", "1000"])
+    assert result.exit_code == 1 and "use 990 or 1008" in result.output
