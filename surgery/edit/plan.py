@@ -49,13 +49,14 @@ class HeadEdit:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise PlanError(f"{where}: {name} must be an integer >= 0, got {value!r}")
-        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not 0.0 <= self.scale <= 1.0 \
-                or math.isnan(self.scale):
+        if not _finite(self.scale) or not 0.0 <= self.scale <= 1.0:
             raise PlanError(f"{where}: scale must be in [0, 1], got {self.scale!r}")
         if self.ablation not in ABLATIONS:
             raise PlanError(f"{where}: ablation must be one of {', '.join(ABLATIONS)}, got {self.ablation!r}")
         if self.ablation == "mean" and self.mean is None:
             raise PlanError(f"{where}: ablation 'mean' needs the head's mean output ('mean': [head_dim floats])")
+        if self.mean is not None and (not isinstance(self.mean, list) or not all(_finite(v) for v in self.mean)):
+            raise PlanError(f"{where}: mean must be a list of finite numbers (no NaN, inf or strings)")
         if self.ablation == "zero" and self.mean is not None:
             raise PlanError(f"{where}: 'mean' is only used with ablation 'mean'; remove it or set ablation to 'mean'")
 
@@ -78,9 +79,12 @@ class NeuronEdit:
     def validate(self, where: str) -> None:
         if self.tower not in TOWERS:
             raise PlanError(f"{where}: unknown tower {self.tower!r}; use one of {', '.join(TOWERS)}")
-        if not isinstance(self.ids, list) or not self.ids or not all(isinstance(i, int) and i >= 0 for i in self.ids):
+        if not isinstance(self.ids, list) or not self.ids or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.ids):
             raise PlanError(f"{where}: ids must be a non-empty list of latent indices >= 0")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
+        if not isinstance(self.sae, str) or not self.sae:
+            raise PlanError(f"{where}: sae must be the path of an SAE folder, got {self.sae!r}")
+        if not _finite(self.alpha) or not 0.0 <= self.alpha <= 1.0:
             raise PlanError(f"{where}: alpha must be in [0, 1], got {self.alpha!r}")
         if self.form not in NEURON_FORMS:
             raise PlanError(f"{where}: form must be one of {', '.join(NEURON_FORMS)}, got {self.form!r}")
@@ -172,6 +176,11 @@ class SurgeryPlan:
         unknown = sorted(set(data) - {"schema", "source", "heads", "neurons", "provenance"})
         if unknown:
             raise PlanError(f"unknown plan keys {', '.join(unknown)}; allowed: schema, source, heads, neurons, provenance")
+        for key in ("source", "provenance"):
+            if not isinstance(data.get(key, {}), dict):
+                raise PlanError(f"'{key}' must be a JSON object, got {type(data[key]).__name__}")
+        if not isinstance(data.get("schema", ""), str):
+            raise PlanError(f"'schema' must be a string such as {SCHEMA!r}")
         edits = _parse_edits(data.get("heads", []), "heads", HeadEdit, ("tower", "layer", "head"))
         neurons = _parse_edits(data.get("neurons", []) or [], "neurons", NeuronEdit, ("tower", "sae", "ids"))
         plan = cls(source=dict(data.get("source", {})), heads=edits, neurons=neurons,
@@ -187,6 +196,8 @@ class SurgeryPlan:
                 data = json.load(fh)
         except json.JSONDecodeError as exc:
             raise PlanError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        except UnicodeDecodeError:
+            raise PlanError(f"{path} is not UTF-8 text; a plan is a JSON file") from None
         try:
             return cls.from_dict(data)
         except PlanError as exc:
@@ -220,3 +231,8 @@ class SurgeryPlan:
             if edit.tower == tower:
                 scales[edit.layer, edit.head] = edit.scale
         return scales
+
+
+def _finite(value: Any) -> bool:
+    """A real number (not a bool, not a string) that is neither NaN nor infinite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

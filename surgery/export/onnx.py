@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -38,12 +39,14 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from surgery.edit.plan import SurgeryPlan
 from surgery.errors import ExportParityError, SurgeryError
+from surgery.export.inputs import check_finite_outputs, example_inputs, gate_inputs
 from surgery.export.ort_fused import (
     ORT_CONTRIB_DOMAIN,
     UnfusableBlockError,
@@ -56,7 +59,6 @@ from surgery.io.metadata import META_GRAPH, META_NORMALIZED, META_PRECISION, MET
 from surgery.io.onnx import onnx_paths, ort_session
 from surgery.model.attention import swap_attention
 from surgery.model.loading import LoadedModel
-from surgery.model.preprocess import tokenize
 
 log = logging.getLogger(__name__)
 TOWER_CHOICES = ("vision", "text", "both")
@@ -133,6 +135,7 @@ def export_onnx(loaded: LoadedModel, out: str, plan: SurgeryPlan | None = None, 
     paths = onnx_paths(out, opt.tower)
     for path in paths.values():
         check_output_path(path, inputs=(loaded.source,), force=opt.force)
+    check_finite_outputs(loaded, tuple(paths))
     metadata = {k: json.dumps(v) if not isinstance(v, str) else v
                 for k, v in model_metadata(loaded, plan).items() if v is not None}
     work = tempfile.mkdtemp(prefix="clipsurgery-onnx-", dir=os.path.dirname(os.path.abspath(out)))
@@ -141,9 +144,9 @@ def export_onnx(loaded: LoadedModel, out: str, plan: SurgeryPlan | None = None, 
         staged = {}
         for tower, path in paths.items():
             tmp = os.path.join(work, Path(path).name)
-            inputs = _example_inputs(loaded, tower)
+            inputs = example_inputs(loaded, tower)
             module = _encoder_module(loaded, tower, opt)  # the reference: open_clip's own modules
-            probes = [inputs[0], *_gate_inputs(loaded, tower)]
+            probes = [inputs[0], *gate_inputs(loaded, tower)]
             real = probe_images if tower == "vision" else probe_tokens
             if real is not None:
                 probes.append(real[:64])
@@ -208,32 +211,6 @@ def _encoder_module(loaded: LoadedModel, tower: str, opt: OnnxOptions) -> nn.Mod
 
     model = copy.deepcopy(loaded.model).float().eval()
     return (ImageEncoder if tower == "vision" else TextEncoder)(model, opt.normalize).eval()
-
-
-def _example_inputs(loaded: LoadedModel, tower: str) -> tuple[torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    if tower == "vision":
-        size = loaded.preprocess["size"]
-        h, w = (size, size) if isinstance(size, int) else size
-        return (torch.randn(2, 3, h, w, generator=gen),)
-    ctx = loaded.tokenizer["context_length"]
-    vocab = loaded.config["text_cfg"].get("vocab_size", 49408)
-    ids = torch.randint(1, vocab - 1, (2, ctx), generator=gen)
-    ids[:, -1] = vocab - 1  # an end-of-text token (the argmax) in every row
-    return (ids,)
-
-
-def _gate_inputs(loaded: LoadedModel, tower: str) -> list[torch.Tensor]:
-    """Extra parity-gate inputs: batch 1 and an odd batch; for text, real prompts through the
-    model's tokenizer (end-of-text mid-sequence, zero padding)."""
-    gen = torch.Generator().manual_seed(1)
-    if tower == "vision":
-        size = loaded.preprocess["size"]
-        h, w = (size, size) if isinstance(size, int) else size
-        return [torch.randn(1, 3, h, w, generator=gen), torch.randn(3, 3, h, w, generator=gen)]
-
-    prompts = tokenize(["a photo of a dog", "a diagram", "two people talking in a park at night"], loaded.tokenizer)
-    return [prompts[:1], prompts]
 
 
 FUSED_ATTENTION_OPSET = 23
@@ -332,5 +309,7 @@ def parity_error(module: nn.Module, path: str, probes: list[torch.Tensor], optim
         for batch in probes:
             want = module(batch).float().numpy()
             got = session.run(None, {name: batch.numpy()})[0]
+            if not (np.isfinite(want).all() and np.isfinite(got).all()):
+                return math.inf  # NaN would slip through max(): a non-finite output is a failure
             worst = max(worst, float(abs(want - got).max()))
     return worst

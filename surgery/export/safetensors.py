@@ -4,13 +4,7 @@ and tokenizer in the metadata, so :func:`surgery.load` reopens it without an --a
 from __future__ import annotations
 
 from surgery.edit.plan import SurgeryPlan
-from surgery.export.ort_fused import (  # noqa: F401 (API)
-    ORT_CONTRIB_DOMAIN,
-    FusedBlock,
-    UnfusableBlockError,
-    fuse_blocks_,
-    fuse_residual_norms,
-)
+from surgery.export.inputs import check_finite_outputs
 from surgery.io.checkpoint import write_safetensors
 from surgery.io.fs import check_output_path
 from surgery.io.metadata import META_ARCH, META_MODEL_CONFIG, META_PLAN, META_PREPROCESS, META_SOURCE, META_TOKENIZER
@@ -31,6 +25,7 @@ def model_metadata(loaded: LoadedModel, plan: SurgeryPlan | None) -> dict[str, o
 def export_safetensors(loaded: LoadedModel, out: str, plan: SurgeryPlan | None = None, *, force: bool = False) -> str:
     """The whole (patched) model as one safetensors file with its config and plan in the metadata."""
     check_output_path(out, inputs=(loaded.source,), force=force)
+    check_finite_outputs(loaded)
     metadata = {k: v for k, v in model_metadata(loaded, plan).items() if v is not None}
     state = {k: v.float() if v.is_floating_point() else v for k, v in loaded.model.state_dict().items()}
     write_safetensors(state, out, metadata)
