@@ -26,7 +26,7 @@ from surgery.edit.plan import SurgeryPlan
 from surgery.errors import SurgeryError
 from surgery.eval.compare import Row, compare, format_query_cuts, format_table, write_report
 from surgery.eval.embedding import EmbedOptions
-from surgery.eval.encoders import TorchEncoder, open_encoder
+from surgery.eval.encoders import OnnxEncoder, TorchEncoder, open_encoder
 from surgery.eval.evaluate import PROTECTED_COLUMNS, EvalSpec, spec_from_folder
 from surgery.export.onnx import OnnxOptions, export_onnx
 from surgery.export.safetensors import export_safetensors
@@ -156,9 +156,9 @@ def run_debias(model_in: str, out: str, options: DebiasOptions, *, images_dir: s
         neuron_edit, post, neuron_summary = choose_neuron_edit(loaded, probes, prompts, options, outputs.sae, say)
         search = choose_head_edits(loaded, probes, audit, prompts, options, post, neuron_summary, say)
         plan = make_plan(loaded, search, audit, options, probes, neuron_edit, neuron_summary)
-        exported = bake_and_export(loaded, plan, out, probes, options, say)
+        patched, exported = bake_and_export(loaded, plan, out, probes, options, say)
         plan.save(outputs.plan)
-        result = compare_before_after(loaded, out, probes, plan, outputs.report, work, say)
+        result = compare_before_after(loaded, patched, out, probes, plan, outputs.report, work, say)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return summarise(result, search, exported, outputs, plan, options)
@@ -261,26 +261,29 @@ def make_plan(loaded: LoadedModel, search: SearchResult, audit: AuditResult, opt
 
 
 def bake_and_export(loaded: LoadedModel, plan: SurgeryPlan, out: str, probes: Probes, options: DebiasOptions,
-                    say: Say) -> list[str]:
-    """Bake ``plan`` into a copy of the model and export it (ONNX parity-gated); returns what was written."""
+                    say: Say) -> tuple[LoadedModel, list[str]]:
+    """Bake ``plan`` into a copy of the model and export it (ONNX parity-gated); returns the patched
+    model and what was written."""
     patched = copy.copy(loaded)
     patched.model = bake(copy.deepcopy(loaded.model), plan)
     say(f"baked {len(plan.heads)} head edits and {sum(len(n.ids) for n in plan.neurons)} neuron deactivations; "
         f"exporting {out}")
     if not out.endswith(".onnx"):
         export_safetensors(patched, out, plan, force=options.force)
-        return [out]
+        return patched, [out]
     results = export_onnx(patched, out, plan, OnnxOptions(tower=options.tower, force=options.force),
                           probe_images=probes.first.images[0:options.parity_images])
-    return [f"{r['path']} (ONNX Runtime vs PyTorch max abs error {r['max_abs_error']:.1e})" for r in results.values()]
+    return patched, [f"{r['path']} (ONNX Runtime vs PyTorch max abs error {r['max_abs_error']:.1e})"
+                     for r in results.values()]
 
 
-def compare_before_after(loaded: LoadedModel, out: str, probes: Probes, plan: SurgeryPlan, report_dir: str,
-                         work: str, say: Say) -> dict:
-    """The exported model against the original on the report's images; writes the report."""
+def compare_before_after(loaded: LoadedModel, patched: LoadedModel, out: str, probes: Probes, plan: SurgeryPlan,
+                         report_dir: str, work: str, say: Say) -> dict:
+    """The exported model against the original on the report's images; writes the report. A tower
+    that was not exported (--tower vision|text) is run as the patched PyTorch model."""
     say("comparing before / after")
-    result = compare(TorchEncoder(loaded), open_encoder(out), probes.spec,
-                     EmbedOptions(cache_dir=os.path.join(work, "cache")))
+    after = OnnxEncoder(out, fallback=TorchEncoder(patched)) if out.endswith(".onnx") else open_encoder(out)
+    result = compare(TorchEncoder(loaded), after, probes.spec, EmbedOptions(cache_dir=os.path.join(work, "cache")))
     result["plan"] = plan.to_dict()
     write_report(report_dir, result, title="clipsurgery debias")
     return result

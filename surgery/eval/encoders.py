@@ -71,40 +71,50 @@ class TorchEncoder:
 def open_encoder(source: str, *, arch: str | None = None, device: str = "cpu") -> Encoder:
     """An encoder for a model path or name; ``.onnx`` files run in ONNX Runtime."""
     if source.endswith(".onnx"):
-
         return OnnxEncoder(source, device=device)
     return TorchEncoder(load(source, arch=arch, device=device), device=device)
 
 
 class OnnxEncoder:
-    """Image and text ONNX encoders (CPU provider unless ``device`` is cuda)."""
+    """Image and text ONNX encoders (CPU provider unless ``device`` is cuda).
 
-    def __init__(self, path: str, device: str = "cpu"):
+    ``fallback``: an encoder for a tower that was not exported (a vision-only deployment compared
+    with its patched PyTorch text tower); without one, both files must exist.
+    """
+
+    def __init__(self, path: str, device: str = "cpu", fallback: Encoder | None = None):
         self.name = path
         self.files = resolve_pair(path)
         missing = {"vision", "text"} - set(self.files)
-        if missing:
+        if missing and fallback is None:
             raise SurgeryError(f"{path}: the {missing.pop()} encoder is missing; export with --tower both")
-        meta = read_metadata(self.files["vision"])
-        self.preprocess = json.loads(meta[META_PREPROCESS])
-        self.tokenizer = json.loads(read_metadata(self.files["text"])[META_TOKENIZER])
+        self.fallback = fallback if missing else None
+        self.preprocess = (json.loads(read_metadata(self.files["vision"])[META_PREPROCESS]) if "vision" in self.files
+                           else fallback.preprocess)
+        self.tokenizer = (json.loads(read_metadata(self.files["text"])[META_TOKENIZER]) if "text" in self.files
+                          else fallback.tokenizer)
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else None
         self.sessions = {}
         for tower, file in self.files.items():
             optimize = read_metadata(file).get(META_PRECISION, "fp32") == "fp32"
             self.sessions[tower] = ort_session(file, providers, optimize=optimize)
-        self.normalized = meta.get(META_NORMALIZED) == "true"
+        self.normalized = read_metadata(next(iter(self.files.values()))).get(META_NORMALIZED) == "true"
 
     @property
     def identity(self) -> str:
-        return hashlib.sha256("".join(sha256_file(self.files[t]) for t in ("vision", "text")).encode()).hexdigest()
+        parts = [sha256_file(self.files[t]) if t in self.files else self.fallback.identity for t in ("vision", "text")]
+        return hashlib.sha256("".join(parts).encode()).hexdigest()
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        if "vision" not in self.sessions:
+            return self.fallback.encode_images(images)
         session = self.sessions["vision"]
         out = session.run(None, {session.get_inputs()[0].name: images.float().numpy()})[0]
         return torch.from_numpy(np.asarray(out, dtype=np.float32))
 
     def encode_texts(self, tokens: torch.Tensor) -> torch.Tensor:
+        if "text" not in self.sessions:
+            return self.fallback.encode_texts(tokens)
         session = self.sessions["text"]
         out = session.run(None, {session.get_inputs()[0].name: tokens.long().numpy()})[0]
         return torch.from_numpy(np.asarray(out, dtype=np.float32))

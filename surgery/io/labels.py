@@ -72,6 +72,10 @@ class LabelTable:
         """
         self.require([name])
         column = self.attributes[name]
+        empty = [i for i, v in enumerate(column) if not v.strip()]
+        if empty:  # an empty cell is a missing value, never a group of its own
+            raise DataError(f"column {name!r} is empty on {len(empty)} of {len(column)} rows (first: "
+                            f"{self.files[empty[0]]!r}); fill in the {name} of those images or drop their rows")
         order = list(values) if values is not None else sorted(set(column))
         if values is not None:
             check_allowed(name, column, order)

@@ -199,8 +199,12 @@ def generate(params: WorldParams, split: str, n: int) -> WorldSplit:
 def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"{str(out_dir)!r} exists and is not a folder; pick another --out")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise DataError(f"output folder {str(out_dir)!r} is not empty; pick another or pass overwrite")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise DataError(f"output folder {str(out_dir)!r} is not empty; pick another or pass overwrite")
+        if not (out_dir / WORLD_JSON).is_file():  # --force replaces only what this tool wrote
+            raise DataError(f"output folder {str(out_dir)!r} holds files that `world generate` did not write "
+                            f"(no {WORLD_JSON}); --force only replaces a world split: pick another --out")
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:

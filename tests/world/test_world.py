@@ -111,9 +111,15 @@ def test_write_split_refuses_non_empty_dir(tmp_path):
     with pytest.raises(DataError, match="not empty"):
         write_split(split, out)
     assert (out / "keep.txt").exists()
-    write_split(split, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "world.json").exists()
-    assert [x.name for x in tmp_path.iterdir()] == ["w"]  # no temp folders left behind
+    with pytest.raises(DataError, match="did not write"):  # overwrite replaces only a world split
+        write_split(split, out, overwrite=True)
+    assert (out / "keep.txt").exists()
+    own = tmp_path / "own"
+    write_split(split, own)
+    (own / "notes.txt").write_text("x")
+    write_split(generate(WorldParams(), "eval", 24), own, overwrite=True)
+    assert not (own / "notes.txt").exists() and len(list((own / "images").iterdir())) == 24
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["own", "w"]  # no temp folders left behind
 
 
 def test_params_round_trip_and_hash(tmp_path):
