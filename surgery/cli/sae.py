@@ -4,6 +4,9 @@ Registered in surgery/cli/main.py with ``main.add_command(sae)``.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 
 import click
@@ -11,9 +14,9 @@ import click
 from surgery.cli.errors import user_errors as _user_errors
 from surgery.errors import SurgeryError
 from surgery.io.checkpoint import state_dict_hash
-from surgery.io.images import ImageFolderDataset
+from surgery.io.images import ImageFolderDataset, data_hash
 from surgery.model.loading import load
-from surgery.model.preprocess import image_transform, tokenize
+from surgery.model.preprocess import image_transform, preprocess_key, tokenize
 from surgery.sae import (
     NeuronOptions,
     SAEConfig,
@@ -38,20 +41,35 @@ def sae() -> None:
     """Sparse autoencoders on a CLIP tower and the "social neurons" they find (seed 001)."""
 
 
-def _image_batches(images_dir: str, transform, batch_size: int):
-    dataset = ImageFolderDataset(images_dir, None, transform)
-    return (images for images, _idx in dataset.batches(batch_size)), len(dataset)
-
-
-def _text_batches(texts_path: str, tokenizer: dict, batch_size: int):
+def _read_texts(texts_path: str) -> list[str]:
     try:
-        lines = [ln.strip() for ln in open(texts_path, encoding="utf-8")]
+        with open(texts_path, encoding="utf-8") as fh:
+            texts = [ln.strip() for ln in fh if ln.strip()]
     except OSError as exc:
         raise SurgeryError(f"cannot read texts file {texts_path} ({exc.strerror}); check the path") from None
-    texts = [ln for ln in lines if ln]
+    except UnicodeDecodeError:
+        raise SurgeryError(f"{texts_path} is not UTF-8 text; give one text per line") from None
     if not texts:
         raise SurgeryError(f"{texts_path} has no texts; give one text per line")
-    return tokenize(texts, tokenizer).split(batch_size), len(texts)
+    return texts
+
+
+def _reusable_cache(cache_dir: str, model_hash: str, where: Site, source: dict, force: bool):
+    """The existing cache when it holds this model's activations of these inputs at this site; None
+    when there is none (or --force rebuilds it); otherwise an error naming what differs."""
+    if not os.path.isfile(os.path.join(cache_dir, "cache.json")):
+        return None
+    cache = open_cache(cache_dir)
+    differences = [] if cache.model_hash == model_hash else ["the model's weights"]
+    if cache.site != where:
+        differences.append(f"site {cache.site.tower}/{cache.site.site} vs {where.tower}/{where.site}")
+    differences += cache.source_differences(source)
+    if not differences:
+        return cache
+    if force:
+        return None
+    raise SurgeryError(f"cache {cache_dir} was built from other inputs ({'; '.join(differences)}); pass --force "
+                       "to rebuild it (and retrain from scratch), or another --cache / --out")
 
 
 def _progress(desc: str, unit: str):
@@ -86,12 +104,13 @@ def _progress(desc: str, unit: str):
 @click.option("--lr", type=float, default=4e-4, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None,
-              help="Activation cache folder (default: OUT/cache); reused when it matches the model and site.")
+              help="Activation cache folder (default: OUT/cache); reused when it matches the model, site and inputs.")
 @click.option("--resume/--no-resume", default=True, show_default=True, help="Continue from OUT/checkpoint.safetensors.")
+@click.option("--force", is_flag=True, help="Rebuild a cache made from other inputs (and train from scratch).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @_user_errors
 def sae_train(model, images_dir, texts_path, site, kind, expansion, k, l1_coeff, matryoshka, steps, batch_size, lr,
-              seed, cache_dir, resume, out_dir):
+              seed, cache_dir, resume, force, out_dir):
     """Train an SAE on MODEL's activations of --images (vision) or --texts (text), without labels.
 
     Writes OUT/weights.safetensors + OUT/cfg.json (config, training history, NMSE, explained variance,
@@ -110,24 +129,30 @@ def sae_train(model, images_dir, texts_path, site, kind, expansion, k, l1_coeff,
     # validated before any activation is computed (k vs width, prefixes, ...)
     cfg = SAEConfig(d_in=site_width(loaded.model, where), expansion=expansion, kind=kind, k=k, l1_coeff=l1_coeff,
                     site=where.site, tower=where.tower, model_hash=model_hash, matryoshka=prefixes)
+    options = TrainOptions(steps=steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_dir=out_dir, resume=resume)
+    if images_dir:
+        dataset = ImageFolderDataset(images_dir, None, image_transform(loaded.preprocess))
+        source = {"kind": "images", "data_hash": data_hash(images_dir, dataset.files),
+                  "preprocess": preprocess_key(loaded.preprocess)}
+    else:
+        texts = _read_texts(texts_path)
+        source = {"kind": "texts", "data_hash": hashlib.sha256("\n".join(texts).encode()).hexdigest(),
+                  "tokenizer": json.dumps(loaded.tokenizer, sort_keys=True)}
     cache_dir = cache_dir or os.path.join(out_dir, "cache")
-    os.makedirs(out_dir, exist_ok=True)
-    if os.path.isfile(os.path.join(cache_dir, "cache.json")):
-        cache = open_cache(cache_dir)
-        cache.check_model(model_hash)
-        if cache.site != where:
-            raise SurgeryError(f"cache {cache_dir} holds {cache.site.tower}/{cache.site.site} activations, not "
-                               f"{where.tower}/{where.site}; pass another --cache folder")
+    cache = _reusable_cache(cache_dir, model_hash, where, source, force)
+    if cache is not None:
         click.echo(f"using cached activations in {cache_dir} ({cache.rows} rows)")
     else:
+        if force:  # new activations: a checkpoint trained on the old ones must not be resumed
+            options = dataclasses.replace(options, resume=False)
+        os.makedirs(out_dir, exist_ok=True)
         if images_dir:
-            batches, total = _image_batches(images_dir, image_transform(loaded.preprocess), 64)
+            batches, total = (images for images, _idx in dataset.batches(64)), len(dataset)
         else:
-            batches, total = _text_batches(texts_path, loaded.tokenizer, 256)
+            batches, total = tokenize(texts, loaded.tokenizer).split(256), len(texts)
         cache = build_cache(loaded.model, where, batches, cache_dir, seed=seed, total=total,
-                            progress=_progress("caching activations", "input"), model_hash=model_hash)
+                            progress=_progress("caching activations", "input"), model_hash=model_hash, source=source)
         click.echo(f"cached {cache.rows} rows from {cache.samples} inputs in {cache_dir}")
-    options = TrainOptions(steps=steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_dir=out_dir, resume=resume)
     trained, history = train_sae(cache, cfg, options, _progress("training", "step"), model_hash=model_hash)
     metrics = evaluate_sae(trained, cache)
     save_trained(trained, out_dir, history, metrics)

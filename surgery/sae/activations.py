@@ -113,6 +113,7 @@ class ActivationCache:
     rows: int  # total rows
     shards: list[dict]  # [{"file", "rows"}] in order
     samples: int  # inputs (images / texts) the rows came from
+    source: dict = field(default_factory=dict)  # what the inputs were: kind, data hash, preprocessing/tokenizer
     _handles: dict = field(default_factory=dict, repr=False, compare=False)  # shard -> open safetensors file
 
     def check_model(self, model_hash: str) -> None:
@@ -122,6 +123,12 @@ class ActivationCache:
                 f"activation cache {self.path} was made from another model (weights hash {self.model_hash[:12]}, "
                 f"this model {model_hash[:12]}); delete it or pass a new --cache folder"
             )
+
+    def source_differences(self, source: dict) -> list[str]:
+        """What differs between the cache's recorded inputs and ``source`` (empty: the same data)."""
+        keys = sorted(set(self.source) | set(source))
+        return [f"{k}: cached {str(self.source.get(k))[:16]!r}, now {str(source.get(k))[:16]!r}"
+                for k in keys if self.source.get(k) != source.get(k)]
 
     def read(self, shard: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows [start, stop) of one shard, (n, D) float32; checks they are finite."""
@@ -180,13 +187,17 @@ def open_cache(path: str) -> ActivationCache:
             raise CacheError(f"{path}: shard {info['file']} is missing; delete the cache folder and rebuild it")
     return ActivationCache(path=path, model_hash=meta["model_hash"], site=Site(meta["tower"], meta["site"]),
                            d=int(meta["d"]), rows=int(meta["rows"]), shards=list(meta["shards"]),
-                           samples=int(meta.get("samples", 0)))
+                           samples=int(meta.get("samples", 0)), source=dict(meta.get("source") or {}))
 
 
 def build_cache(model: nn.Module, site: Site, batches: Iterable[torch.Tensor], out_dir: str, *,
                 shard_rows: int = 65536, seed: int = 0, total: int | None = None,
-                progress: Progress | None = None, model_hash: str | None = None) -> ActivationCache:
+                progress: Progress | None = None, model_hash: str | None = None,
+                source: dict | None = None) -> ActivationCache:
     """Run ``model`` over ``batches`` (images (B, 3, H, W) or tokens (B, ctx)) and write the cache.
+
+    ``source`` records what the inputs were (kind, data hash, preprocessing or tokenizer), so a later
+    run on other data can tell the cache is not its own (:meth:`ActivationCache.source_differences`).
 
     Shards hold at most ``shard_rows`` rows, shuffled (seeded) before writing; ``cache.json`` is
     written last, so an interrupted build leaves no readable cache. Non-finite activations abort.
@@ -238,7 +249,8 @@ def build_cache(model: nn.Module, site: Site, batches: Iterable[torch.Tensor], o
     if not shards:
         raise SAEError("no inputs to cache; the image folder or text list is empty")
     meta = {"schema": CACHE_SCHEMA, "model_hash": model_hash, "tower": site.tower, "site": site.site,
-            "d": d, "rows": sum(s["rows"] for s in shards), "samples": done, "shards": shards}
+            "d": d, "rows": sum(s["rows"] for s in shards), "samples": done, "shards": shards,
+            "source": source or {}}
     with atomic_output(os.path.join(out_dir, CACHE_JSON)) as tmp:
         tmp.write_text(json.dumps(meta, indent=2))
     log.info("cached %d rows (%d inputs) of %s/%s in %s", meta["rows"], done, site.tower, site.site, out_dir)
