@@ -12,8 +12,17 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from surgery.model.attention import BACKENDS, HeadMaskedAttention, head_masked, masked_modules, restore_attention, set_backend, set_head_masks, swap_attention
 from surgery.errors import ArchitectureError, CheckpointError, HeadMaskError, SurgeryError, UnsupportedTowerError
+from surgery.model.attention import (
+    BACKENDS,
+    HeadMaskedAttention,
+    head_masked,
+    masked_modules,
+    restore_attention,
+    set_backend,
+    set_head_masks,
+    swap_attention,
+)
 from surgery.model.loading import LoadedModel, load
 from surgery.model.towers import TOWERS, TowerView, get_towers
 

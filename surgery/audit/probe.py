@@ -14,7 +14,7 @@ from surgery import metrics
 from surgery.errors import DataError
 from surgery.eval.evaluate import PROTECTED_COLUMNS
 from surgery.io.captions import load_captions
-from surgery.io.images import ImageFolderDataset, data_hash
+from surgery.io.images import ImageFolderDataset, data_hash, resolve_images_dir
 from surgery.io.labels import load_labels
 from surgery.io.queries import NEUTRAL_QUERIES
 from surgery.metrics.retrieval import retrieval_recall
@@ -130,9 +130,10 @@ def folder_probe_set(images_dir: str, labels_path: str, attribute: str | None, p
     occupations and traits. A world split (``world.json`` beside the labels, as ``clipsurgery
     world generate`` writes) brings the world's own queries, group prompts, concept labels and
     captions instead. Images are decoded batch by batch when used (memory does not grow with the
-    number of images); unreadable ones found by the header scan are left out.
+    number of images); unreadable ones found by the header scan are left out. ``images_dir`` may be
+    a split folder (its ``images/`` is used).
     """
-
+    images_dir = resolve_images_dir(images_dir)
     labels = load_labels(labels_path, images_dir)
     if attribute is None:
         present = [c for c in PROTECTED_COLUMNS if c in labels.attributes]

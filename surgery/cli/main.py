@@ -24,6 +24,7 @@ from surgery.eval.encoders import open_encoder
 from surgery.eval.evaluate import evaluate, spec_from_folder
 from surgery.export.onnx import OnnxOptions, export_onnx
 from surgery.export.safetensors import export_safetensors
+from surgery.io.fs import check_output_folder
 from surgery.io.queries import load_queries
 from surgery.metrics.bias import BiasConventions
 from surgery.model.inspect import describe_model, format_description
@@ -143,15 +144,17 @@ def export(model, out, tower, precision, normalize, opset, graph, force, arch):
 @click.option("--no-sweep", is_flag=True, help="Skip the causal ablation sweep (c): cheap scores only.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Write into an --out folder that already holds files.")
 @_user_errors
 def audit(model, images_dir, labels_path, tower, attributes, prompts_path, top_k, k, n_probe, ablation, no_sweep,
-          batch_size, out_dir):
+          batch_size, out_dir, force):
     """Locate bias in single attention heads; write audit.json, heatmaps, report.md and plan.json."""
     if (images_dir is None) != (labels_path is None):
         raise click.UsageError("--images and --labels go together")
     options = AuditRunOptions(tower=tower, attribute=attributes.split(",")[0] if attributes else None,
                               prompts_path=prompts_path, top_k=top_k, k=k, n_probe=n_probe, ablation=ablation,
                               sweep=not no_sweep, batch_size=batch_size)
+    check_output_folder(out_dir, force=force)
     run = run_audit(model, out_dir, options, images_dir=images_dir, labels_path=labels_path, progress=_StageBar())
     for line in run.summary_lines(options):
         click.echo(line)
@@ -296,12 +299,13 @@ def _eval_options(f):
     f = click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False),
                      help="Embedding cache folder (default: OUT/.cache).")(f)
     f = click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Report folder.")(f)
+    f = click.option("--force", is_flag=True, help="Write into an --out folder that already holds files.")(f)
     return f
 
 
 def _spec_and_options(images_dir, labels_path, captions_path, queries_path, attributes, k, target, reduce,
-                      batch_size, cache_dir, out_dir):
-
+                      batch_size, cache_dir, out_dir, force):
+    check_output_folder(out_dir, force=force)
     spec = spec_from_folder(
         images_dir, labels_path, captions_path=captions_path,
         queries=load_queries(queries_path) if queries_path else None,

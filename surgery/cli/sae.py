@@ -14,7 +14,7 @@ import click
 from surgery.cli.errors import user_errors as _user_errors
 from surgery.errors import SurgeryError
 from surgery.io.checkpoint import state_dict_hash
-from surgery.io.images import ImageFolderDataset, data_hash
+from surgery.io.images import ImageFolderDataset, data_hash, resolve_images_dir
 from surgery.model.loading import load
 from surgery.model.preprocess import image_transform, preprocess_key, tokenize
 from surgery.sae import (
@@ -119,6 +119,7 @@ def sae_train(model, images_dir, texts_path, site, kind, expansion, k, l1_coeff,
 
     if (images_dir is None) == (texts_path is None):
         raise click.UsageError("give exactly one of --images DIR or --texts FILE")
+    images_dir = resolve_images_dir(images_dir) if images_dir else None
     loaded = load(model)
     where = Site("vision" if images_dir else "text", site)
     model_hash = state_dict_hash(loaded.model)
@@ -182,6 +183,7 @@ def sae_neurons(sae_dir, model, images_dir, labels_path, groups, attribute, tau,
 
     if bool(groups) == bool(images_dir or labels_path) or bool(images_dir) != bool(labels_path):
         raise click.UsageError("give either --images DIR --labels CSV, or --groups g1,g2,...")
+    images_dir = resolve_images_dir(images_dir) if images_dir else None
     loaded = load(model)
     trained = load_sae(sae_dir)
     options = NeuronOptions(tau=tau, top_n=top_n, token_reduce=token_reduce)

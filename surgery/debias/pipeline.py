@@ -30,7 +30,8 @@ from surgery.eval.encoders import OnnxEncoder, TorchEncoder, open_encoder
 from surgery.eval.evaluate import PROTECTED_COLUMNS, EvalSpec, spec_from_folder
 from surgery.export.onnx import OnnxOptions, export_onnx
 from surgery.export.safetensors import export_safetensors
-from surgery.io.fs import check_output_path
+from surgery.io.fs import check_output_folder, check_output_path
+from surgery.io.images import resolve_images_dir
 from surgery.io.labels import load_labels, split_label_table, write_labels_csv
 from surgery.io.onnx import onnx_paths
 from surgery.metrics.bias import BiasConventions
@@ -107,6 +108,8 @@ class Outputs:
         for path in self.model.values():
             check_output_path(path, inputs=(model_in,), force=force)
         check_output_path(self.plan, force=force)
+        for folder in (self.report, self.sae):  # folders the run fills: refused now, not after minutes of work
+            check_output_folder(folder, force=force)
 
 
 @dataclass
@@ -169,6 +172,7 @@ def build_probes(loaded: LoadedModel, model_in: str, options: DebiasOptions, wor
     """Folder probes (``--images``: a held-out part for the report) or draws of a world model's own world."""
     params = world_params_of(loaded)
     if images_dir:
+        images_dir = resolve_images_dir(images_dir)
         eval_labels = selection_labels = labels_path
         if options.holdout > 0:
             selection_labels, eval_labels = split_folder_labels(images_dir, labels_path, attribute, options.holdout,

@@ -2,17 +2,17 @@
 """
 from __future__ import annotations
 
+from surgery.edit.bake import (  # noqa: F401
+    apply_runtime,
+    bake,
+    bake_neurons,
+)
 from surgery.edit.plan import (  # noqa: F401
-    SCHEMA,
     ABLATIONS,
-    HeadEdit,
     NEURON_FORMS,
     NEURON_SITES,
+    SCHEMA,
+    HeadEdit,
     NeuronEdit,
     SurgeryPlan,
-)
-from surgery.edit.bake import (  # noqa: F401
-    bake,
-    apply_runtime,
-    bake_neurons,
 )

@@ -20,6 +20,7 @@ from surgery.errors import DataError
 from surgery.eval.embedding import EmbedOptions, Progress, embed_images, embed_texts
 from surgery.eval.encoders import Encoder
 from surgery.io.captions import caption_pairs, load_captions
+from surgery.io.images import resolve_images_dir
 from surgery.io.labels import LabelTable, load_labels
 from surgery.io.queries import NEUTRAL_QUERIES
 from surgery.world.generator import CAPTIONS_CSV, WORLD_JSON, split_dir
@@ -62,7 +63,9 @@ class EvalSpec:
 def spec_from_folder(images_dir: str, labels_path: str, *, captions_path: str | None = None,
                      queries: list[str] | None = None, attributes: list[str] | None = None,
                      conventions: metrics.BiasConventions | None = None) -> EvalSpec:
-    """Build an :class:`EvalSpec`; a world split (world.json beside the labels) fills in the rest."""
+    """Build an :class:`EvalSpec`; a world split (world.json beside the labels) fills in the rest.
+    ``images_dir`` may be the split folder itself (its ``images/`` is used)."""
+    images_dir = resolve_images_dir(images_dir)
     if not os.path.isdir(images_dir):
         raise DataError(f"images folder {images_dir!r} does not exist; check --images")
     labels = load_labels(labels_path, images_dir)

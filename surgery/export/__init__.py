@@ -3,18 +3,18 @@ with a parity gate.
 """
 from __future__ import annotations
 
-from surgery.export.safetensors import (  # noqa: F401
-    model_metadata,
-    export_safetensors,
-)
 from surgery.export.onnx import (  # noqa: F401
-    TOWER_CHOICES,
+    FUSED_ATTENTION_OPSET,
     GRAPH_CHOICES,
     PARITY_BOUND,
-    OnnxOptions,
+    TOWER_CHOICES,
     ImageEncoder,
+    OnnxOptions,
     TextEncoder,
     export_onnx,
-    FUSED_ATTENTION_OPSET,
     parity_error,
+)
+from surgery.export.safetensors import (  # noqa: F401
+    export_safetensors,
+    model_metadata,
 )

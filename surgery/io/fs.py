@@ -22,16 +22,55 @@ def check_output_path(out: str | os.PathLike, *, inputs: tuple = (), force: bool
             raise SurgeryError(f"output {out} is the input file; choose another output path")
     if out_path.exists() and not force:
         raise SurgeryError(f"{out} already exists; pass --force to overwrite it")
-    if out_path.parent and not out_path.parent.exists():
-        raise SurgeryError(f"folder {out_path.parent} does not exist; create it first")
+    if out_path.is_dir():
+        raise SurgeryError(f"{out} is a folder; give a file path (--force replaces files, never folders)")
+    parent = out_path.parent
+    if not parent.exists():
+        raise SurgeryError(f"folder {parent} does not exist; create it first")
+    if not parent.is_dir():
+        raise SurgeryError(f"{parent} is a file, not a folder; choose another output path")
+    check_writable(parent)
     return out_path
+
+
+def check_output_folder(out_dir: str | os.PathLike, *, force: bool = False) -> Path:
+    """Refuse a report folder that exists with files in it unless ``force`` (then the tool's own
+    files are rewritten and nothing else is touched), a file standing where the folder should be,
+    and a place where nothing can be written."""
+    path = Path(out_dir)
+    if path.exists() and not path.is_dir():
+        raise SurgeryError(f"{out_dir} is a file, not a folder; choose another --out")
+    if path.is_dir() and any(path.iterdir()) and not force:
+        raise SurgeryError(f"{out_dir} already holds files; pass --force to write the report into it, or "
+                           "choose another --out")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SurgeryError(f"{existing} is a file, not a folder; choose another --out")
+    check_writable(existing)
+    return path
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Refuse a folder where a file cannot be created (read-only, /proc, no permission): found by
+    creating and removing a probe file, the only test that does not lie (root, special filesystems)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".clipsurgery-probe-", dir=folder)
+    except OSError as exc:
+        raise SurgeryError(f"cannot write in {folder} ({exc.strerror.lower()}); choose another output folder") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 @contextlib.contextmanager
 def atomic_output(out: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``out``; on success it is renamed to ``out``, else removed."""
     out_path = Path(out)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent or ".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent or ".")
+    except OSError as exc:
+        raise SurgeryError(f"cannot write {out} ({exc.strerror.lower()}); choose another output path") from None
     os.close(fd)
     tmp_path = Path(tmp)
     umask = os.umask(0)

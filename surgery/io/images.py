@@ -25,6 +25,17 @@ PRESCAN_MODES = ("none", "header", "full")
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
+def resolve_images_dir(images_dir: str) -> str:
+    """The image folder a user meant: a split folder (``images/`` + ``labels.csv`` beside it, as
+    ``clipsurgery world generate`` writes) stands for its ``images/``; any other folder is itself."""
+    root = Path(images_dir)
+    inner = root / "images"
+    if inner.is_dir() and (root / "labels.csv").is_file() and not any(
+            p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir()):
+        return str(inner)
+    return images_dir
+
+
 def list_images(images_dir: str | Path) -> list[str]:
     """Image files under ``images_dir`` (recursive), as sorted POSIX paths relative to it."""
     root = Path(images_dir)

@@ -4,21 +4,28 @@ zero-shot accuracy, linear probes). ``from surgery import metrics; metrics.max_s
 from __future__ import annotations
 
 from surgery.metrics.bias import (  # noqa: F401
-    TARGETS,
-    REDUCTIONS,
     DEFAULT_ZERO_COUNT,
+    REDUCTIONS,
+    TARGETS,
+    BiasConventions,
     Target,
-    reduce_queries,
-    top_k_indices,
-    group_counts_at_k,
+    bias_summary,
+    cramers_v,
     desired_distribution,
-    skew_at_k,
+    group_counts_at_k,
     max_skew_at_k,
     min_skew_at_k,
     ndkl,
-    cramers_v,
-    BiasConventions,
-    bias_summary,
+    reduce_queries,
+    skew_at_k,
+    top_k_indices,
+)
+from surgery.metrics.linear_probe import (  # noqa: F401
+    LinearProbe,
+    cross_validated_accuracy,
+    fit_linear_probe,
+    probe_accuracy,
+    probe_loss,
 )
 from surgery.metrics.retrieval import (  # noqa: F401
     best_positive_rank,
@@ -27,13 +34,6 @@ from surgery.metrics.retrieval import (  # noqa: F401
 )
 from surgery.metrics.zero_shot import (  # noqa: F401
     class_embeddings,
-    zero_shot_predict,
     zero_shot_accuracy,
-)
-from surgery.metrics.linear_probe import (  # noqa: F401
-    LinearProbe,
-    probe_loss,
-    fit_linear_probe,
-    probe_accuracy,
-    cross_validated_accuracy,
+    zero_shot_predict,
 )

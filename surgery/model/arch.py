@@ -59,9 +59,14 @@ def get_config(arch: str) -> dict:
         try:
             with open(arch, encoding="utf-8") as fh:
                 cfg = json.load(fh)
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ArchitectureError(f"{arch}: unreadable architecture config ({exc})") from None
-        return cfg.get("model_cfg", cfg)
+        cfg = cfg.get("model_cfg", cfg) if isinstance(cfg, dict) else cfg
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("vision_cfg"), dict) \
+                or not isinstance(cfg.get("text_cfg"), dict):
+            raise ArchitectureError(f"{arch}: an architecture config is a JSON object with 'embed_dim', "
+                                    "'vision_cfg' and 'text_cfg' objects (open_clip's model config format)")
+        return cfg
     cfg = open_clip.get_model_config(arch)
     if cfg is None:
         raise ArchitectureError(
@@ -92,6 +97,13 @@ def check_supported(cfg: dict, arch: str = "this model") -> None:
         raise UnsupportedTowerError(f"{arch}: CoCa-style multimodal decoders are not supported")
     if vision.get("attentional_pool"):
         raise UnsupportedTowerError(f"{arch}: vision tower uses attentional pooling, not supported")
+    width, head_width = vision.get("width", 768), vision.get("head_width", 64)
+    if isinstance(width, int) and isinstance(head_width, int) and (head_width < 1 or width % head_width):
+        raise ArchitectureError(f"{arch}: vision width {width} is not a multiple of head_width {head_width}; "
+                                "fix the config (heads = width / head_width)")
+    width, heads = text.get("width", 512), text.get("heads", 8)
+    if isinstance(width, int) and isinstance(heads, int) and (heads < 1 or width % heads):
+        raise ArchitectureError(f"{arch}: text width {width} is not a multiple of its {heads} heads; fix the config")
 
 
 def build_model(cfg: dict, device: str | torch.device = "cpu") -> nn.Module:

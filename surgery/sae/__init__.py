@@ -13,12 +13,50 @@ Public API::
 """
 from __future__ import annotations
 
-from surgery.sae.activations import ActivationCache, CacheError, Site, build_cache, capture, capture_rows, open_cache, replaced, site_width
-from surgery.sae.deactivate import FORMS, deactivation
 from surgery.model.neurons import ErrorPreservingDeactivation, PaperDeactivation
+from surgery.sae.activations import (
+    ActivationCache,
+    CacheError,
+    Site,
+    build_cache,
+    capture,
+    capture_rows,
+    open_cache,
+    replaced,
+    site_width,
+)
+from surgery.sae.deactivate import FORMS, deactivation
 from surgery.sae.downstream import encode_images_replaced, encode_texts_replaced, zero_shot_with_replacement
-from surgery.sae.model import KINDS, NORMALISATIONS, SAEConfig, SAEError, SparseAutoencoder, aux_k_loss, batch_topk_activation, explained_variance, geometric_median, l1_loss, load_sae, normalised_mse, reconstruction_loss, save_sae, threshold_activation, topk_activation
-from surgery.sae.neurons import NeuronError, NeuronOptions, NeuronReport, find_neurons, group_prompt_texts, neurons_from_images, neurons_from_texts, read_neurons, sample_latents, write_neurons
+from surgery.sae.model import (
+    KINDS,
+    NORMALISATIONS,
+    SAEConfig,
+    SAEError,
+    SparseAutoencoder,
+    aux_k_loss,
+    batch_topk_activation,
+    explained_variance,
+    geometric_median,
+    l1_loss,
+    load_sae,
+    normalised_mse,
+    reconstruction_loss,
+    save_sae,
+    threshold_activation,
+    topk_activation,
+)
+from surgery.sae.neurons import (
+    NeuronError,
+    NeuronOptions,
+    NeuronReport,
+    find_neurons,
+    group_prompt_texts,
+    neurons_from_images,
+    neurons_from_texts,
+    read_neurons,
+    sample_latents,
+    write_neurons,
+)
 from surgery.sae.train import SAEMetrics, TrainOptions, evaluate_sae, save_trained, train_sae, training_step
 
 __all__ = [

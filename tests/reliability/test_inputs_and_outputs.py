@@ -45,3 +45,55 @@ def test_debias_vision_only_export_compares_with_the_patched_text_tower(tmp_path
     assert result.exit_code == 0, result.output  # was: all the work, then exit 1 "the text encoder is missing"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v.onnx", "v.plan.json", "v.report"]
     assert "| group: mean MaxSkew@20 |" in result.output
+
+
+def _one_line_error(result, message):
+    assert result.exit_code == 1, result.output
+    assert message in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_unwritable_outputs_are_refused_before_any_work(tmp_path):
+    runner = CliRunner()
+    (tmp_path / "afile").write_text("x")
+    _one_line_error(runner.invoke(main, ["export", "builtin:tiny", "/proc/x.safetensors"]), "cannot write in /proc")
+    _one_line_error(runner.invoke(main, ["export", "builtin:tiny", str(tmp_path / "afile" / "x.safetensors")]),
+                    "is a file, not a folder")
+    (tmp_path / "d.safetensors").mkdir()
+    _one_line_error(runner.invoke(main, ["export", "builtin:tiny", str(tmp_path / "d.safetensors"), "--force"]),
+                    "is a folder; give a file path")
+    _one_line_error(runner.invoke(main, ["debias", "builtin:world", "/proc/out.onnx"]), "cannot write in /proc")
+
+
+def test_bad_architecture_configs_are_one_line(tmp_path):
+    import json
+
+    from surgery.model.tiny import tiny_config
+
+    runner = CliRunner()
+    assert runner.invoke(main, ["export", "builtin:tiny", str(tmp_path / "t.safetensors")]).exit_code == 0
+    listed = tmp_path / "list.json"
+    listed.write_text(json.dumps([1, 2]))
+    _one_line_error(runner.invoke(main, ["inspect", str(tmp_path / "t.safetensors"), "--arch", str(listed)]),
+                    "an architecture config is a JSON object")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(tiny_config(vision_cfg={"head_width": 24})))
+    _one_line_error(runner.invoke(main, ["inspect", str(tmp_path / "t.safetensors"), "--arch", str(bad)]),
+                    "vision width 64 is not a multiple of head_width 24")
+
+
+def test_reports_do_not_overwrite_a_folder_without_force_and_a_split_folder_is_accepted(tmp_path):
+    runner = CliRunner()
+    split = tmp_path / "w"
+    assert runner.invoke(main, ["world", "generate", "--out", str(split), "--n", "120"]).exit_code == 0
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("x")
+    args = ["--images", str(split), "--labels", str(split / "labels.csv"), "--k", "10"]  # the split folder itself
+    _one_line_error(runner.invoke(main, ["eval", "builtin:world", *args, "--out", str(mine)]), "already holds files")
+    _one_line_error(runner.invoke(main, ["audit", "builtin:world", "--no-sweep", "--n-probe", "120", "--k", "10",
+                                         "--out", str(mine)]), "already holds files")
+    ok = runner.invoke(main, ["eval", "builtin:world", *args, "--out", str(mine), "--force"])
+    assert ok.exit_code == 0, ok.output
+    assert (mine / "notes.txt").read_text() == "x" and (mine / "report.json").is_file()
