@@ -46,11 +46,29 @@ def write_safetensors(state: dict[str, torch.Tensor], path: str, metadata: dict[
     """Write a state dict atomically; non-string metadata values are stored as JSON."""
     from safetensors.torch import save_file
 
-
     meta = {k: (v if isinstance(v, str) else json.dumps(v, sort_keys=True)) for k, v in metadata.items()}
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     with atomic_output(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
+        sort_safetensors_header_(str(tmp))
+
+
+def sort_safetensors_header_(path: str) -> None:
+    """Rewrite a safetensors file's JSON header with sorted keys, in place.
+
+    safetensors serialises its header from a hash map, so the same tensors and metadata give other
+    bytes in another process; sorted, an export is byte-for-byte reproducible. The sorted header
+    has the same length (the same pairs, reordered), so the data offsets stay valid; it is padded
+    with spaces (as safetensors pads) if it comes out shorter.
+    """
+    with open(path, "r+b") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+        ordered = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(ordered) > size:  # cannot happen for a header safetensors wrote; leave the file as it is
+            return
+        fh.seek(8)
+        fh.write(ordered + b" " * (size - len(ordered)))
 
 
 def sha256_file(path: str, chunk: int = 1 << 20) -> str:
@@ -105,7 +123,8 @@ def _read_torch(path: str) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        match = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        # torch < 2.14: "Unsupported global: GLOBAL os.system"; 2.14: "Trying to load unsupported GLOBAL posix.system"
+        match = re.search(r"unsupported global:? (?:GLOBAL )?(\S+)", str(exc), flags=re.IGNORECASE)
         if match is None:
             raise CheckpointError(f"{path}: corrupt or truncated checkpoint (not a readable pickle); re-download or re-save it") from None
         raise CheckpointError(
