@@ -57,11 +57,11 @@ SUITE = (
     SuiteWorld("tex3-weak", {"seed": 41, "attribute_kind": "texture", "groups": ("stripes", "dots", "checks"),
                              "concepts": ("circle", "square", "triangle", "cross", "ring", "star", "diamond",
                                           "hexagon"), "bias_strength": 0.8},
-               {"n_train": 12000, "epochs": 4, "warmup_steps": 40}, weak=True),
+               {"n_train": 20000, "epochs": 4, "warmup_steps": 60}, weak=True),
     SuiteWorld("col2-weak", {"seed": 51, "groups": ("orange", "cyan"),
                              "concepts": ("circle", "square", "triangle", "cross", "ring", "star", "diamond",
                                           "crescent"), "bias_strength": 0.7},
-               {"n_train": 12000, "epochs": 3, "warmup_steps": 40}, weak=True),
+               {"n_train": 20000, "epochs": 4, "warmup_steps": 60}, weak=True),
 )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 
 import click
 
@@ -45,6 +46,13 @@ def main(verbose: int) -> None:
     """Find and remove demographic bias inside CLIP encoders, and export the patched model."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _terminated)
+
+
+def _terminated(signum, _frame) -> None:
+    """SIGTERM unwinds like an error: temp files, staging folders and half-built caches are removed
+    by the code that made them, and no output is left half-written (exit 128 + 15)."""
+    raise SystemExit(128 + signum)
 
 
 @main.command()

@@ -95,13 +95,16 @@ def choose_neurons(model: nn.Module, train_images: torch.Tensor, probes: ProbeSe
     budget = budget or Budget()
     site = S.Site("vision", "embedding")
     cache_dir = os.path.join(sae_dir, "cache")
-    cache = S.build_cache(model, site, train_images.split(opt.batch_size_embed), cache_dir, seed=opt.seed)
-    cfg = S.SAEConfig(d_in=cache.d, expansion=opt.expansion, kind="batchtopk", k=opt.k, site="embedding",
-                      tower="vision", dead_after=max(20 * opt.batch_size, 20_000), matryoshka=opt.matryoshka)
-    sae, history = S.train_sae(cache, cfg, S.TrainOptions(steps=opt.steps, batch_size=opt.batch_size, seed=opt.seed))
-    metrics_ = S.evaluate_sae(sae, cache)
-    S.save_trained(sae, sae_dir, history, metrics_)
-    shutil.rmtree(cache_dir, ignore_errors=True)
+    try:  # the cache is scratch: removed when the SAE is saved, or when anything fails (or SIGTERM)
+        cache = S.build_cache(model, site, train_images.split(opt.batch_size_embed), cache_dir, seed=opt.seed)
+        cfg = S.SAEConfig(d_in=cache.d, expansion=opt.expansion, kind="batchtopk", k=opt.k, site="embedding",
+                          tower="vision", dead_after=max(20 * opt.batch_size, 20_000), matryoshka=opt.matryoshka)
+        sae, history = S.train_sae(cache, cfg, S.TrainOptions(steps=opt.steps, batch_size=opt.batch_size,
+                                                              seed=opt.seed))
+        metrics_ = S.evaluate_sae(sae, cache)
+        S.save_trained(sae, sae_dir, history, metrics_)
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
 
     probes = [probes] if isinstance(probes, ProbeSet) else list(probes)
     device = next(model.parameters()).device

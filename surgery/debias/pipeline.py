@@ -10,7 +10,6 @@ import copy
 import dataclasses
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -30,7 +29,7 @@ from surgery.eval.encoders import OnnxEncoder, TorchEncoder, open_encoder
 from surgery.eval.evaluate import PROTECTED_COLUMNS, EvalSpec, spec_from_folder
 from surgery.export.onnx import OnnxOptions, export_onnx
 from surgery.export.safetensors import export_safetensors
-from surgery.io.fs import check_output_folder, check_output_path
+from surgery.io.fs import check_output_folder, check_output_path, staging_dir
 from surgery.io.images import resolve_images_dir
 from surgery.io.labels import load_labels, split_label_table, write_labels_csv
 from surgery.io.onnx import onnx_paths
@@ -149,7 +148,8 @@ def run_debias(model_in: str, out: str, options: DebiasOptions, *, images_dir: s
     outputs = Outputs.of(out, options.tower)
     outputs.check(model_in, options.force)
     loaded = load(model_in)
-    work = tempfile.mkdtemp(prefix="clipsurgery-debias-")
+    work = staging_dir("clipsurgery-debias-")
+    sae_existed = os.path.exists(outputs.sae)
     try:
         probes = build_probes(loaded, model_in, options, work, images_dir, labels_path, attribute, say)
         say("auditing heads (cheap scores a, b, d)")
@@ -162,6 +162,10 @@ def run_debias(model_in: str, out: str, options: DebiasOptions, *, images_dir: s
         patched, exported = bake_and_export(loaded, plan, out, probes, options, say)
         plan.save(outputs.plan)
         result = compare_before_after(loaded, patched, out, probes, plan, outputs.report, work, say)
+    except BaseException:  # an error or SIGTERM: no SAE folder without the plan that refers to it
+        if not sae_existed and not os.path.isfile(outputs.plan):
+            shutil.rmtree(outputs.sae, ignore_errors=True)
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return summarise(result, search, exported, outputs, plan, options)

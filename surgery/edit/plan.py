@@ -199,13 +199,24 @@ class SurgeryPlan:
         except UnicodeDecodeError:
             raise PlanError(f"{path} is not UTF-8 text; a plan is a JSON file") from None
         try:
-            return cls.from_dict(data)
+            plan = cls.from_dict(data)
         except PlanError as exc:
             raise PlanError(f"{path}: {exc}") from None
+        folder = os.path.dirname(os.path.abspath(path))
+        for edit in plan.neurons:  # a relative SAE path is relative to the plan file, not to where it runs
+            if not os.path.isabs(edit.sae):
+                edit.sae = os.path.relpath(os.path.join(folder, edit.sae))
+        return plan
 
     def save(self, path: str) -> None:
+        """Write the plan as JSON; relative SAE paths are stored relative to the plan's folder."""
         self.validate()
-        write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        data = self.to_dict()
+        folder = os.path.dirname(os.path.abspath(path))
+        for edit in data["neurons"]:
+            if not os.path.isabs(edit["sae"]):
+                edit["sae"] = os.path.relpath(os.path.abspath(edit["sae"]), folder)
+        write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
     def merged(self, other: "SurgeryPlan", *, stacked: bool = False) -> "SurgeryPlan":
         """This plan's edits plus ``other``'s; a head in both is an error.

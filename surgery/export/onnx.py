@@ -34,7 +34,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +53,7 @@ from surgery.export.ort_fused import (
     fuse_residual_norms,
 )
 from surgery.export.safetensors import model_metadata
-from surgery.io.fs import check_output_path
+from surgery.io.fs import check_output_path, staging_dir
 from surgery.io.metadata import META_GRAPH, META_NORMALIZED, META_PRECISION, META_TOWER
 from surgery.io.onnx import onnx_paths, ort_session
 from surgery.model.attention import swap_attention
@@ -63,6 +62,7 @@ from surgery.model.loading import LoadedModel
 log = logging.getLogger(__name__)
 TOWER_CHOICES = ("vision", "text", "both")
 GRAPH_CHOICES = ("auto", "ort", "plain")
+STAGING_PREFIX = "clipsurgery-onnx-"  # staging folders beside the output, removed when done (or by the next run)
 PARITY_BOUND = {"fp32": 1e-4, "fp16": 2e-2}
 _TWO_GB = 2 * 1024**3
 
@@ -138,7 +138,7 @@ def export_onnx(loaded: LoadedModel, out: str, plan: SurgeryPlan | None = None, 
     check_finite_outputs(loaded, tuple(paths))
     metadata = {k: json.dumps(v) if not isinstance(v, str) else v
                 for k, v in model_metadata(loaded, plan).items() if v is not None}
-    work = tempfile.mkdtemp(prefix="clipsurgery-onnx-", dir=os.path.dirname(os.path.abspath(out)))
+    work = staging_dir(STAGING_PREFIX, os.path.dirname(os.path.abspath(out)))
     results = {}
     try:
         staged = {}

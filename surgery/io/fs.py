@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -67,8 +68,10 @@ def check_writable(folder: str | os.PathLike) -> None:
 def atomic_output(out: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``out``; on success it is renamed to ``out``, else removed."""
     out_path = Path(out)
+    parent = str(out_path.parent or ".")
+    remove_stale_staging(f".{out_path.name}.", parent)  # temp files of a killed (SIGKILL) earlier write
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent or ".")
+        fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.{os.getpid()}-", suffix=".tmp", dir=parent)
     except OSError as exc:
         raise SurgeryError(f"cannot write {out} ({exc.strerror.lower()}); choose another output path") from None
     os.close(fd)
@@ -90,3 +93,44 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> str:
     with atomic_output(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return str(path)
+
+
+def staging_dir(prefix: str, parent: str | None = None) -> str:
+    """A new staging folder ``<prefix><pid>-<random>`` in ``parent`` (default: the temp folder).
+
+    Stale ones (their process is gone: killed with SIGKILL, or a crash) are removed first, so a
+    killed run leaves nothing behind after the next one.
+    """
+    parent = parent or tempfile.gettempdir()
+    remove_stale_staging(prefix, parent)
+    return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent)
+
+
+def remove_stale_staging(prefix: str, parent: str) -> list[str]:
+    """Remove ``<prefix><pid>-*`` folders and files in ``parent`` whose process no longer runs;
+    returns what was removed."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(parent):
+            if not entry.name.startswith(prefix) or entry.is_symlink():
+                continue
+            pid = entry.name[len(prefix):].split("-", 1)[0]
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+            removed.append(entry.path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True

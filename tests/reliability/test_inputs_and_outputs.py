@@ -1,6 +1,8 @@
 """Bad input gets one line, and --force never deletes what the tool did not write."""
 from __future__ import annotations
 
+import os
+
 from click.testing import CliRunner
 
 from surgery.cli.main import main
@@ -97,3 +99,21 @@ def test_reports_do_not_overwrite_a_folder_without_force_and_a_split_folder_is_a
     ok = runner.invoke(main, ["eval", "builtin:world", *args, "--out", str(mine), "--force"])
     assert ok.exit_code == 0, ok.output
     assert (mine / "notes.txt").read_text() == "x" and (mine / "report.json").is_file()
+
+
+def test_plan_sae_paths_are_relative_to_the_plan_file(tmp_path, monkeypatch):
+    from surgery.edit.plan import NeuronEdit, SurgeryPlan
+
+    (tmp_path / "run" / "out.sae").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    plan = SurgeryPlan(neurons=[NeuronEdit("vision", "run/out.sae", [1, 2], site="embedding")])
+    plan.save("run/out.plan.json")  # written from tmp_path: the SAE is beside the plan
+    import json
+
+    assert json.loads((tmp_path / "run" / "out.plan.json").read_text())["neurons"][0]["sae"] == "out.sae"
+    monkeypatch.chdir(tmp_path / "run")
+    assert SurgeryPlan.load("out.plan.json").neurons[0].sae == "out.sae"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    loaded = SurgeryPlan.load("../run/out.plan.json")
+    assert os.path.samefile(loaded.neurons[0].sae, tmp_path / "run" / "out.sae")
