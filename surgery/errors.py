@@ -9,7 +9,16 @@ from __future__ import annotations
 
 
 class SurgeryError(Exception):
-    """Base class: bad input or an unsupported model, with a message meant for the user."""
+    """Base class: bad input or an unsupported model, with a message meant for the user.
+
+    The message is kept on one line: a line break that came in with user input (a CSV header, a
+    plan key) is shown as ``\\n``, so the CLI's one-line error stays one line.
+    """
+
+    def __init__(self, message: object = "", *args: object) -> None:
+        if isinstance(message, str):
+            message = message.replace("\r", "\\r").replace("\n", "\\n")
+        super().__init__(message, *args)
 
 
 class CheckpointError(SurgeryError):

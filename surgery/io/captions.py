@@ -53,7 +53,7 @@ def _load_caption_csv(path: Path, splits: set[str] | None) -> dict[str, list[str
     lowered = [h.lower() for h in header]
     if CAPTION_COLUMN not in lowered:
         raise DataError(
-            f"{str(path)!r} has no {CAPTION_COLUMN!r} column; columns that exist: {', '.join(header)}"
+            f"{str(path)!r} has no {CAPTION_COLUMN!r} column; columns that exist: {', '.join(repr(h) for h in header)}"
         )
     cap_col = lowered.index(CAPTION_COLUMN)
     split_col = lowered.index("split") if "split" in lowered else None

@@ -61,7 +61,7 @@ class LabelTable:
         if missing:
             raise DataError(
                 f"labels have no column {', '.join(repr(m) for m in missing)}; columns that exist: "
-                f"{', '.join(self.attributes) or '(none)'}; pick one of those"
+                f"{', '.join(repr(a) for a in self.attributes) or '(none)'}; pick one of those"
             )
 
     def codes(self, name: str, values: Sequence[str] | None = None) -> tuple[np.ndarray, list[str]]:
@@ -150,7 +150,7 @@ def file_column(header: list[str], path: Path) -> int:
         if alias in lowered:
             return lowered.index(alias)
     raise DataError(
-        f"{str(path)!r} has no {FILE_COLUMN!r} column; columns that exist: {', '.join(header)}; "
+        f"{str(path)!r} has no {FILE_COLUMN!r} column; columns that exist: {', '.join(repr(h) for h in header)}; "
         f"rename the image-path column to {FILE_COLUMN!r}"
     )
 

@@ -70,7 +70,7 @@ def test_generic_csv_with_filename_alias_and_bom(tmp_path):
     [
         ("", "is empty"),
         ("file,gender\n", "no rows"),
-        ("image_id,gender\n1,Male\n", "no 'file' column; columns that exist: image_id, gender"),
+        ("image_id,gender\n1,Male\n", "no 'file' column; columns that exist: 'image_id', 'gender'"),
         ("file,gender\na.png,Male\na.png,Female\n", "lists 'a.png' twice"),
         ("file,gender\na.png\n", "line 2 has 1 cells"),
         ("file,gender\n,Male\n", "empty file name"),
@@ -86,7 +86,7 @@ def test_bad_label_csv(tmp_path, text, message):
 def test_required_and_allowed_attributes(tmp_path):
     path = tmp_path / "labels.csv"
     path.write_text("file,age,gender\na.png,20-29,Male\nb.png,30-39,Femal\n")
-    with pytest.raises(DataError, match="no column 'race'; columns that exist: age, gender"):
+    with pytest.raises(DataError, match="no column 'race'; columns that exist: 'age', 'gender'"):
         load_labels(path, required=("race",))
     with pytest.raises(DataError, match="column 'gender' has unknown values 'Femal'; allowed: 'Female', 'Male'"):
         load_labels(path, allowed={"gender": {"Male", "Female"}})
@@ -139,7 +139,7 @@ def test_caption_csv_several_rows_per_file(tmp_path):
     texts, owner = caption_pairs(caps, ["b.png", "a.png", "c.png"])
     assert texts == ["a square, blue", "a red circle", "a circle"] and owner.tolist() == [0, 1, 1]
     path.write_text("file,text\na.png,x\n")
-    with pytest.raises(DataError, match="no 'caption' column; columns that exist: file, text"):
+    with pytest.raises(DataError, match="no 'caption' column; columns that exist: 'file', 'text'"):
         load_captions(path)
 
 
