@@ -122,6 +122,7 @@ class Probes:
     sae_images: torch.Tensor | None  # (N, 3, H, W) unlabelled SAE training images; None: the probe's own
     source: dict | None = None  # folder probes: recorded in the plan's provenance
     spec: EvalSpec | None = None
+    eval_name: str | None = None  # how the report names generated images (their temp folder is gone after the run)
 
     @property
     def first(self) -> ProbeSet:
@@ -196,7 +197,8 @@ def build_probes(loaded: LoadedModel, model_in: str, options: DebiasOptions, wor
         write_split(generate(params, "eval", n), os.path.join(work, "eval"))
         sae_images = images_to_tensor(generate(params, "train", options.sae_images).images, loaded.preprocess)
         probes = Probes(selection, os.path.join(work, "eval", "images"), os.path.join(work, "eval", "labels.csv"),
-                        sae_images)
+                        sae_images, eval_name=f"the model's own world, eval split (seed {params.seed}, {n} images, "
+                                              f"regenerate with: clipsurgery world generate --like MODEL --n {n})")
         say(f"probing on {len(selection)} generated draws of the model's world (selection seeds "
             f"{params.seed + SELECTION_SEED_OFFSET}+; report on its own eval split, {n} images)")
     else:
@@ -292,6 +294,8 @@ def compare_before_after(loaded: LoadedModel, patched: LoadedModel, out: str, pr
     say("comparing before / after")
     after = OnnxEncoder(out, fallback=TorchEncoder(patched)) if out.endswith(".onnx") else open_encoder(out)
     result = compare(TorchEncoder(loaded), after, probes.spec, EmbedOptions(cache_dir=os.path.join(work, "cache")))
+    if probes.eval_name:
+        result["spec"]["images_dir"] = probes.eval_name
     result["plan"] = plan.to_dict()
     write_report(report_dir, result, title="clipsurgery debias")
     return result

@@ -20,6 +20,7 @@ the head's mean output over a probe set: ``z_h -> s * z_h + (1 - s) * mean_h``.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -28,6 +29,8 @@ from typing import Any
 from surgery.errors import PlanError
 from surgery.io.fs import write_text_atomic
 from surgery.model.towers import TOWERS, get_towers
+
+log = logging.getLogger(__name__)
 
 SCHEMA = "clipsurgery.plan/1"
 ABLATIONS = ("zero", "mean")
@@ -147,11 +150,14 @@ class SurgeryPlan:
     def check_fits(self, model, sha256: str | None, *, force: bool = False) -> None:
         """Raise unless every edit addresses an existing head and the plan was made for this model."""
         planned = self.source.get("sha256")
-        if planned and sha256 and planned != sha256 and not force:
-            raise PlanError(
-                f"plan was made for a checkpoint with sha256 {planned[:12]}..., not this one ({sha256[:12]}...); "
-                "pass --force to apply it anyway"
-            )
+        if planned and sha256 and planned != sha256:
+            if not force:
+                raise PlanError(
+                    f"plan was made for a checkpoint with sha256 {planned[:12]}..., not this one ({sha256[:12]}...); "
+                    "pass --force to apply it anyway"
+                )
+            log.warning("plan was made for a checkpoint with sha256 %s..., not this one (%s...); applying it "
+                        "anyway (--force)", planned[:12], sha256[:12])
         towers = get_towers(model)
         for i, edit in enumerate(self.heads):
             view = towers[edit.tower]

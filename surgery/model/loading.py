@@ -75,6 +75,8 @@ def load(source: str, *, arch: str | None = None, pretrained: str | None = None,
     if not isinstance(source, str) or not source:
         raise SurgeryError("no model given; pass a checkpoint path, NAME:TAG, hf-hub:org/name or builtin:tiny")
     if source.startswith(BUILTIN_PREFIX):
+        if arch:
+            log.warning("--arch %s is ignored: %s carries its own architecture", arch, source)
         loaded = _load_builtin(source)
     elif source.startswith(HF_HUB_PREFIX):
         loaded = _load_hf_hub(source, arch)

@@ -93,3 +93,13 @@ def test_debias_exits_3_when_a_target_is_missed_and_allow_miss_exits_0(tmp_path)
     assert allowed.exit_code == 0, allowed.output
     assert "(NOT met)" in allowed.output
     assert "MaxSkew@20 cut" in allowed.output and "on the worst query" in allowed.output
+
+
+def test_debias_report_names_generated_images_not_their_temp_folder(tmp_path):
+    out = tmp_path / "o.onnx"
+    result = CliRunner().invoke(main, ["debias", "builtin:world", str(out), "--n-probe", "240", "--k", "20",
+                                       "--selection-draws", "1", "--heads-only", "--max-heads", "1", "--allow-miss"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "o.report" / "report.json").read_text())
+    assert report["spec"]["images_dir"].startswith("the model's own world, eval split (seed 0, 240 images")
+    assert "clipsurgery-debias-" not in (tmp_path / "o.report" / "report.md").read_text()

@@ -117,3 +117,18 @@ def test_plan_sae_paths_are_relative_to_the_plan_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "elsewhere")
     loaded = SurgeryPlan.load("../run/out.plan.json")
     assert os.path.samefile(loaded.neurons[0].sae, tmp_path / "run" / "out.sae")
+
+
+def test_ignored_arch_and_forced_plan_say_so(caplog, tmp_path):
+    import logging
+
+    import surgery
+    from surgery.edit.plan import SurgeryPlan
+
+    with caplog.at_level(logging.WARNING):
+        loaded = surgery.load("builtin:tiny", arch="ViT-B-32")
+    assert "--arch ViT-B-32 is ignored" in caplog.text
+    plan = SurgeryPlan(source={"sha256": "a" * 64})
+    with caplog.at_level(logging.WARNING):
+        plan.check_fits(loaded.model, "b" * 64, force=True)
+    assert "applying it anyway (--force)" in caplog.text
