@@ -18,6 +18,7 @@ weights' names and shapes (:func:`surgery.model.arch.infer_arch`).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -198,13 +199,15 @@ def _load_hf_hub(source: str, arch: str | None) -> LoadedModel:
     if not repo or "/" not in repo:
         raise SurgeryError(f"{source!r}: expected hf-hub:ORG/NAME")
     try:
-        cfg_path = download_pretrained_from_hf(repo, filename="open_clip_config.json")
+        with _quiet_hub():
+            cfg_path = download_pretrained_from_hf(repo, filename="open_clip_config.json")
     except Exception as exc:  # network, auth, missing repo: all reported the same way
         raise CheckpointError(f"could not fetch {source} config ({_short(exc)}); check the name and network") from None
     last_error: Exception | None = None
     for filename in _HF_WEIGHT_FILES:
         try:
-            weights = download_pretrained_from_hf(repo, filename=filename)
+            with _quiet_hub():
+                weights = download_pretrained_from_hf(repo, filename=filename)
             break
         except Exception as exc:  # try the next file name
             last_error = exc
@@ -252,7 +255,8 @@ def _load_registry(source: str, pretrained: str | None, arch: str | None) -> Loa
         raise SurgeryError(f"{name} has no pretrained tag {tag!r}; available: {', '.join(tags) or 'none'}")
     pcfg = open_clip.get_pretrained_cfg(name, tag)
     try:
-        path = open_clip.pretrained.download_pretrained(pcfg)
+        with _quiet_hub():
+            path = open_clip.pretrained.download_pretrained(pcfg)
     except Exception as exc:  # network or hub errors
         raise CheckpointError(f"could not download {name}:{tag} ({_short(exc)}); check the network or pass a local file") from None
     if not path:
@@ -272,9 +276,29 @@ def _looks_like_path(source: str) -> bool:
     return os.sep in source or source.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
 
 
-def _short(exc: BaseException | None) -> str:
-    text = str(exc).strip().splitlines() if exc else []
-    return (text[0][:160] if text else type(exc).__name__)
+def _short(exc: BaseException | None, limit: int = 160) -> str:
+    """One line about a download failure: its root cause (the innermost exception, e.g. a DNS error
+    under huggingface_hub's wrapper), cut at a word boundary, never mid-word."""
+    root = exc
+    while root is not None and (root.__cause__ or root.__context__) is not None:
+        root = root.__cause__ or root.__context__
+    lines = str(root).strip().splitlines() if root is not None else []
+    text = lines[0] if lines else type(exc).__name__
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
+    return text
+
+
+@contextlib.contextmanager
+def _quiet_hub():
+    """Downloads without huggingface_hub's per-retry warning lines (a failure is reported once, by us)."""
+    hub = logging.getLogger("huggingface_hub")
+    level = hub.level
+    hub.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub.setLevel(level)
 
 
 def sha256_of(path: str) -> str:
