@@ -21,6 +21,9 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 PRESCAN_MODES = ("none", "header", "full")
+#: Largest image decoded (width x height), about 6300 x 6300: a larger one (a decompression bomb, or a
+#: scan far beyond any CLIP's input size) is skipped like an unreadable file, before its pixels are read.
+DEFAULT_MAX_PIXELS = 40_000_000
 # What Pillow raises for missing, non-image, truncated or broken files.
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
@@ -102,6 +105,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         *,
         max_skipped_fraction: float = 0.05,
         prescan: str = "header",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         if not 0.0 <= max_skipped_fraction <= 1.0:
             raise DataError(f"max_skipped_fraction={max_skipped_fraction} is outside [0, 1]; pass a fraction")
@@ -114,6 +118,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if not self.files:
             raise DataError(f"no images to load from {str(self.images_dir)!r}; the file list is empty")
         self.transform = transform
+        self.max_pixels = int(max_pixels)
         self.max_skipped_fraction = max_skipped_fraction
         self.skipped: list[SkippedImage] = []
         self.indices: list[int] = []  # positions in ``files`` still in use
@@ -138,7 +143,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return sample, index
 
     def _open(self, name: str, decode: bool) -> Image.Image:
-        with Image.open(self.images_dir / name) as img:
+        with Image.open(self.images_dir / name) as img:  # reads the header only
+            width, height = img.size
+            if width * height > self.max_pixels:
+                raise ValueError(f"{width} x {height} pixels is over the {self.max_pixels:,}-pixel cap "
+                                 "(max_pixels); downscale it")
             if not decode:
                 return img
             img.load()

@@ -8,6 +8,8 @@ global the pickle names is refused. Nothing in the archive is ever executed.
 """
 from __future__ import annotations
 
+import math
+
 import io
 import pickle
 import zipfile
@@ -123,7 +125,16 @@ class _SafeUnpickler(pickle.Unpickler):
 
     def _rebuild_tensor(self, ref: _StorageRef, offset: int, size: tuple, stride: tuple, *_: Any) -> torch.Tensor:
         flat = self._storage(ref)
-        return torch.as_strided(flat, tuple(size), tuple(stride), offset).clone()
+        size, stride, offset = tuple(size), tuple(stride), int(offset)
+        numel = math.prod(size)
+        extent = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1 if numel else 0
+        # the declared sizes are checked against the bytes the archive holds before anything is
+        # allocated: a weight never has more elements than its storage (stride-0 expansions of a tiny
+        # storage would make a 542-byte file cost gigabytes) nor reaches past its end
+        if numel > flat.numel() or extent > flat.numel() or offset < 0 or any(s < 0 for s in stride):
+            raise CheckpointError(f"tensor of size {size} (stride {stride}, offset {offset}) does not fit its "
+                                  f"storage {ref.key} of {flat.numel()} elements; the archive is damaged or forged")
+        return torch.as_strided(flat, size, stride, offset).clone()
 
 
 def _flatten(obj: Any, prefix: str, out: dict[str, torch.Tensor], seen: set[int]) -> None:
