@@ -231,13 +231,23 @@ def choose_neuron_edit(loaded: LoadedModel, probes: Probes, prompts: Prompts, op
         return None, None, None
     say("training an SAE on unlabelled vision embeddings and finding social neurons")
     train = probes.sae_images if probes.sae_images is not None else probes.first.images[0:len(probes.first)]
-    edit, post, summary = choose_neurons(loaded.model, train, probes.selection, sae_dir, prompts.queries,
-                                         prompts.classes, options.selection_budget(), options.k,
-                                         caption_embs=prompts.captions)
-    if edit is None:
-        say("no social neuron lowered bias within the accuracy and recall budgets; continuing with heads only")
-        shutil.rmtree(sae_dir, ignore_errors=True)
-    return edit, post, summary
+    # trained in a staging folder beside sae_dir and moved into place complete: a killed run never
+    # leaves a half-written SAE folder (a SIGKILL's staging is removed by the next run)
+    staging = staging_dir(f".{os.path.basename(sae_dir)}.", os.path.dirname(os.path.abspath(sae_dir)))
+    try:
+        edit, post, summary = choose_neurons(loaded.model, train, probes.selection, staging, prompts.queries,
+                                             prompts.classes, options.selection_budget(), options.k,
+                                             caption_embs=prompts.captions)
+        if edit is None:
+            say("no social neuron lowered bias within the accuracy and recall budgets; continuing with heads only")
+            return None, None, summary
+        if os.path.isdir(sae_dir):  # an earlier run's (Outputs.check required --force for it)
+            shutil.rmtree(sae_dir)
+        os.replace(staging, sae_dir)
+        edit.sae = sae_dir
+        return edit, post, summary
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def choose_head_edits(loaded: LoadedModel, probes: Probes, audit: AuditResult, prompts: Prompts,

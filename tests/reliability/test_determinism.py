@@ -45,3 +45,17 @@ def test_sorted_header_keeps_the_file_readable(tmp_path):
         assert torch.equal(f.get_tensor("b"), state["b"]) and torch.equal(f.get_tensor("a"), state["a"])
     header = path.read_bytes()[8:8 + int.from_bytes(path.read_bytes()[:8], "little")].decode()
     assert header.index('"__metadata__"') < header.index('"a"') < header.index('"b"')  # sorted
+
+
+@pytest.mark.slow
+def test_debias_twice_gives_byte_identical_plan_and_files(tmp_path):
+    args = ["--n-probe", "240", "--k", "20", "--selection-draws", "1", "--allow-miss"]
+    runs = []
+    for name in ("a", "b"):  # separate processes, separate folders
+        folder = tmp_path / name
+        folder.mkdir()
+        subprocess.run([sys.executable, "-m", "surgery", "debias", "builtin:world", "m.onnx", *args], cwd=folder,
+                       check=True, capture_output=True, timeout=900)
+        runs.append(folder)
+    for file in ("m.plan.json", "m.visual.onnx", "m.text.onnx", "m.sae/weights.safetensors"):
+        assert _sha(runs[0] / file) == _sha(runs[1] / file), file

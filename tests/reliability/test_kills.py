@@ -134,3 +134,26 @@ def test_sae_train_killed_then_resumed(tmp_path):
         assert rc == 0, output
         assert [n for n in os.listdir(work / "sae") if n.endswith(".tmp")] == []
         same(work)
+
+
+def test_debias_killed_then_rerun(tmp_path):
+    args = ["debias", "builtin:world", "m.onnx", "--n-probe", "240", "--k", "20", "--selection-draws", "1",
+            "--allow-miss"]
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    start = time.perf_counter()
+    assert _cli(args, reference)[0] == 0
+    seconds = time.perf_counter() - start
+    finals = ["m.plan.json", "m.visual.onnx", "m.text.onnx", "m.sae", "m.report"]
+
+    def complete(path):
+        if path.name == "m.sae":
+            assert (path / "weights.safetensors").is_file() and (path / "cfg.json").is_file()
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+
+    def same(work):
+        for name in ("m.plan.json", "m.visual.onnx", "m.text.onnx", "m.sae/weights.safetensors"):
+            assert _sha(work / name) == _sha(reference / name), name
+
+    _kill_and_rerun(tmp_path, args, finals, seconds, complete, same)
