@@ -86,10 +86,18 @@ def caption_recall(image_emb: torch.Tensor, caption_emb: torch.Tensor, captions:
     """Text->image hit@K of each image's caption, identical captions merged into one query whose
     positives are every image they describe (the convention of ``clipsurgery eval``).
     ``image_emb (N, D)``, ``caption_emb (N, D)``: the embedding of image i's caption."""
+    return caption_recalls(image_emb, caption_emb, captions, k)["t2i"]
 
+
+def caption_recalls(image_emb: torch.Tensor, caption_emb: torch.Tensor, captions: list[str], k: int = 5) -> dict:
+    """``{"t2i", "i2t"}``: hit@K in both directions, identical captions merged (as ``clipsurgery
+    eval`` does): a caption text is one text->image query whose positives are every image it
+    describes, and one entry of the image->text gallery. ``image_emb (N, D)``, ``caption_emb (N, D)``."""
     keys = [" ".join(t.lower().split()) for t in captions]
     owners = torch.arange(len(captions))
-    return retrieval_recall(caption_emb, image_emb, owners, (k,), text_keys=keys)[f"t2i@{k}"]
+    out = retrieval_recall(caption_emb, image_emb, owners, (k,), text_keys=keys)
+    # image->text needs K distinct captions; with fewer, every image's caption is in its top K
+    return {"t2i": out[f"t2i@{k}"], "i2t": out.get(f"i2t@{k}", 1.0)}
 
 
 def edit_figures(emb: torch.Tensor, probe: ProbeSet, query_emb: torch.Tensor, class_emb: torch.Tensor | None,
@@ -100,13 +108,15 @@ def edit_figures(emb: torch.Tensor, probe: ProbeSet, query_emb: torch.Tensor, cl
     ``query_emb (Q, D)`` neutral queries, ``class_emb (C, D)`` class prompts (or None),
     ``caption_emb (N, D)`` each image's caption (or None). Returns ``max_skew`` (mean MaxSkew@K
     over the queries), ``accuracy`` (zero-shot concept accuracy, when classes and concepts are
-    known) and ``recall`` (text->image hit@5 of the captions, see :func:`caption_recall`).
+    known), ``recall`` (text->image hit@5 of the captions) and ``recall_i2t`` (image->text hit@5),
+    see :func:`caption_recalls`.
     """
     out = {"max_skew": float(metrics.max_skew_at_k(query_emb @ emb.T, probe.groups, k, len(probe.group_names)).mean())}
     if class_emb is not None and probe.concepts is not None:
         out["accuracy"] = float(((class_emb @ emb.T).argmax(0) == probe.concepts).double().mean())
     if caption_emb is not None:
-        out["recall"] = caption_recall(emb, caption_emb, probe.captions)
+        both = caption_recalls(emb, caption_emb, probe.captions)
+        out["recall"], out["recall_i2t"] = both["t2i"], both["i2t"]
     return out
 
 

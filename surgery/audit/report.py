@@ -51,7 +51,7 @@ def write_audit(out_dir: str, result, context: dict, text=None) -> list[str]:
             path = os.path.join(out_dir, f"heatmap_{tower}_{name}.png")
             with atomic_output(path) as tmp:
                 heatmap(scores, f"{tower}: {titles.get(name, name)}", str(tmp),
-                        marked=res.cheap_rank[: len(res.plan.heads)])
+                        marked=[(e.layer, e.head) for e in res.plan.heads])
             written.append(path)
     plan = combined_plan(result, text)
     record["plan"] = plan.to_dict()
@@ -132,9 +132,30 @@ def markdown(record: dict, result) -> str:
     if sup:
         lines += ["", "(a') and (b'): the same scores along supervised CAVs (class means of the labelled images' "
                   "normalised embeddings) instead of the zero-shot ones."]
-    lines += ["", "## Proposed plan", "", "```json", json.dumps(result.plan.to_dict()["heads"], indent=1)[:2000], "```", "",
+    lines += ["", "## Proposed plan", "", *_selection_lines(result.plan.provenance),
+              "```json", json.dumps(result.plan.to_dict()["heads"], indent=1)[:2000], "```", "",
               *[f"![{name}](heatmap_vision_{name}.png)" for name in result.scores], ""]
     return "\n".join(lines)
+
+
+def _selection_lines(provenance: dict) -> list[str]:
+    """How the proposed set was chosen and what it measured on the probe (set-level plans only)."""
+    before, after = provenance.get("before"), provenance.get("after")
+    if not before or not after:
+        return []
+    heads = [s for s in provenance.get("search", []) if s.get("chosen")]
+    lines = [f"Chosen at set level ({provenance.get('method', '')}): heads added one at a time, each the one whose "
+             f"removal, measured together with those already chosen, lowered mean MaxSkew the most within a "
+             f"{100 * provenance.get('max_accuracy_drop', 0):g}-point concept-accuracy budget; candidates: "
+             f"{provenance.get('candidates', '')}.", "",
+             "| step | head added | mean MaxSkew | concept accuracy |", "| ---: | --- | ---: | ---: |",
+             f"| 0 | (none) | {before['max_skew']:.4f} | {_opt(before.get('accuracy'))} |"]
+    for i, step in enumerate(heads):
+        lines.append(f"| {i + 1} | L{step['head'][0]}.H{step['head'][1]} | {step['max_skew']:.4f} | "
+                     f"{_opt(step.get('accuracy'))} |")
+    if not heads:
+        lines.append("| | no head lowered bias within the budget | | |")
+    return [*lines, ""]
 
 
 def text_markdown(record: dict, text, header: bool = True) -> str:

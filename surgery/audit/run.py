@@ -53,7 +53,13 @@ class AuditRun:
             lines.append(f"unedited: mean MaxSkew@{options.k} {self.vision.baseline.get('max_skew', float('nan')):.4f}")
             if self.vision.spearman_gradient_vs_ablation is not None:
                 lines.append(f"Spearman (d) gradient vs (c) ablation: {self.vision.spearman_gradient_vs_ablation:.3f}")
-            lines.append("top heads: " + ", ".join(f"L{l}.H{h}" for l, h in self.vision.cheap_rank[:options.top_k]))
+            lines.append("top heads by the cheap scores: "
+                         + ", ".join(f"L{l}.H{h}" for l, h in self.vision.cheap_rank[:options.top_k]))
+            prov = self.vision.plan.provenance
+            chosen = ", ".join(f"L{e.layer}.H{e.head}" for e in self.vision.plan.heads) or "none (no head lowered bias"
+            chosen += "" if self.vision.plan.heads else " within the accuracy budget)"
+            lines.append(f"proposed set (measured together): {chosen}; mean MaxSkew@{options.k} "
+                         f"{prov['before']['max_skew']:.4f} -> {prov['after']['max_skew']:.4f}")
         if self.text is not None:
             measure = self.text.measure
             lines.append(f"text tower: unedited {measure} {self.text.baseline[measure]:.4f}")

@@ -11,7 +11,10 @@ Per (layer, head), side by side:
 * (d) ``gradient``: the first-order bias removed by ablating the head, from one backward pass.
 
 (a), (b) and (d) are cheap; (c) is the ground truth they are checked against (Spearman of (d)
-and (c) is reported). The proposed plan mean-ablates the top heads by the cheap scores' mean rank.
+and (c) is reported). The proposed plan is chosen at set level: heads are removed one at a time, each
+the one whose removal lowers bias the most when measured together with those already chosen,
+within a concept-accuracy budget (:mod:`surgery.audit.head_set`); the per-head ranking stays the
+interpretability output.
 Bias-augmented TextSpan descriptions and a Concept Consistency Score are attached to the heads of
 the last layers.
 """
@@ -27,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgery import metrics
-from surgery.audit.ablation import SweepOptions, ablation_sweep, check_head_options, gradient_scores
+from surgery.audit.ablation import SweepOptions, SweepResult, ablation_sweep, check_head_options, gradient_scores
 from surgery.audit.cav import zero_shot_cavs
 from surgery.audit.ccs import EmbeddingJudge
 from surgery.audit.decompose import (
@@ -38,6 +41,7 @@ from surgery.audit.decompose import (
     tower_inputs,
 )
 from surgery.audit.head_scores import GroupAccuracyAccumulator, SeparationAccumulator, head_table, mean_rank, spearman
+from surgery.audit.head_set import HeadSetOptions, propose_head_set
 from surgery.audit.probe import ProbeSet
 from surgery.audit.textspan import load_pool, textspan
 from surgery.edit.plan import HeadEdit, SurgeryPlan
@@ -55,7 +59,10 @@ CHEAP_SCORES = ("cav", "group_acc", "gradient")
 @dataclass
 class AuditOptions:
     k: int = 50  # MaxSkew@K of the neutral queries
-    top_k: int = 3  # heads the proposed plan ablates
+    top_k: int = 3  # heads the proposed plan ablates (chosen as a set, see surgery.audit.head_set)
+    max_accuracy_drop: float = 0.02  # concept accuracy (fraction) the proposed set may cost on the probe
+    confirm: int = 16  # heads measured per step of the set search (the rest only predicted)
+    propose: bool = True  # choose the proposed set (off: scores only, an empty plan; debias searches itself)
     batch_size: int = 64  # probe images per forward pass
     ablation: str = "mean"  # how heads are removed: "mean" | "zero"
     backend: str = "auto"  # attention backend (triton on CUDA)
@@ -66,6 +73,10 @@ class AuditOptions:
 
     def __post_init__(self) -> None:
         check_head_options(self, SurgeryError)
+        if not 0 <= self.max_accuracy_drop <= 1:
+            raise SurgeryError(f"max_accuracy_drop must be a fraction in [0, 1], got {self.max_accuracy_drop}")
+        if self.confirm < 1:
+            raise SurgeryError(f"confirm must be >= 1, got {self.confirm}")
 
 
 @dataclass
@@ -80,6 +91,7 @@ class AuditResult:
     descriptions: dict[tuple[int, int], list[str]] = field(default_factory=dict)
     ccs: dict[tuple[int, int], dict] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    sweep: SweepResult | None = None  # the causal sweep's per-image scores (c), when it ran (not serialised)
 
     def to_dict(self) -> dict:
         heads = head_table(self.scores, self.cheap_rank, {"accuracy_drop": self.accuracy_drop})
@@ -175,6 +187,7 @@ def audit_vision(model: nn.Module, probe: ProbeSet, tokenizer: dict, options: Au
     accuracy_drop = None
     baseline = {"surrogate": surrogate}
     spearman_dc = None
+    sweep = None
     if opt.sweep:
         start = time.perf_counter()
         sweep = ablation_sweep(model, probe, query_emb, class_emb, means,
@@ -189,14 +202,31 @@ def audit_vision(model: nn.Module, probe: ProbeSet, tokenizer: dict, options: Au
     else:
         baseline.update(_baseline_from_scores(text_scores, query_emb.shape[0], probe, opt.k))
     ranked = mean_rank([scores[name] for name in CHEAP_SCORES])
+    if not opt.propose:
+        plan = SurgeryPlan(provenance={"method": "clipsurgery audit (scores only, no set proposed)"})
+        return AuditResult(scores=scores, accuracy_drop=accuracy_drop, cheap_rank=ranked, baseline=baseline,
+                           spearman_gradient_vs_ablation=spearman_dc, means=means, plan=plan, timings=timings,
+                           sweep=sweep)
+    start = time.perf_counter()
+    chosen = propose_head_set(model, probe, fill, query_emb, class_emb, ranked,
+                              HeadSetOptions(size=opt.top_k, k=opt.k, max_accuracy_drop=opt.max_accuracy_drop,
+                                             confirm=opt.confirm, batch_size=max(opt.batch_size, 256)),
+                              sweep=sweep)
+    timings["head_set_selection"] = time.perf_counter() - start
     plan = SurgeryPlan(
         heads=[HeadEdit("vision", l, h, 0.0, opt.ablation, means[l, h].tolist() if opt.ablation == "mean" else None)
-               for l, h in ranked[: opt.top_k]],
-        provenance={"method": "clipsurgery audit", "ranking": "mean rank of (a) cav, (b) group_acc, (d) gradient",
-                    "attribute": probe.attribute, "k": opt.k},
+               for l, h in chosen.chosen],
+        provenance={"method": "clipsurgery audit: greedy forward selection over measured set effects",
+                    "candidates": ("the open heads whose added-up single-head ablation effects (c) predict the "
+                                   "lowest bias" if sweep is not None else "the open heads of the cheap ranking")
+                    + f", {opt.confirm} measured per step",
+                    "ranking": "mean rank of (a) cav, (b) group_acc, (d) gradient (interpretability, audit.json)",
+                    "attribute": probe.attribute, "k": opt.k, "max_accuracy_drop": opt.max_accuracy_drop,
+                    "before": chosen.before, "after": chosen.after, "search": chosen.steps},
     ).validate()
     result = AuditResult(scores=scores, accuracy_drop=accuracy_drop, cheap_rank=ranked, baseline=baseline,
-                         spearman_gradient_vs_ablation=spearman_dc, means=means, plan=plan, timings=timings)
+                         spearman_gradient_vs_ablation=spearman_dc, means=means, plan=plan, timings=timings,
+                         sweep=sweep)
     if kept is not None and opt.textspan_iterations > 0:
         start = time.perf_counter()
         _describe_heads(result, kept, view.n_layers - keep_layers, embed, extra_descriptions or [], opt)

@@ -178,7 +178,7 @@ def audit(model, images_dir, labels_path, tower, attributes, prompts_path, top_k
 @click.option("--max-bias-ratio", type=float, default=0.5, show_default=True, help="Target: MaxSkew after/before.")
 @click.option("--max-accuracy-drop", type=float, default=2.0, show_default=True, help="Target: points of concept accuracy.")
 @click.option("--max-recall-drop", type=float, default=2.0, show_default=True,
-              help="Target: points of text->image Recall@5 (probes with captions: a world's own).")
+              help="Target: points of Recall@5, text->image and image->text each (probes with captions: a world's own).")
 @click.option("--max-heads", type=int, default=8, show_default=True)
 @click.option("--k", type=int, default=50, show_default=True)
 @click.option("--n-probe", type=int, default=None,

@@ -1,8 +1,9 @@
 """The targets of a debias run, in one object, validated once.
 
 A :class:`Budget` is relative to the unedited model: mean MaxSkew@K must fall to at most
-``max_bias_ratio`` of its value, while zero-shot concept accuracy and text->image Recall@5 may
-drop by at most ``max_accuracy_drop`` / ``max_recall_drop`` (fractions; the CLI takes points).
+``max_bias_ratio`` of its value, while zero-shot concept accuracy and Recall@5 may
+drop by at most ``max_accuracy_drop`` / ``max_recall_drop`` (fractions; the CLI takes points),
+the recall budget holding in both directions (text->image and image->text).
 The head search, the neuron search and the final report all read the same object.
 """
 from __future__ import annotations
@@ -16,6 +17,8 @@ from surgery.errors import SurgeryError
 MIN_SELECTION_RATIO = 0.05
 #: Float noise allowed when a drop in points is compared with its budget (differences of means).
 POINTS_TOLERANCE = 1e-9
+#: The recall figures a budget checks: text->image and image->text hit@5 (see audit.probe.edit_figures).
+RECALL_KEYS = ("recall", "recall_i2t")
 #: Guards a ratio of MaxSkew values against a zero denominator.
 _TINY = 1e-12
 
@@ -24,7 +27,7 @@ _TINY = 1e-12
 class Budget:
     max_bias_ratio: float = 0.5  # mean MaxSkew@K after / before must be <= this, in (0, 1]
     max_accuracy_drop: float = 0.02  # zero-shot concept accuracy may drop by at most this (fraction, [0, 1])
-    max_recall_drop: float = 0.02  # text->image Recall@5 may drop by at most this (fraction; probes with captions)
+    max_recall_drop: float = 0.02  # text->image and image->text Recall@5 may each drop by at most this (fraction)
 
     def __post_init__(self) -> None:
         if not 0 < self.max_bias_ratio <= 1:
@@ -39,9 +42,10 @@ class Budget:
         return current["max_skew"] <= self.max_bias_ratio * before["max_skew"]
 
     def within(self, before: dict, trial: dict) -> bool:
-        """Concept accuracy and recall (where measured) dropped by no more than their budgets."""
+        """Concept accuracy and recall in both directions (where measured) dropped by no more than their budgets."""
         return (before.get("accuracy", 0.0) - trial.get("accuracy", 0.0) <= self.max_accuracy_drop
-                and before.get("recall", 0.0) - trial.get("recall", 0.0) <= self.max_recall_drop)
+                and all(before.get(key, 0.0) - trial.get(key, 0.0) <= self.max_recall_drop
+                        for key in RECALL_KEYS))
 
     def tightened(self, margin: float, bias_margin: float) -> Budget:
         """The budget a search aims for on selection probes, so that it still holds on other images:

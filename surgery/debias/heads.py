@@ -1,9 +1,11 @@
-"""Choose the edits: from audit scores to the fewest head edits that meet the targets.
+"""Choose the head edits: the fewest soft-prunings that meet the targets, chosen as a set.
 
-Heads are tried in the audit's cheap-score order (mean rank of (a), (b), (d)); each candidate set
-is confirmed with real forward passes on the selection probe set. A head whose ablation alone
-costs more concept accuracy than allowed is skipped. The search stops at the first set that
-meets both targets (bias ratio and accuracy drop), or reports the best it found.
+The shared greedy forward selection (:func:`surgery.audit.set_search.forward_select`) over
+(head, kept scale) candidates: at each step the open heads whose added-up single-head ablation
+effects predict the lowest bias together with the chosen ones (the audit's sweep) are measured at
+every scale, each candidate set confirmed by forward passes on the selection draws; the trial with
+the lowest mean MaxSkew@K within the accuracy and recall budgets is kept. The search stops at the
+first set that meets the bias target, when no trial lowers bias within budget, or at ``max_heads``.
 """
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ import torch
 from torch import nn
 
 from surgery.audit.ablation import evaluate_head_set
+from surgery.audit.head_set import head_shortlist
 from surgery.audit.probe import ProbeSet
+from surgery.audit.set_search import forward_select
 from surgery.audit.vision import AuditResult
 from surgery.debias.budget import Budget
 from surgery.edit.plan import HeadEdit, SurgeryPlan
@@ -27,9 +31,10 @@ log = logging.getLogger(__name__)
 class SearchOptions:
     budget: Budget = field(default_factory=Budget)  # the bias target and the accuracy / recall budgets
     max_heads: int = 8  # never edit more heads than this
-    scales: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)  # kept fractions tried for each head (0 = removed)
+    scales: tuple[float, ...] = (0.0, 0.5)  # kept fractions tried for each head (0 = removed)
     k: int = 50  # MaxSkew@K
     ablation: str = "mean"  # how edited heads are removed
+    confirm: int = 4  # heads measured (at every scale) per step; the others are only predicted
 
 
 @dataclass
@@ -60,47 +65,52 @@ def mean_figures(figures: list[dict]) -> dict:
 def search_heads(model: nn.Module, probe: ProbeSet | Sequence[ProbeSet], audit: AuditResult,
                  query_emb: torch.Tensor, class_emb: torch.Tensor | None, options: SearchOptions | None = None,
                  post=None, before: dict | None = None,
-                 caption_embs: Sequence[torch.Tensor | None] | None = None) -> SearchResult:
+                 caption_embs: Sequence[torch.Tensor | None] | None = None, progress=None) -> SearchResult:
     """Greedy forward selection over the audit's ranking, confirmed by forward passes.
 
     ``probe``: the selection probe set, or several draws (figures are averaged over them);
     ``post``: an embedding-site edit already chosen (applied in every trial); ``before``: the
     unedited model's figures (targets are relative to them), measured here when not given;
     ``caption_embs``: per draw, its images' caption embeddings, to keep text->image recall within
-    the recall budget.
+    the recall budget; ``progress(line)``: told after each step.
     """
     opt = options or SearchOptions()
     probes = [probe] if isinstance(probe, ProbeSet) else list(probe)
     means = audit.means if opt.ablation == "mean" else None
+    Candidate = tuple[tuple[int, int], float]  # ((layer, head), kept scale)
 
-    def evaluate(heads: dict, with_post) -> dict:
-        return evaluate_on_draws(model, probes, heads, means, query_emb, class_emb, opt.k, post=with_post,
+    def evaluate(chosen: list[Candidate], with_post=post) -> dict:
+        return evaluate_on_draws(model, probes, dict(chosen), means, query_emb, class_emb, opt.k, post=with_post,
                                  caption_embs=caption_embs)
 
-    before = before or evaluate({}, None)
-    start = evaluate({}, post) if post else before
-    chosen: dict[tuple[int, int], float] = {}
-    current = start
-    steps = []
-    if opt.budget.bias_met(before, current):
-        return SearchResult(chosen, True, before, current, steps)
-    for head in audit.cheap_rank:
-        if len(chosen) >= opt.max_heads:
-            break
-        best = None
-        for scale in opt.scales:  # the strongest edit of this head that keeps accuracy within budget
-            trial = evaluate({**chosen, head: scale}, post)
-            ok = trial["max_skew"] < current["max_skew"] and opt.budget.within(before, trial)
-            steps.append({"head": list(head), "scale": scale, "max_skew": trial["max_skew"],
-                          "accuracy": trial.get("accuracy"), "recall": trial.get("recall"), "within_budget": ok})
-            if ok and (best is None or trial["max_skew"] < best[1]["max_skew"]):
-                best = (scale, trial)
-        if best is not None:
-            chosen[head] = best[0]
-            current = best[1]
-            if opt.budget.bias_met(before, current):
-                return SearchResult(chosen, True, before, current, steps)
-    return SearchResult(chosen, False, before, current, steps)
+    before = before or evaluate([], None)
+    heads_first = head_shortlist(opt.confirm, audit.sweep, probes[0], opt.k, query_emb.shape[0])
+
+    def shortlist(chosen: list[Candidate], open_: list[Candidate]) -> list[Candidate]:
+        heads = heads_first([h for h, _ in chosen], list(dict.fromkeys(h for h, _ in open_)))
+        return [c for h in heads for c in open_ if c[0] == h]
+
+    candidates = [(head, scale) for head in audit.cheap_rank for scale in opt.scales]
+    selection = forward_select(
+        candidates, evaluate, objective=lambda f: f["max_skew"], allowed=lambda f: opt.budget.within(before, f),
+        done=lambda f: opt.budget.bias_met(before, f), max_size=opt.max_heads, conflicts=lambda a, b: a[0] == b[0],
+        shortlist=shortlist, describe=lambda c: {"head": list(c[0]), "scale": c[1]},
+        start=evaluate([]) if post else before, on_step=_step_reporter(progress, opt.k))
+    return SearchResult(dict(selection.chosen), selection.met, before, selection.after, selection.steps)
+
+
+def _step_reporter(progress, k: int):
+    if progress is None:
+        return None
+
+    def report(size: int, kept, figures: dict, trials: int) -> None:
+        if kept is None:
+            progress(f"head step {size}: none of {trials} trials lowered MaxSkew@{k} within budget; stopping")
+        else:
+            (layer, head), scale = kept
+            progress(f"head step {size}: L{layer}.H{head} kept at {scale:g} -> MaxSkew@{k} {figures['max_skew']:.3f} "
+                     f"(best of {trials} trials)")
+    return report
 
 
 def plan_from_search(search: SearchResult, audit: AuditResult, source: dict, options: SearchOptions) -> SurgeryPlan:
@@ -111,7 +121,7 @@ def plan_from_search(search: SearchResult, audit: AuditResult, source: dict, opt
                         means[l, h].tolist() if options.ablation == "mean" else None)
                for (l, h), scale in search.heads.items()],
         provenance={
-            "method": "clipsurgery debias: greedy over the audit's cheap-score ranking, confirmed by forward passes",
+            "method": "clipsurgery debias: greedy forward selection over measured set effects (heads x scales)",
             "targets": options.budget.to_dict(),
             "met_on_selection_probe": search.met, "before": search.before, "after": search.after,
             "search": search.steps,

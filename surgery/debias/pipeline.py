@@ -153,9 +153,9 @@ def run_debias(model_in: str, out: str, options: DebiasOptions, *, images_dir: s
     sae_existed = os.path.exists(outputs.sae)
     try:
         probes = build_probes(loaded, model_in, options, work, images_dir, labels_path, attribute, say)
-        say("auditing heads (cheap scores a, b, d)")
+        say("auditing heads (cheap scores a, b, d and the single-head ablation sweep c)")
         audit = audit_vision(loaded.model, probes.first, loaded.tokenizer,
-                             AuditOptions(k=options.k, sweep=False, textspan_iterations=0))
+                             AuditOptions(k=options.k, sweep=options.heads, textspan_iterations=0, propose=False))
         prompts = embed_prompts(loaded, probes, say)
         neuron_edit, post, neuron_summary = choose_neuron_edit(loaded, probes, prompts, options, outputs.sae, say)
         search = choose_head_edits(loaded, probes, audit, prompts, options, post, neuron_summary, say)
@@ -256,7 +256,8 @@ def choose_head_edits(loaded: LoadedModel, probes: Probes, audit: AuditResult, p
     say("choosing head edits (confirmed by forward passes)")
     unedited = neuron_summary["selection"]["before"] if neuron_summary else None  # the same draws, measured once
     return search_heads(loaded.model, probes.selection, audit, prompts.queries, prompts.classes,
-                        _search_options(options), post=post, before=unedited, caption_embs=prompts.captions)
+                        _search_options(options), post=post, before=unedited, caption_embs=prompts.captions,
+                        progress=say)
 
 
 def _search_options(options: DebiasOptions) -> SearchOptions:
@@ -374,9 +375,12 @@ def check_targets(result: dict, options: DebiasOptions) -> tuple[bool, str]:
     else:
         parts.append("accuracy not measured (no concept labels)")
     if "t2i@5" in before.get("retrieval", {}):
-        drop = 100 * (before["retrieval"]["t2i@5"] - after["retrieval"]["t2i@5"])
-        met &= drop <= 100 * budget.max_recall_drop + POINTS_TOLERANCE
-        parts.append(f"text->image Recall@5 drop {drop:.1f} points (<= {100 * budget.max_recall_drop:g})")
+        for key, name in (("t2i@5", "text->image"), ("i2t@5", "image->text")):
+            if key not in before["retrieval"]:
+                continue
+            drop = 100 * (before["retrieval"][key] - after["retrieval"][key])
+            met &= drop <= 100 * budget.max_recall_drop + POINTS_TOLERANCE
+            parts.append(f"{name} Recall@5 drop {drop:.1f} points (<= {100 * budget.max_recall_drop:g})")
     else:
         parts.append("recall not measured (no captions)")
     return bool(met), f"targets on the report's images ({'met' if met else 'NOT met'}): " + ", ".join(parts)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import surgery
 from surgery import sae as S
 from surgery.audit.ablation import evaluate_head_set
-from surgery.audit.probe import caption_recall, edit_figures, world_probe_set
+from surgery.audit.probe import caption_recall, caption_recalls, edit_figures, world_probe_set
 from surgery.debias.budget import Budget
 from surgery.debias.heads import evaluate_on_draws
 from surgery.debias.neurons import NeuronStageOptions, greedy_neurons
@@ -39,7 +39,7 @@ def test_evaluate_on_draws_is_the_mean_over_draws(world):
     heads = {(1, 0): 0.0, (2, 1): 0.5}
     averaged = evaluate_on_draws(loaded.model, draws, heads, None, q, q, 20, caption_embs=captions)
     single = [evaluate_head_set(loaded.model, d, heads, None, q, q, 20, caption_emb=c) for d, c in zip(draws, captions)]
-    assert set(averaged) == {"max_skew", "accuracy", "recall"}
+    assert set(averaged) == {"max_skew", "accuracy", "recall", "recall_i2t"}
     for key in averaged:
         assert averaged[key] == pytest.approx((single[0][key] + single[1][key]) / 2, abs=1e-12)
     assert single[0] != single[1]  # the draws differ, so the average is not one of them
@@ -60,6 +60,13 @@ def test_caption_recall_merges_a_worlds_repeated_captions(world):
         top = (captions[rows[0]] @ images.T).topk(5).indices.tolist()
         hits += any(i in rows for i in top)
     assert merged == pytest.approx(hits / len(distinct))
+    # image->text: an image hits when its caption text is among the 5 distinct captions closest to it
+    distinct_emb = torch.stack([captions[probe.captions.index(text)] for text in distinct])  # (U, D)
+    top5 = (images @ distinct_emb.T).topk(5, dim=1).indices  # (N, 5)
+    own = torch.tensor([distinct.index(c) for c in probe.captions])
+    i2t = float((top5 == own[:, None]).any(1).double().mean())
+    assert caption_recalls(images, captions, probe.captions, k=5) == pytest.approx({"t2i": merged, "i2t": i2t})
+    assert edit_figures(images, probe, world[2], world[2], 20, captions)["recall_i2t"] == pytest.approx(i2t)
     with pytest.raises(DataError, match="captions; give one per image"):
         dataclasses.replace(probe, captions=probe.captions[:-1])
 
@@ -70,6 +77,10 @@ def test_within_budget():
     assert not Budget(max_accuracy_drop=0.02, max_recall_drop=0.02).within(before, {"accuracy": 0.87, "recall": 0.80})
     assert not Budget(max_accuracy_drop=0.02, max_recall_drop=0.02).within(before, {"accuracy": 0.90, "recall": 0.70})
     assert Budget(max_accuracy_drop=0.0, max_recall_drop=0.0).within({}, {})  # nothing measured: nothing to exceed
+    # the recall budget holds in both directions
+    both = {"accuracy": 0.90, "recall": 0.80, "recall_i2t": 0.85}
+    assert Budget().within(both, {"accuracy": 0.90, "recall": 0.80, "recall_i2t": 0.84})
+    assert not Budget().within(both, {"accuracy": 0.90, "recall": 0.80, "recall_i2t": 0.80})
 
 
 def test_greedy_neurons_steps_match_a_plain_recomputation(world, tmp_path):
@@ -111,6 +122,12 @@ def test_report_targets_line():
     bad = {**good, "retrieval": {"t2i@5": 0.60}}
     line = report_targets({"before": before, "after": bad}, DebiasOptions())
     assert "(NOT met)" in line and "Recall@5 drop 10.0 points" in line
+    # image->text is checked too when measured
+    before_both = {**before, "retrieval": {"t2i@5": 0.70, "i2t@5": 0.80}}
+    i2t_bad = {**good, "retrieval": {"t2i@5": 0.70, "i2t@5": 0.75}}
+    line = report_targets({"before": before_both, "after": i2t_bad}, DebiasOptions())
+    assert "(NOT met)" in line and "image->text Recall@5 drop 5.0 points" in line
+    assert "text->image Recall@5 drop 0.0 points" in line
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -145,3 +162,32 @@ def test_debias_outputs_sit_beside_the_model():
     assert (onnx.plan, onnx.report, onnx.sae) == ("dir/out.plan.json", "dir/out.report", "dir/out.sae")
     assert Outputs.of("m.safetensors", "both").model == {"model": "m.safetensors"}
     assert Outputs.of("m.onnx", "vision").model == {"vision": "m.onnx"}
+
+
+def test_search_heads_equals_a_plain_greedy_over_heads_and_scales(world):
+    """With every head measured per step (confirm >= heads), the search is the plain greedy: each
+    step keeps the (head, scale) whose set has the lowest mean MaxSkew within budget."""
+    from surgery.audit.vision import AuditOptions, audit_vision
+    from surgery.debias.heads import SearchOptions, search_heads
+
+    loaded, draws, q = world
+    audit = audit_vision(loaded.model, draws[0], loaded.tokenizer,
+                         AuditOptions(k=20, textspan_iterations=0, propose=False))
+    budget = Budget(max_bias_ratio=0.05, max_accuracy_drop=0.02)
+    options = SearchOptions(budget=budget, max_heads=2, k=20, confirm=16)
+    result = search_heads(loaded.model, draws, audit, q, q, options)
+    heads = [(l, h) for l in range(4) for h in range(4)]
+    before = evaluate_on_draws(loaded.model, draws, {}, audit.means, q, q, 20)
+    chosen, current = {}, before
+    for _ in range(2):
+        trials = {(h, s): evaluate_on_draws(loaded.model, draws, {**chosen, h: s}, audit.means, q, q, 20)
+                  for h in heads if h not in chosen for s in options.scales}
+        ok = {c: f for c, f in trials.items() if budget.within(before, f) and f["max_skew"] < current["max_skew"]}
+        if not ok:
+            break
+        best = min(ok, key=lambda c: ok[c]["max_skew"])
+        chosen[best[0]] = best[1]
+        current = ok[best]
+    assert result.heads == chosen
+    assert result.after["max_skew"] == pytest.approx(current["max_skew"], abs=1e-12)
+    assert sum(step["chosen"] for step in result.steps) == len(chosen)
