@@ -66,8 +66,10 @@ class SweepResult:
         return self.baseline_max_skew - self.max_skew
 
 
-def embed_tail(view: TowerView, x: torch.Tensor, start: int, mask, index, post=None) -> torch.Tensor:
-    """Run blocks ``start..L-1`` on residual x (b, N, C); normalised embeddings (b, D)."""
+def embed_tail(view: TowerView, x: torch.Tensor, start: int, mask, index, post=None,
+               normalize: bool = True) -> torch.Tensor:
+    """Run blocks ``start..L-1`` on residual x (b, N, C); embeddings (b, D), L2-normalised unless
+    ``normalize`` is False (``post`` is applied before normalising)."""
     for block in view.blocks[start:]:
         x = block(x, attn_mask=mask)
     rows = torch.arange(x.shape[0], device=x.device)
@@ -76,7 +78,8 @@ def embed_tail(view: TowerView, x: torch.Tensor, start: int, mask, index, post=N
     norm = view.final_norm
     bias_part = norm.bias @ matrix if norm.bias is not None else 0
     emb = norm(residual) @ matrix + constant - bias_part
-    return F.normalize(post(emb) if post is not None else emb, dim=-1)
+    emb = post(emb) if post is not None else emb
+    return F.normalize(emb, dim=-1) if normalize else emb
 
 
 def layer_inputs(view: TowerView, x: torch.Tensor, mask) -> list[torch.Tensor]:
@@ -268,9 +271,27 @@ def frozen_weights(params: list[torch.Tensor]):
             p.requires_grad_(True)
 
 
-def normalized_image_embeddings(model: nn.Module, view: TowerView, images: torch.Tensor, post=None) -> torch.Tensor:
-    x, mask, index = tower_inputs(model, "vision", images)
-    return embed_tail(view, x, 0, mask, index, post)
+@torch.no_grad()
+def head_edited_embeddings(model: nn.Module, probe: ProbeSet, heads, means: torch.Tensor | None,
+                           batch_size: int = 256, backend: str = "auto") -> torch.Tensor:
+    """(N, D) unnormalised image embeddings of ``probe`` with ``heads`` edited (mean-filled if
+    ``means``): a list of (layer, head) removed entirely, or a dict (layer, head) -> kept scale."""
+    view = get_towers(model)["vision"]
+    device = next(model.parameters()).device
+    kept = heads if isinstance(heads, dict) else {tuple(h): 0.0 for h in heads}
+    scales = torch.ones(view.n_layers, view.n_heads, device=device)  # (L, H)
+    for (layer, head), value in kept.items():
+        scales[layer, head] = value
+    with head_masked(model, towers=("vision",), backend=backend):
+        set_head_edits(model, "vision", scales, means.to(device) if means is not None else None)
+        try:
+            out = []
+            for imgs, _ in probe.batches(batch_size):
+                x, mask, index = tower_inputs(model, "vision", imgs.to(device))
+                out.append(embed_tail(view, x, 0, mask, index, normalize=False).float().cpu())
+        finally:
+            clear_head_edits(model, "vision")
+    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -284,19 +305,9 @@ def evaluate_head_set(model: nn.Module, probe: ProbeSet, heads, means: torch.Ten
     ``post``: optional map applied to the (unnormalised) embeddings, e.g. an embedding-site
     neuron deactivation (residual-site ones run as hooks on the final norm by themselves).
     ``caption_emb (N, D)``: the text embedding of each probe image's caption (``probe.captions``);
-    adds ``recall``, text->image hit@5 with identical captions merged.
+    adds ``recall``, text->image hit@5 with identical captions merged, and ``recall_i2t``.
     """
-    view = get_towers(model)["vision"]
-    device = next(model.parameters()).device
-    kept = heads if isinstance(heads, dict) else {tuple(h): 0.0 for h in heads}
-    scales = torch.ones(view.n_layers, view.n_heads, device=device)  # (L, H)
-    for (layer, head), value in kept.items():
-        scales[layer, head] = value
-    with head_masked(model, towers=("vision",), backend=backend):
-        set_head_edits(model, "vision", scales, means.to(device) if means is not None else None)
-        try:
-            emb = torch.cat([normalized_image_embeddings(model, view, imgs.to(device), post).cpu()
-                             for imgs, _ in probe.batches(batch_size)])  # (N, D)
-        finally:
-            clear_head_edits(model, "vision")
-    return edit_figures(emb, probe, query_emb, class_emb, k, caption_emb)
+    emb = head_edited_embeddings(model, probe, heads, means, batch_size, backend)  # (N, D)
+    if post is not None:
+        emb = post(emb)
+    return edit_figures(F.normalize(emb, dim=-1), probe, query_emb, class_emb, k, caption_emb)

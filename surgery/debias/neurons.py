@@ -80,16 +80,13 @@ def greedy_neurons(sae, candidates: list[int], embs: list[torch.Tensor], probes:
     return selection.chosen, before, selection.after, steps
 
 
-def choose_neurons(model: nn.Module, train_images: torch.Tensor, probes: ProbeSet | list[ProbeSet], sae_dir: str,
-                   query_emb: torch.Tensor, class_emb: torch.Tensor | None, budget: Budget | None = None, k: int = 50,
-                   options: NeuronStageOptions | None = None, caption_embs: list | None = None
-                   ) -> tuple[NeuronEdit | None, nn.Module | None, dict]:
-    """Train and save the SAE in ``sae_dir``, pick social neurons on the labelled ``probes`` (one
-    set or several independent draws); returns the plan edit, the deactivation module (h -> h' on
-    the embedding) and a summary for the report. The edit and module are None when no candidate
-    lowers bias within the accuracy and recall budgets."""
+def train_social_sae(model: nn.Module, train_images: torch.Tensor, probes: ProbeSet | list[ProbeSet], sae_dir: str,
+                     options: NeuronStageOptions | None = None) -> tuple[nn.Module, list[int], dict]:
+    """Train and save the SAE in ``sae_dir`` on unlabelled ``train_images`` (N, 3, H, W) and find
+    the social-neuron candidates on the labelled ``probes`` (one set or several draws): returns
+    (the SAE, candidate latent ids, a summary for the plan's provenance). Which candidates to
+    deactivate is chosen by :func:`surgery.debias.search.search_edits` (with the heads)."""
     opt = options or NeuronStageOptions()
-    budget = budget or Budget()
     site = S.Site("vision", "embedding")
     cache_dir = os.path.join(sae_dir, "cache")
     try:  # the cache is scratch: removed when the SAE is saved, or when anything fails (or SIGTERM)
@@ -113,14 +110,13 @@ def choose_neurons(model: nn.Module, train_images: torch.Tensor, probes: ProbeSe
     groups = torch.cat([p.groups for p in probes])
     report = S.find_neurons(latents, groups, probes[0].group_names, S.NeuronOptions(tau=opt.tau, top_n=opt.pool),
                             attribute=probes[0].attribute)
-    candidates = report.selected_ids
-    ids, before, after, steps = greedy_neurons(sae, candidates, embs, probes, query_emb, class_emb, budget, k, opt,
-                                               caption_embs)
     summary = {"sae": {"nmse": metrics_.nmse, "explained_variance": metrics_.explained_variance, "l0": metrics_.l0,
                        "dead_fraction": metrics_.dead_fraction},
-               "candidates": report.selected, "chosen": ids, "alpha": opt.alpha, "form": opt.form,
-               "selection": {"before": before, "after": after, "steps": steps}}
-    if not ids:
-        return None, None, summary
-    edit = NeuronEdit("vision", sae_dir, list(ids), opt.alpha, opt.form, "embedding", kind="batchtopk", k=opt.k)
-    return edit, S.deactivation(sae, ids, opt.alpha, opt.form), summary
+               "candidates": report.selected, "alpha": opt.alpha, "form": opt.form}
+    return sae, report.selected_ids, summary
+
+
+def neuron_edit(sae_dir: str, ids: list[int], options: NeuronStageOptions) -> NeuronEdit:
+    """The plan entry deactivating ``ids`` of the embedding-site SAE saved in ``sae_dir``."""
+    return NeuronEdit("vision", sae_dir, sorted(ids), options.alpha, options.form, "embedding", kind="batchtopk",
+                      k=options.k)

@@ -18,10 +18,11 @@ import torch
 from surgery.audit.probe import ProbeSet, folder_probe_set, world_probe_set
 from surgery.audit.vision import AuditOptions, AuditResult, audit_vision
 from surgery.debias.budget import POINTS_TOLERANCE, Budget, bias_ratio
-from surgery.debias.heads import SearchOptions, SearchResult, plan_from_search, search_heads
-from surgery.debias.neurons import choose_neurons
+from surgery.debias.heads import SearchResult, plan_from_search
+from surgery.debias.neurons import NeuronStageOptions, neuron_edit, train_social_sae
+from surgery.debias.search import EditSearchOptions, search_edits
 from surgery.edit.bake import bake
-from surgery.edit.plan import SurgeryPlan
+from surgery.edit.plan import NeuronEdit, SurgeryPlan
 from surgery.errors import SurgeryError
 from surgery.eval.compare import Row, compare, format_query_cuts, format_table, write_report
 from surgery.eval.embedding import EmbedOptions
@@ -157,9 +158,14 @@ def run_debias(model_in: str, out: str, options: DebiasOptions, *, images_dir: s
         audit = audit_vision(loaded.model, probes.first, loaded.tokenizer,
                              AuditOptions(k=options.k, sweep=options.heads, textspan_iterations=0, propose=False))
         prompts = embed_prompts(loaded, probes, say)
-        neuron_edit, post, neuron_summary = choose_neuron_edit(loaded, probes, prompts, options, outputs.sae, say)
-        search = choose_head_edits(loaded, probes, audit, prompts, options, post, neuron_summary, say)
-        plan = make_plan(loaded, search, audit, options, probes, neuron_edit, neuron_summary)
+        neurons = train_neurons(loaded, probes, options, outputs.sae, say)
+        try:
+            search = choose_edits(loaded, probes, audit, prompts, options, neurons, say)
+            edit = place_sae(neurons, search, outputs.sae)
+        finally:
+            if neurons is not None:
+                shutil.rmtree(neurons.staging, ignore_errors=True)
+        plan = make_plan(loaded, search, audit, options, probes, edit, neurons.summary if neurons else None)
         patched, exported = bake_and_export(loaded, plan, out, probes, options, say)
         plan.save(outputs.plan)
         result = compare_before_after(loaded, patched, out, probes, plan, outputs.report, work, say)
@@ -224,55 +230,68 @@ def embed_prompts(loaded: LoadedModel, probes: Probes, say: Say) -> Prompts:
     return prompts
 
 
-def choose_neuron_edit(loaded: LoadedModel, probes: Probes, prompts: Prompts, options: DebiasOptions, sae_dir: str,
-                       say: Say):
-    """(NeuronEdit | None, embedding-site module | None, summary | None): seed 001's social neurons."""
+@dataclass
+class Neurons:
+    """The SAE trained for this run (in ``staging`` until the plan needs it), its social-neuron
+    candidates, and its summary for the plan's provenance."""
+
+    sae: torch.nn.Module
+    candidates: list[int]
+    summary: dict
+    staging: str
+
+
+def train_neurons(loaded: LoadedModel, probes: Probes, options: DebiasOptions, sae_dir: str, say: Say
+                  ) -> Neurons | None:
+    """Seed 001's SAE on unlabelled vision embeddings and its social-neuron candidates (None with --heads-only)."""
     if not options.neurons:
-        return None, None, None
-    say("training an SAE on unlabelled vision embeddings and finding social neurons")
+        return None
+    say("training an SAE on unlabelled vision embeddings and finding social-neuron candidates")
     train = probes.sae_images if probes.sae_images is not None else probes.first.images[0:len(probes.first)]
-    # trained in a staging folder beside sae_dir and moved into place complete: a killed run never
-    # leaves a half-written SAE folder (a SIGKILL's staging is removed by the next run)
+    # trained in a staging folder beside sae_dir and moved into place complete when the plan uses it:
+    # a killed run never leaves a half-written SAE folder (a SIGKILL's staging is removed by the next run)
     staging = staging_dir(f".{os.path.basename(sae_dir)}.", os.path.dirname(os.path.abspath(sae_dir)))
     try:
-        edit, post, summary = choose_neurons(loaded.model, train, probes.selection, staging, prompts.queries,
-                                             prompts.classes, options.selection_budget(), options.k,
-                                             caption_embs=prompts.captions)
-        if edit is None:
-            say("no social neuron lowered bias within the accuracy and recall budgets; continuing with heads only")
-            return None, None, summary
-        if os.path.isdir(sae_dir):  # an earlier run's (Outputs.check required --force for it)
-            shutil.rmtree(sae_dir)
-        os.replace(staging, sae_dir)
-        edit.sae = sae_dir
-        return edit, post, summary
-    finally:
+        sae, candidates, summary = train_social_sae(loaded.model, train, probes.selection, staging, NeuronStageOptions())
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return Neurons(sae, candidates, summary, staging)
 
 
-def choose_head_edits(loaded: LoadedModel, probes: Probes, audit: AuditResult, prompts: Prompts,
-                      options: DebiasOptions, post, neuron_summary: dict | None, say: Say) -> SearchResult:
-    """Greedy head search on top of the chosen neurons (``post``), confirmed by forward passes."""
-    say("choosing head edits (confirmed by forward passes)")
-    unedited = neuron_summary["selection"]["before"] if neuron_summary else None  # the same draws, measured once
-    return search_heads(loaded.model, probes.selection, audit, prompts.queries, prompts.classes,
-                        _search_options(options), post=post, before=unedited, caption_embs=prompts.captions,
-                        progress=say)
+def choose_edits(loaded: LoadedModel, probes: Probes, audit: AuditResult, prompts: Prompts, options: DebiasOptions,
+                 neurons: Neurons | None, say: Say) -> SearchResult:
+    """Head edits and social-neuron deactivations chosen together, confirmed on the selection draws."""
+    say("choosing edits: head soft-prunings and social neurons together (each step measured on the selection draws)")
+    stage = NeuronStageOptions()
+    search_options = EditSearchOptions(budget=options.selection_budget(),
+                                       max_heads=options.max_heads if options.heads else 0,
+                                       max_neurons=stage.max_neurons, k=options.k, alpha=stage.alpha, form=stage.form)
+    return search_edits(loaded.model, probes.selection, audit, prompts.queries, prompts.classes, search_options,
+                        sae=neurons.sae if neurons else None, latents=neurons.candidates if neurons else (),
+                        caption_embs=prompts.captions, progress=say)
 
 
-def _search_options(options: DebiasOptions) -> SearchOptions:
-    return SearchOptions(budget=options.selection_budget(), max_heads=options.max_heads if options.heads else 0,
-                         k=options.k)
+def place_sae(neurons: Neurons | None, search: SearchResult, sae_dir: str) -> NeuronEdit | None:
+    """Move the SAE into ``sae_dir`` when the search kept latents; returns their plan entry."""
+    if neurons is None or not search.latents:
+        return None
+    if os.path.isdir(sae_dir):  # an earlier run's (Outputs.check required --force for it)
+        shutil.rmtree(sae_dir)
+    os.replace(neurons.staging, sae_dir)
+    neurons.summary["chosen"] = list(search.latents)
+    return neuron_edit(sae_dir, list(search.latents), NeuronStageOptions())
 
 
 def make_plan(loaded: LoadedModel, search: SearchResult, audit: AuditResult, options: DebiasOptions, probes: Probes,
-              neuron_edit, neuron_summary: dict | None) -> SurgeryPlan:
+              neurons_entry: NeuronEdit | None, neuron_summary: dict | None) -> SurgeryPlan:
     """The SurgeryPlan of the chosen edits, with how they were chosen; refuses an empty plan."""
-    plan = plan_from_search(search, audit, {"arch": loaded.arch, "sha256": loaded.sha256}, _search_options(options))
+    plan = plan_from_search(search, audit, {"arch": loaded.arch, "sha256": loaded.sha256},
+                            options.selection_budget())
     if probes.source is not None:
         plan.provenance["probe"] = probes.source
-    if neuron_edit is not None:
-        plan.neurons = [neuron_edit]
+    if neurons_entry is not None:
+        plan.neurons = [neurons_entry]
         plan.provenance["neurons"] = neuron_summary
     plan.validate()
     if not plan.heads and not plan.neurons:

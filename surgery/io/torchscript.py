@@ -8,9 +8,8 @@ global the pickle names is refused. Nothing in the archive is ever executed.
 """
 from __future__ import annotations
 
-import math
-
 import io
+import math
 import pickle
 import zipfile
 from collections import OrderedDict
@@ -59,19 +58,28 @@ class _StorageRef:
 
 
 def is_torchscript_archive(path: str) -> bool:
-    """True when ``path`` is a zip holding TorchScript code (``<name>/code/``) and a ``data.pkl``."""
+    """True when ``path`` is a zip with any TorchScript member (``<name>/code/``,
+    ``constants.pkl``): such a file is read here or refused with a reason that names what is
+    wrong, never handed to ``torch.load`` (which refuses TorchScript zips under
+    ``weights_only=True`` with a generic message)."""
     if not zipfile.is_zipfile(path):
         return False
-    with zipfile.ZipFile(path) as zf:
-        names = zf.namelist()
-    return any("/code/" in n for n in names) and any(n.endswith("/data.pkl") for n in names)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
+    return any("/code/" in n or n.endswith("/constants.pkl") for n in names)
 
 
 def read_torchscript_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Flat ``{dotted.name: tensor}`` of every tensor attribute in a TorchScript archive."""
     try:
         with zipfile.ZipFile(path) as zf:
-            data_pkl = next(n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1)
+            data_pkl = next((n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1), None)
+            if data_pkl is None:
+                raise CheckpointError(f"{path}: TorchScript archive without a data.pkl (no weights to read); "
+                                      "re-download or re-export it")
             prefix = data_pkl.rsplit("/", 1)[0]
             root = _SafeUnpickler(io.BytesIO(zf.read(data_pkl)), zf, prefix).load()
     except CheckpointError:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import surgery
 from surgery import sae as S
-from surgery.audit.ablation import evaluate_head_set
+from surgery.audit.ablation import evaluate_head_set, head_edited_embeddings
 from surgery.audit.probe import caption_recall, caption_recalls, edit_figures, world_probe_set
 from surgery.debias.budget import Budget
 from surgery.debias.heads import evaluate_on_draws
@@ -164,18 +164,18 @@ def test_debias_outputs_sit_beside_the_model():
     assert Outputs.of("m.onnx", "vision").model == {"vision": "m.onnx"}
 
 
-def test_search_heads_equals_a_plain_greedy_over_heads_and_scales(world):
-    """With every head measured per step (confirm >= heads), the search is the plain greedy: each
-    step keeps the (head, scale) whose set has the lowest mean MaxSkew within budget."""
+def test_search_edits_with_heads_only_equals_a_plain_greedy_over_heads_and_scales(world):
+    """With every head measured per step (confirm >= heads) and no SAE, the joint search is the
+    plain greedy: each step keeps the (head, scale) whose set has the lowest mean MaxSkew within budget."""
     from surgery.audit.vision import AuditOptions, audit_vision
-    from surgery.debias.heads import SearchOptions, search_heads
+    from surgery.debias.search import EditSearchOptions, search_edits
 
     loaded, draws, q = world
     audit = audit_vision(loaded.model, draws[0], loaded.tokenizer,
                          AuditOptions(k=20, textspan_iterations=0, propose=False))
     budget = Budget(max_bias_ratio=0.05, max_accuracy_drop=0.02)
-    options = SearchOptions(budget=budget, max_heads=2, k=20, confirm=16)
-    result = search_heads(loaded.model, draws, audit, q, q, options)
+    options = EditSearchOptions(budget=budget, max_heads=2, k=20, confirm=16)
+    result = search_edits(loaded.model, draws, audit, q, q, options)
     heads = [(l, h) for l in range(4) for h in range(4)]
     before = evaluate_on_draws(loaded.model, draws, {}, audit.means, q, q, 20)
     chosen, current = {}, before
@@ -188,6 +188,37 @@ def test_search_heads_equals_a_plain_greedy_over_heads_and_scales(world):
         best = min(ok, key=lambda c: ok[c]["max_skew"])
         chosen[best[0]] = best[1]
         current = ok[best]
-    assert result.heads == chosen
-    assert result.after["max_skew"] == pytest.approx(current["max_skew"], abs=1e-12)
+    assert result.heads == chosen and result.latents == []
+    assert result.after["max_skew"] == pytest.approx(current["max_skew"], abs=1e-9)
     assert sum(step["chosen"] for step in result.steps) == len(chosen)
+
+
+def test_search_edits_mixes_heads_and_latents_and_matches_a_plain_recomputation(world, tmp_path):
+    """Heads and latents in one pool: the kept set's figures equal a plain recomputation (heads
+    by a forward pass, then the deactivation of the kept latents), and every kept step lowered bias."""
+    from surgery.audit.vision import AuditOptions, audit_vision
+    from surgery.debias.search import EditSearchOptions, search_edits
+
+    loaded, draws, q = world
+    train = images_to_tensor(generate(world_params_of(loaded), "train", 512).images, loaded.preprocess)
+    cache = S.build_cache(loaded.model, S.Site("vision", "embedding"), train.split(256), str(tmp_path / "c"), seed=0)
+    sae, _ = S.train_sae(cache, S.SAEConfig(d_in=cache.d, expansion=8, kind="batchtopk", k=4, site="embedding",
+                                            matryoshka=(2, 8, 32)), S.TrainOptions(steps=200, batch_size=256, seed=0))
+    sae.eval()
+    audit = audit_vision(loaded.model, draws[0], loaded.tokenizer,
+                         AuditOptions(k=20, textspan_iterations=0, propose=False))
+    budget = Budget(max_bias_ratio=0.05, max_accuracy_drop=0.05)
+    options = EditSearchOptions(budget=budget, max_heads=2, max_neurons=3, k=20, confirm=2)
+    result = search_edits(loaded.model, draws, audit, q, q, options, sae=sae, latents=list(range(0, 64, 4)))
+    assert len(result.heads) <= 2 and len(result.latents) <= 3 and (result.heads or result.latents)
+    assert len(result.order) == len(result.heads) + len(result.latents)
+    fix = S.deactivation(sae, result.latents, options.alpha, options.form) if result.latents else None
+    figures = []
+    for d in draws:
+        emb = head_edited_embeddings(loaded.model, d, result.heads, audit.means)
+        emb = fix(emb) if fix is not None else emb
+        figures.append(edit_figures(F.normalize(emb, dim=-1), d, q, q, 20))
+    assert result.after["max_skew"] == pytest.approx(sum(f["max_skew"] for f in figures) / 2, abs=1e-9)
+    kept = [step["max_skew"] for step in result.steps if step["chosen"]]
+    assert all(a > b for a, b in zip([result.before["max_skew"], *kept], kept))  # each kept step lowered bias
+    assert budget.within(result.before, result.after)

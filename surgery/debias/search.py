@@ -1,0 +1,156 @@
+"""One search over both kinds of edit: head soft-prunings and SAE social-neuron deactivations.
+
+The shared greedy forward selection (:func:`surgery.audit.set_search.forward_select`) with one
+candidate pool: (head, kept scale) pairs and social-neuron candidates. Each step measures every
+open latent and the (head, scale) pairs of the ``confirm`` heads that the audit's sweep predicts
+best, each on the selection draws, and keeps the trial with the lowest mean MaxSkew@K within the
+accuracy and recall budgets, until the bias target is met, no trial lowers bias within budget, or
+both kinds are at their limits. So the budgets go to whichever edit buys the most bias reduction
+at each step; a fixed order (all neurons, then heads) let the neurons spend the image->text
+recall budget on small cuts and left no room for a head that alone cut more (world suite, tex2).
+
+Cost: a latent trial is an SAE pass on cached embeddings (the embeddings of the chosen head set
+are computed once per head set); a head trial is one forward pass per selection draw.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from surgery import sae as S
+from surgery.audit.ablation import head_edited_embeddings
+from surgery.audit.head_set import head_shortlist
+from surgery.audit.probe import ProbeSet, edit_figures
+from surgery.audit.set_search import forward_select
+from surgery.audit.vision import AuditResult
+from surgery.debias.budget import Budget
+from surgery.debias.heads import SearchResult, mean_figures
+
+HeadKey = tuple[int, int]
+# A candidate edit: ("head", (layer, head), kept scale) or ("latent", latent id, None)
+Edit = tuple[str, object, float | None]
+
+
+@dataclass
+class EditSearchOptions:
+    budget: Budget  # the selection budget (already tightened by the margins)
+    max_heads: int = 8  # most heads edited (0: no head candidates)
+    max_neurons: int = 24  # most latents deactivated
+    scales: tuple[float, ...] = (0.0, 0.5)  # kept fractions tried for each head (0 = removed)
+    confirm: int = 4  # heads measured (at every scale) per step; the others are only predicted
+    k: int = 50  # MaxSkew@K
+    alpha: float = 1.0  # deactivation strength
+    form: str = "error_preserving"  # deactivation form
+    batch_size: int = 256
+    cache_size: int = 16  # head sets whose embeddings are kept (each: selection images x D floats)
+
+
+class _EmbeddingCache:
+    """Unnormalised embeddings (n_i, D) per selection draw, for a head set; least recently used out."""
+
+    def __init__(self, compute, size: int):
+        self.compute, self.size, self.items = compute, size, OrderedDict()
+
+    def __call__(self, heads: dict[HeadKey, float]) -> list[torch.Tensor]:
+        key = tuple(sorted(heads.items()))
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key]
+        value = self.compute(heads)
+        self.items[key] = value
+        if len(self.items) > self.size:
+            self.items.popitem(last=False)
+        return value
+
+
+def search_edits(model: nn.Module, probes: Sequence[ProbeSet], audit: AuditResult, query_emb: torch.Tensor,
+                 class_emb: torch.Tensor | None, options: EditSearchOptions, sae=None,
+                 latents: Sequence[int] = (), caption_embs: Sequence[torch.Tensor | None] | None = None,
+                 progress=None) -> SearchResult:
+    """Choose head edits and latent deactivations together (see the module docstring).
+
+    ``probes``: the selection draws; ``sae`` / ``latents``: the trained SAE and its social-neuron
+    candidates (none: heads only); ``caption_embs``: per draw, its images' caption embeddings (or
+    None), for the recall budget; ``progress(line)``: told after each step.
+    """
+    probes = list(probes)
+    captions = list(caption_embs) if caption_embs is not None else [None] * len(probes)
+    means = audit.means
+    cache = _EmbeddingCache(lambda heads: [head_edited_embeddings(model, p, heads, means, options.batch_size)
+                                           for p in probes], options.cache_size)
+
+    def split(items: Sequence[Edit]) -> tuple[dict[HeadKey, float], list[int]]:
+        heads = {item[1]: item[2] for item in items if item[0] == "head"}
+        return heads, [int(item[1]) for item in items if item[0] == "latent"]
+
+    def evaluate(items: list[Edit]) -> dict:
+        heads, ids = split(items)
+        fix = S.deactivation(sae, ids, options.alpha, options.form) if ids else None
+        figures = []
+        for emb, probe, caption in zip(cache(heads), probes, captions):
+            emb = fix(emb) if fix is not None else emb
+            figures.append(edit_figures(F.normalize(emb, dim=-1), probe, query_emb, class_emb, options.k, caption))
+        return mean_figures(figures)
+
+    rank_heads = head_shortlist(options.confirm, audit.sweep, probes[0], options.k, query_emb.shape[0])
+
+    def shortlist(chosen: list[Edit], open_: list[Edit]) -> list[Edit]:
+        heads, ids = split(chosen)
+        out: list[Edit] = []
+        if len(heads) < options.max_heads:
+            open_heads = list(dict.fromkeys(item[1] for item in open_ if item[0] == "head"))
+            for head in rank_heads(list(heads), open_heads):
+                out += [item for item in open_ if item[0] == "head" and item[1] == head]
+        if len(ids) < options.max_neurons:
+            out += [item for item in open_ if item[0] == "latent"]
+        return out
+
+    candidates: list[Edit] = []
+    if options.max_heads > 0:
+        candidates += [("head", head, scale) for head in audit.cheap_rank for scale in options.scales]
+    if sae is not None:
+        candidates += [("latent", int(i), None) for i in latents]
+    before = evaluate([])
+    budget = options.budget
+    selection = forward_select(
+        candidates, evaluate, objective=lambda f: f["max_skew"], allowed=lambda f: budget.within(before, f),
+        done=lambda f: budget.bias_met(before, f), max_size=options.max_heads + options.max_neurons,
+        conflicts=lambda a, b: a[0] == b[0] == "head" and a[1] == b[1] or a == b, shortlist=shortlist,
+        describe=_describe, start=before, on_step=_reporter(progress, options.k))
+    heads, ids = split(selection.chosen)
+    return SearchResult(heads, selection.met, before, selection.after, _compact(selection.steps), latents=ids,
+                        order=[_name(item) for item in selection.chosen])
+
+
+def _describe(item: Edit) -> dict:
+    if item[0] == "head":
+        return {"head": list(item[1]), "scale": item[2]}
+    return {"latent": item[1]}
+
+
+def _name(item: Edit) -> str:
+    return f"L{item[1][0]}.H{item[1][1]}@{item[2]:g}" if item[0] == "head" else f"latent {item[1]}"
+
+
+def _compact(steps: list[dict]) -> list[dict]:
+    """Every head trial and every kept step (latent trials that were not kept are many and cheap:
+    they are counted, not listed)."""
+    return [step for step in steps if "head" in step or step["chosen"]]
+
+
+def _reporter(progress, k: int):
+    if progress is None:
+        return None
+
+    def report(size: int, kept, figures: dict, trials: int) -> None:
+        if kept is None:
+            progress(f"edit step {size}: none of {trials} trials lowered MaxSkew@{k} within budget; stopping")
+        else:
+            progress(f"edit step {size}: {_name(kept)} -> MaxSkew@{k} {figures['max_skew']:.3f} "
+                     f"(best of {trials} trials)")
+    return report
