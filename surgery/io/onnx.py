@@ -29,10 +29,25 @@ def ort_session(path: str, providers: list[str] | None = None, optimize: bool = 
 
 
 def read_metadata(path: str) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file; a file that does not parse is one SurgeryError line."""
     import onnx
+    from google.protobuf.message import DecodeError
 
-    model = onnx.load(path, load_external_data=False)
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except (DecodeError, OSError, ValueError, RuntimeError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SurgeryError(f"{path} is not a readable ONNX file ({reason}); it is truncated or was not exported "
+                           "by clipsurgery: export it again") from None
     return {p.key: p.value for p in model.metadata_props}
+
+
+def _check_tower(path: str, tower: str) -> None:
+    found = read_metadata(path).get(META_TOWER)
+    if found != tower:
+        detail = f"no {META_TOWER} metadata" if found is None else f"it holds the {found} tower, not the {tower} one"
+        raise SurgeryError(f"{path} was not exported by clipsurgery as the {tower} encoder ({detail}); "
+                           "export the pair again")
 
 
 def resolve_pair(path: str) -> dict[str, str]:
@@ -47,8 +62,11 @@ def resolve_pair(path: str) -> dict[str, str]:
                 stem = stem[:-len(suffix)]
         pair = onnx_paths(stem + ".onnx", "both")
         pair[tower] = path
-        return {t: p for t, p in pair.items() if os.path.isfile(p)}
-    pair = {t: p for t, p in onnx_paths(path, "both").items() if os.path.isfile(p)}
-    if not pair:
-        raise SurgeryError(f"{path}: no such ONNX file (nor {path[:-5]}.visual.onnx / .text.onnx)")
+        pair = {t: p for t, p in pair.items() if os.path.isfile(p)}
+    else:
+        pair = {t: p for t, p in onnx_paths(path, "both").items() if os.path.isfile(p)}
+        if not pair:
+            raise SurgeryError(f"{path}: no such ONNX file (nor {path[:-5]}.visual.onnx / .text.onnx)")
+    for tower, file in pair.items():  # every file of the pair: a broken sibling is refused here, not mid-run
+        _check_tower(file, tower)
     return pair

@@ -132,3 +132,48 @@ def test_ignored_arch_and_forced_plan_say_so(caplog, tmp_path):
     with caplog.at_level(logging.WARNING):
         plan.check_fits(loaded.model, "b" * 64, force=True)
     assert "applying it anyway (--force)" in caplog.text
+
+
+def test_compare_with_an_empty_truncated_or_foreign_onnx_is_one_line(tmp_path):
+    """A 0-byte, a truncated and a foreign (not clipsurgery's) .visual.onnx beside a good .text.onnx
+    are one line each, no traceback (they raised KeyError / protobuf DecodeError before)."""
+    runner = CliRunner()
+    split = tmp_path / "w"
+    assert runner.invoke(main, ["world", "generate", "--out", str(split), "--n", "48"]).exit_code == 0
+    export = tmp_path / "good.onnx"
+    result = runner.invoke(main, ["export", "builtin:world", str(export)])
+    assert result.exit_code == 0, result.output
+    good = (tmp_path / "good.visual.onnx").read_bytes()
+    for name, data in (("empty", b""), ("truncated", good[: len(good) // 2]), ("foreign", b"\x08\x07junk" * 50)):
+        (tmp_path / f"{name}.visual.onnx").write_bytes(data)
+        (tmp_path / f"{name}.text.onnx").write_bytes((tmp_path / "good.text.onnx").read_bytes())
+        result = runner.invoke(main, ["compare", "builtin:world", str(tmp_path / f"{name}.onnx"), "--images",
+                                      str(split), "--labels", str(split / "labels.csv"), "--k", "10",
+                                      "--out", str(tmp_path / f"r-{name}")])
+        _one_line_error(result, "was not exported by clipsurgery" if name == "empty" else "not a readable ONNX file")
+
+
+def test_three_group_worlds_default_to_a_valid_size_and_a_bad_size_is_refused_up_front(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "w3"
+    result = runner.invoke(main, ["world", "generate", "--out", str(out), "--groups", "red,green,blue"])
+    assert result.exit_code == 0, result.output
+    assert len(list((out / "images").iterdir())) == 1206  # 6 shapes x 3 colours: the multiple nearest 1200
+    bad = runner.invoke(main, ["world", "generate", "--out", str(tmp_path / "bad"), "--groups", "red,green,blue",
+                               "--n", "1200"])
+    _one_line_error(bad, "1200")
+    assert "1188" in bad.output and "1206" in bad.output  # the two nearest valid sizes
+    assert not (tmp_path / "bad").exists()
+
+
+def test_debias_report_names_how_to_regenerate_its_images_not_a_temp_path(tmp_path):
+    import json
+
+    out = tmp_path / "m.onnx"
+    result = CliRunner().invoke(main, ["debias", "builtin:world", str(out), "--tower", "vision", "--n-probe", "240",
+                                       "--k", "20", "--selection-draws", "1", "--heads-only", "--max-heads", "1",
+                                       "--allow-miss"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "m.report" / "report.json").read_text())
+    where = report["spec"]["images_dir"]
+    assert "clipsurgery world generate --like MODEL --n 240" in where and "/tmp" not in where
