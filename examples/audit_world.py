@@ -69,13 +69,15 @@ def main() -> None:
           f"max {skews[-1]:.4f}")
     print(f"top-3 lowers MaxSkew more than the random draw in {beaten} of {args.draws} draws (target >= 95)")
     print(f"Spearman (d) gradient vs (c) ablation: {result.spearman_gradient_vs_ablation:.3f} (target >= 0.7)")
+    proposed = [(e.layer, e.head) for e in result.plan.heads]
+    print(f"proposed set (greedy forward selection, measured together): {['L%d.H%d' % h for h in proposed]}")
     for name, s in result.scores.items():
         print(f"{name:>10}: " + " ".join(f"{v:+.3f}" for v in s.flatten().tolist()))
     if args.exhaustive:
-        exhaustive(loaded.model, probe, result, queries, classes, heads, top)
+        exhaustive(loaded.model, probe, result, queries, classes, heads, top, proposed)
 
 
-def exhaustive(model, probe, result, queries, classes, heads, top) -> None:
+def exhaustive(model, probe, result, queries, classes, heads, top, proposed) -> None:
     """Every 3-head set's mean MaxSkew@50, and where single-head rankings land among them."""
     start = time.perf_counter()
     triples = list(itertools.combinations(heads, 3))
@@ -101,6 +103,7 @@ def exhaustive(model, probe, result, queries, classes, heads, top) -> None:
     best = min(skew, key=skew.get)
     for label, triple in [("top-3 by cheap scores (a, b, d)", top), ("top-3 by exact single-head ablation (c)", by_c),
                           ("best set by added-up exact per-image changes", best_additive),
+                          *([("the audit's proposed set (same probe)", proposed)] if len(proposed) == 3 else []),
                           ("best set (exhaustive search)", best)]:
         t = tuple(sorted(triple))
         target = " (target >= 95%)" if triple is top else ""

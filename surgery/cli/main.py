@@ -144,7 +144,8 @@ def export(model, out, tower, precision, normalize, opset, graph, force, arch):
               help="Protected attribute (default: the labels' column; a world: its group; else gender for text).")
 @click.option("--prompts", "prompts_path", default=None, type=click.Path(),
               help="Group prompts per attribute, JSON/YAML {attribute: {group: [prompts]}} (default: built-in).")
-@click.option("--top-k", type=int, default=3, show_default=True, help="Heads the proposed plan soft-prunes (per tower).")
+@click.option("--top-k", type=int, default=3, show_default=True,
+              help="Most heads the proposed plan removes (per tower; vision: chosen as a measured set).")
 @click.option("--k", type=int, default=50, show_default=True, help="MaxSkew@K.")
 @click.option("--n-probe", type=int, default=None,
               help="World models: probe images generated (default: about 1200, a multiple of concepts x groups).")
