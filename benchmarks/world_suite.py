@@ -188,7 +188,9 @@ def audit_check(world: SuiteWorld) -> dict:
     start = time.perf_counter()
     result = audit_vision(loaded.model, choose, loaded.tokenizer, AuditOptions(textspan_iterations=0))
     audit_seconds = time.perf_counter() - start
-    proposed = tuple(sorted((e.layer, e.head) for e in result.plan.heads))
+    # the same audit with no accuracy budget: its set is the one comparable with every 3-head set
+    free = audit_vision(loaded.model, choose, loaded.tokenizer, AuditOptions(textspan_iterations=0,
+                                                                                max_accuracy_drop=1.0))
     L, H = result.scores["gradient"].shape
     heads = [(l, h) for l in range(L) for h in range(H)]
     queries = text_embeddings(loaded.model, measure.queries, loaded.tokenizer)
@@ -199,33 +201,43 @@ def audit_check(world: SuiteWorld) -> dict:
 
     base = figures(())
     every = {t: figures(t) for t in itertools.combinations(heads, 3)}
-    mine = every.get(proposed) or figures(proposed)
-    top3 = tuple(sorted(result.cheap_rank[:3]))
     within = [f for f in every.values() if base["accuracy"] - f["accuracy"] <= 0.02]
     share = lambda pool, f: sum(f["max_skew"] < g["max_skew"] for g in pool) / max(1, len(pool))  # noqa: E731
-    return {"proposed": [list(h) for h in proposed], "sets": len(every), "audit_seconds": audit_seconds,
-            "beats_all": share(every.values(), mine), "beats_within_budget": share(within, mine),
-            "sets_within_budget": len(within), "cheap_top3_beats_all": share(every.values(), every[top3]),
-            "max_skew_before": base["max_skew"], "max_skew_after": mine["max_skew"],
-            "accuracy_drop": 100 * (base["accuracy"] - mine["accuracy"])}
+    out = {"sets": len(every), "audit_seconds": audit_seconds, "sets_within_budget": len(within),
+           "max_skew_before": base["max_skew"], "accuracy_before": base["accuracy"],
+           "every_set": {" ".join(f"{l}.{h}" for l, h in t): [f["max_skew"], f["accuracy"]] for t, f in every.items()}}
+    for name, res in (("budget", result), ("free", free)):
+        proposed = tuple(sorted((e.layer, e.head) for e in res.plan.heads))
+        mine = every.get(proposed) or figures(proposed)
+        out[name] = {"proposed": [list(h) for h in proposed], "beats_all": share(every.values(), mine),
+                     "beats_within_budget": share(within, mine), "max_skew_after": mine["max_skew"],
+                     "accuracy_drop": 100 * (base["accuracy"] - mine["accuracy"])}
+    out["cheap_top3_beats_all"] = share(every.values(), every[tuple(sorted(result.cheap_rank[:3]))])
+    return out
 
 
 def audit_table(rows: list[dict]) -> str:
-    lines = ["| world | role | proposed set | beats, of all 560 (>=90%) | beats, of those within 2 acc. points | "
-             "cheap top 3 beats | MaxSkew@50 before -> after | acc. drop |",
-             "| --- | --- | --- | ---: | ---: | ---: | --- | ---: |"]
+    lines = ["| world | role | budget | proposed set | beats, of all 560 3-head sets (>=90%) | beats, of the sets "
+             "within 2 acc. points | MaxSkew@50 before -> after | acc. drop |",
+             "| --- | --- | --- | --- | ---: | ---: | --- | ---: |"]
     for r in rows:
         a = r.get("audit")
         if a is None:
             continue
-        heads = " ".join(f"L{l}.H{h}" for l, h in a["proposed"])
-        lines.append(f"| {r['world']} | {r['role']} | {heads} | {a['beats_all']:.1%} | {a['beats_within_budget']:.1%} "
-                     f"({a['sets_within_budget']} sets) | {a['cheap_top3_beats_all']:.1%} | "
-                     f"{a['max_skew_before']:.3f} -> {a['max_skew_after']:.3f} | {a['accuracy_drop']:+.1f} |")
-    if any("audit" in r for r in rows):
-        shares = [r["audit"]["beats_all"] for r in rows if "audit" in r]
-        lines.append(f"\nmean share beaten: {sum(shares) / len(shares):.1%} (>= 95%); "
-                     f"minimum {min(shares):.1%} (>= 90% on every world)")
+        for name, label in (("budget", "2 points (default)"), ("free", "none")):
+            p = a[name]
+            heads = " ".join(f"L{l}.H{h}" for l, h in p["proposed"]) or "(none)"
+            lines.append(f"| {r['world']} | {r['role']} | {label} | {heads} | {p['beats_all']:.1%} | "
+                         f"{p['beats_within_budget']:.1%} of {a['sets_within_budget']} | "
+                         f"{a['max_skew_before']:.3f} -> {p['max_skew_after']:.3f} | {p['accuracy_drop']:+.1f} |")
+    audited = [r["audit"] for r in rows if "audit" in r]
+    if audited:
+        for name in ("budget", "free"):
+            shares = [a[name]["beats_all"] for a in audited]
+            lines.append(f"\n{name}: mean share of all 3-head sets beaten {sum(shares) / len(shares):.1%} (>= 95%), "
+                         f"minimum {min(shares):.1%} (>= 90% on every world)")
+        cheap = [a["cheap_top3_beats_all"] for a in audited]
+        lines.append(f"cheap-score top 3 (the old plan): mean {sum(cheap) / len(cheap):.1%}, minimum {min(cheap):.1%}")
     return "\n".join(lines)
 
 

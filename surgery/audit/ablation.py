@@ -302,10 +302,11 @@ def evaluate_head_set(model: nn.Module, probe: ProbeSet, heads, means: torch.Ten
     """Mean MaxSkew@K (and concept accuracy) with ``heads`` ablated together (mean if ``means``).
 
     ``heads``: a list of (layer, head) removed entirely, or a dict (layer, head) -> kept scale.
-    ``post``: optional map applied to the (unnormalised) embeddings, e.g. an embedding-site
-    neuron deactivation (residual-site ones run as hooks on the final norm by themselves).
-    ``caption_emb (N, D)``: the text embedding of each probe image's caption (``probe.captions``);
-    adds ``recall``, text->image hit@5 with identical captions merged, and ``recall_i2t``.
+    ``post``: optional map applied to the (unnormalised, float32, CPU) embeddings, e.g. an
+    embedding-site neuron deactivation (residual-site ones run as hooks on the final norm by
+    themselves). ``caption_emb (N, D)``: the text embedding of each probe image's caption
+    (``probe.captions``); adds ``recall``, text->image hit@5 with identical captions merged, and
+    ``recall_i2t``.
     """
     emb = head_edited_embeddings(model, probe, heads, means, batch_size, backend)  # (N, D)
     if post is not None:

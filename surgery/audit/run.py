@@ -27,7 +27,8 @@ class AuditRunOptions:
     tower: str = "vision"  # "vision" | "text" (from prompts, no images needed) | "both"
     attribute: str | None = None  # protected attribute (default: the labels' column; a world: group; else gender)
     prompts_path: str | None = None  # group prompts per attribute, JSON/YAML (default: built-in)
-    top_k: int = 3  # heads the proposed plan soft-prunes (per tower)
+    top_k: int = 3  # heads the proposed plan soft-prunes (per tower; vision: at most, chosen as a measured set)
+    max_accuracy_drop: float = 0.02  # vision: concept accuracy (fraction) the proposed set may cost on the probe
     k: int = 50  # MaxSkew@K
     n_probe: int | None = None  # world models: probe images generated (None: ~1200, a multiple of concepts x groups)
     ablation: str = "mean"  # "mean" | "zero"
@@ -125,7 +126,8 @@ def audit_vision_tower(loaded: LoadedModel, probe: ProbeSet | None, extra: list[
     if options.tower == "text":
         return None
     audit_options = AuditOptions(k=options.k, top_k=options.top_k, batch_size=options.batch_size,
-                                 ablation=options.ablation, sweep=options.sweep)
+                                 ablation=options.ablation, sweep=options.sweep,
+                                 max_accuracy_drop=options.max_accuracy_drop)
     result = audit_vision(loaded.model, probe, loaded.tokenizer, audit_options, extra, progress=progress)
     if cavs is not None:
         result.scores.update(supervised_vision_scores(loaded.model, probe, cavs, options.batch_size))

@@ -1,5 +1,6 @@
 """Greedy forward selection over measured set effects: the one search behind the audit's proposed
-plan and both of ``clipsurgery debias``'s searches (heads, social neurons).
+plan and ``clipsurgery debias``'s search (heads and social neurons in one pool; also the
+neuron-only search of ``examples/sae_world.py``).
 
 Single-edit scores cannot rank sets of edits whose effects do not add up (#4: the audit's top 3 by
 single-head scores beat only 82-95% of all 3-head sets). So a set is grown one edit at a time,

@@ -59,7 +59,7 @@ CHEAP_SCORES = ("cav", "group_acc", "gradient")
 @dataclass
 class AuditOptions:
     k: int = 50  # MaxSkew@K of the neutral queries
-    top_k: int = 3  # heads the proposed plan ablates (chosen as a set, see surgery.audit.head_set)
+    top_k: int = 3  # at most this many heads in the proposed plan (chosen as a set, see surgery.audit.head_set)
     max_accuracy_drop: float = 0.02  # concept accuracy (fraction) the proposed set may cost on the probe
     confirm: int = 16  # heads measured per step of the set search (the rest only predicted)
     propose: bool = True  # choose the proposed set (off: scores only, an empty plan; debias searches itself)

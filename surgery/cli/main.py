@@ -150,19 +150,23 @@ def export(model, out, tower, precision, normalize, opset, graph, force, arch):
 @click.option("--n-probe", type=int, default=None,
               help="World models: probe images generated (default: about 1200, a multiple of concepts x groups).")
 @click.option("--ablation", type=click.Choice(["mean", "zero"]), default="mean", show_default=True)
-@click.option("--no-sweep", is_flag=True, help="Skip the causal ablation sweep (c): cheap scores only.")
+@click.option("--no-sweep", is_flag=True,
+              help="Skip the causal ablation sweep (c); the proposed set is then measured over the cheap ranking.")
+@click.option("--max-accuracy-drop", "audit_accuracy_drop", type=click.FloatRange(0, 100), default=2.0,
+              show_default=True, help="Points of concept accuracy the proposed vision set may cost on the probe.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--force", is_flag=True, help="Write into an --out folder that already holds files.")
 @_user_errors
 def audit(model, images_dir, labels_path, tower, attributes, prompts_path, top_k, k, n_probe, ablation, no_sweep,
-          batch_size, out_dir, force):
+          audit_accuracy_drop, batch_size, out_dir, force):
     """Locate bias in single attention heads; write audit.json, heatmaps, report.md and plan.json."""
     if (images_dir is None) != (labels_path is None):
         raise click.UsageError("--images and --labels go together")
     options = AuditRunOptions(tower=tower, attribute=attributes.split(",")[0] if attributes else None,
                               prompts_path=prompts_path, top_k=top_k, k=k, n_probe=n_probe, ablation=ablation,
-                              sweep=not no_sweep, batch_size=batch_size)
+                              sweep=not no_sweep, batch_size=batch_size,
+                              max_accuracy_drop=audit_accuracy_drop / 100)
     check_output_folder(out_dir, force=force)
     run = run_audit(model, out_dir, options, images_dir=images_dir, labels_path=labels_path, progress=_StageBar())
     for line in run.summary_lines(options):

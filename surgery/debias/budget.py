@@ -43,8 +43,8 @@ class Budget:
 
     def within(self, before: dict, trial: dict) -> bool:
         """Concept accuracy and recall in both directions (where measured) dropped by no more than their budgets."""
-        return (before.get("accuracy", 0.0) - trial.get("accuracy", 0.0) <= self.max_accuracy_drop
-                and all(before.get(key, 0.0) - trial.get(key, 0.0) <= self.max_recall_drop
+        return (before.get("accuracy", 0.0) - trial.get("accuracy", 0.0) <= self.max_accuracy_drop + POINTS_TOLERANCE
+                and all(before.get(key, 0.0) - trial.get(key, 0.0) <= self.max_recall_drop + POINTS_TOLERANCE
                         for key in RECALL_KEYS))
 
     def tightened(self, margin: float, bias_margin: float) -> Budget:

@@ -20,7 +20,7 @@ from surgery.edit.plan import HeadEdit, SurgeryPlan
 @dataclass
 class SearchResult:
     heads: dict[tuple[int, int], float]  # (layer, head) -> kept scale
-    met: bool  # both targets met on the selection probe set
+    met: bool  # the bias target met on the selection probe set (the budgets hold for every kept step)
     before: dict  # {"max_skew", "accuracy"}
     after: dict
     steps: list[dict] = field(default_factory=list)  # every candidate tried, for the plan's provenance
@@ -31,7 +31,8 @@ class SearchResult:
 def evaluate_on_draws(model: nn.Module, probes: Sequence[ProbeSet], heads, means, query_emb: torch.Tensor,
                       class_emb: torch.Tensor | None, k: int, post=None,
                       caption_embs: Sequence[torch.Tensor | None] | None = None) -> dict:
-    """``evaluate_head_set`` averaged over several probe sets (independent draws): mean MaxSkew@K
+    """``evaluate_head_set`` averaged over several probe sets (independent draws; ``post`` runs on
+    the CPU embeddings): mean MaxSkew@K
     of one draw is a noisy objective that a greedy search would otherwise fit. ``caption_embs``:
     per draw, its images' caption embeddings (N, D) or None (adds ``recall``)."""
     captions = list(caption_embs) if caption_embs is not None else [None] * len(probes)

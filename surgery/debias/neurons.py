@@ -1,13 +1,10 @@
 """The neuron half of ``clipsurgery debias`` (seed 001): train an SAE on the vision embeddings of
-unlabelled images, find the latents that fire for one group only, and deactivate the fewest of
-them that lower bias.
+unlabelled images and find its social-neuron candidates (:func:`train_social_sae`); which of them
+to deactivate is chosen together with the head edits by :func:`surgery.debias.search.search_edits`.
 
 Candidates come from seed 001's rule (tau = 0.5; the top ``pool`` = 40 per group by consistency x
-specificity). Which of them to deactivate is chosen greedily and confirmed on the selection probe:
-each step adds the candidate that lowers mean MaxSkew@K the most while concept accuracy stays
-within its budget, and the search stops at the first set that meets the bias target or when no
-candidate helps. Deactivation acts on the embedding, so every trial reuses the unedited
-embeddings computed once (a trial costs an SAE pass over (n, D), not a forward pass).
+specificity). :func:`greedy_neurons` is the neuron-only search on fixed embeddings (the shared
+forward selection, with the accuracy and recall budgets), used by ``examples/sae_world.py``.
 
 SAE settings are the ones that worked best on the planted-bias world (examples/sae_world.py):
 Matryoshka BatchTopK, x8, k = 4, nested prefixes 2, 8, 32. The deactivation is the

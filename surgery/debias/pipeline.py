@@ -1,8 +1,9 @@
 """``clipsurgery debias``: audit -> choose edits -> plan -> bake -> export -> verify -> compare.
 
 :func:`run_debias` reads as its steps: check the outputs, open the model, build the probes (what
-the edits are chosen on, and the report's images), embed the prompts, audit the heads, choose
-social neurons, choose head edits, write the plan, bake and export, compare before / after.
+the edits are chosen on, and the report's images), audit the heads, embed the prompts, train an
+SAE and find its social-neuron candidates, choose head edits and neurons in one search, write the
+plan (and move the SAE into place when the plan uses it), bake and export, compare before / after.
 """
 from __future__ import annotations
 
@@ -151,7 +152,7 @@ def run_debias(model_in: str, out: str, options: DebiasOptions, *, images_dir: s
     outputs.check(model_in, options.force)
     loaded = load(model_in)
     work = staging_dir("clipsurgery-debias-")
-    sae_existed = os.path.exists(outputs.sae)
+    neurons, placed, plan_saved = None, False, False
     try:
         probes = build_probes(loaded, model_in, options, work, images_dir, labels_path, attribute, say)
         say("auditing heads (cheap scores a, b, d and the single-head ablation sweep c)")
@@ -159,21 +160,24 @@ def run_debias(model_in: str, out: str, options: DebiasOptions, *, images_dir: s
                              AuditOptions(k=options.k, sweep=options.heads, textspan_iterations=0, propose=False))
         prompts = embed_prompts(loaded, probes, say)
         neurons = train_neurons(loaded, probes, options, outputs.sae, say)
-        try:
-            search = choose_edits(loaded, probes, audit, prompts, options, neurons, say)
-            edit = place_sae(neurons, search, outputs.sae)
-        finally:
-            if neurons is not None:
-                shutil.rmtree(neurons.staging, ignore_errors=True)
-        plan = make_plan(loaded, search, audit, options, probes, edit, neurons.summary if neurons else None)
+        search = choose_edits(loaded, probes, audit, prompts, options, neurons, say)
+        entry = neuron_edit(outputs.sae, search.latents, NeuronStageOptions()) if search.latents else None
+        plan = make_plan(loaded, search, audit, options, probes, entry, neurons.summary if neurons else None)
+        remove_previous(outputs)  # --force: an earlier run's plan and SAE go together, before either is replaced
+        if entry is not None:
+            os.replace(neurons.staging, outputs.sae)  # complete: trained in staging beside it
+            placed = True
         patched, exported = bake_and_export(loaded, plan, out, probes, options, say)
         plan.save(outputs.plan)
+        plan_saved = True
         result = compare_before_after(loaded, patched, out, probes, plan, outputs.report, work, say)
     except BaseException:  # an error or SIGTERM: no SAE folder without the plan that refers to it
-        if not sae_existed and not os.path.isfile(outputs.plan):
+        if placed and not plan_saved:
             shutil.rmtree(outputs.sae, ignore_errors=True)
         raise
     finally:
+        if neurons is not None:
+            shutil.rmtree(neurons.staging, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
     return summarise(result, search, exported, outputs, plan, options)
 
@@ -272,15 +276,13 @@ def choose_edits(loaded: LoadedModel, probes: Probes, audit: AuditResult, prompt
                         caption_embs=prompts.captions, progress=say)
 
 
-def place_sae(neurons: Neurons | None, search: SearchResult, sae_dir: str) -> NeuronEdit | None:
-    """Move the SAE into ``sae_dir`` when the search kept latents; returns their plan entry."""
-    if neurons is None or not search.latents:
-        return None
-    if os.path.isdir(sae_dir):  # an earlier run's (Outputs.check required --force for it)
-        shutil.rmtree(sae_dir)
-    os.replace(neurons.staging, sae_dir)
-    neurons.summary["chosen"] = list(search.latents)
-    return neuron_edit(sae_dir, list(search.latents), NeuronStageOptions())
+def remove_previous(outputs: Outputs) -> None:
+    """Remove an earlier run's plan and SAE folder (``Outputs.check`` allowed it: --force), so a
+    new plan never sits beside an old SAE, nor an old plan beside a new SAE."""
+    if os.path.isfile(outputs.plan):
+        os.remove(outputs.plan)
+    if os.path.isdir(outputs.sae):
+        shutil.rmtree(outputs.sae)
 
 
 def make_plan(loaded: LoadedModel, search: SearchResult, audit: AuditResult, options: DebiasOptions, probes: Probes,
@@ -292,7 +294,7 @@ def make_plan(loaded: LoadedModel, search: SearchResult, audit: AuditResult, opt
         plan.provenance["probe"] = probes.source
     if neurons_entry is not None:
         plan.neurons = [neurons_entry]
-        plan.provenance["neurons"] = neuron_summary
+        plan.provenance["neurons"] = {**(neuron_summary or {}), "chosen": list(neurons_entry.ids)}
     plan.validate()
     if not plan.heads and not plan.neurons:
         raise SurgeryError("no edit lowered bias within the accuracy and recall budgets; raise --max-accuracy-drop "

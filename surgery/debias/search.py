@@ -3,7 +3,8 @@
 The shared greedy forward selection (:func:`surgery.audit.set_search.forward_select`) with one
 candidate pool: (head, kept scale) pairs and social-neuron candidates. Each step measures every
 open latent and the (head, scale) pairs of the ``confirm`` heads that the audit's sweep predicts
-best, each on the selection draws, and keeps the trial with the lowest mean MaxSkew@K within the
+best (the sweep's prediction counts a kept head as removed, whatever its scale; it only orders
+what is measured), each on the selection draws, and keeps the trial with the lowest mean MaxSkew@K within the
 accuracy and recall budgets, until the bias target is met, no trial lowers bias within budget, or
 both kinds are at their limits. So the budgets go to whichever edit buys the most bias reduction
 at each step; a fixed order (all neurons, then heads) let the neurons spend the image->text
@@ -81,8 +82,10 @@ def search_edits(model: nn.Module, probes: Sequence[ProbeSet], audit: AuditResul
     probes = list(probes)
     captions = list(caption_embs) if caption_embs is not None else [None] * len(probes)
     means = audit.means
+    # room for a step's head trials plus the chosen head set, whose embeddings every latent trial reuses
+    size = max(options.cache_size, 2 * options.confirm * len(options.scales) + 2)
     cache = _EmbeddingCache(lambda heads: [head_edited_embeddings(model, p, heads, means, options.batch_size)
-                                           for p in probes], options.cache_size)
+                                           for p in probes], size)
 
     def split(items: Sequence[Edit]) -> tuple[dict[HeadKey, float], list[int]]:
         heads = {item[1]: item[2] for item in items if item[0] == "head"}
@@ -120,11 +123,16 @@ def search_edits(model: nn.Module, probes: Sequence[ProbeSet], audit: AuditResul
     selection = forward_select(
         candidates, evaluate, objective=lambda f: f["max_skew"], allowed=lambda f: budget.within(before, f),
         done=lambda f: budget.bias_met(before, f), max_size=options.max_heads + options.max_neurons,
-        conflicts=lambda a, b: a[0] == b[0] == "head" and a[1] == b[1] or a == b, shortlist=shortlist,
+        conflicts=_conflict, shortlist=shortlist,
         describe=_describe, start=before, on_step=_reporter(progress, options.k))
     heads, ids = split(selection.chosen)
     return SearchResult(heads, selection.met, before, selection.after, _compact(selection.steps), latents=ids,
                         order=[_name(item) for item in selection.chosen])
+
+
+def _conflict(a: Edit, b: Edit) -> bool:
+    """One head at two scales cannot be chosen together; any candidate conflicts with itself."""
+    return a == b or (a[0] == b[0] == "head" and a[1] == b[1])
 
 
 def _describe(item: Edit) -> dict:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from click.testing import CliRunner
 
@@ -103,3 +104,30 @@ def test_debias_report_names_generated_images_not_their_temp_folder(tmp_path):
     report = json.loads((tmp_path / "o.report" / "report.json").read_text())
     assert report["spec"]["images_dir"].startswith("the model's own world, eval split (seed 0, 240 images")
     assert "clipsurgery-debias-" not in (tmp_path / "o.report" / "report.md").read_text()
+
+
+def test_an_sae_that_no_kept_edit_uses_is_not_left_and_force_removes_the_previous_runs_plan_and_sae(
+        tmp_path, monkeypatch):
+    """The SAE is trained in staging; when the search keeps no latent it is removed, and --force
+    takes the earlier run's plan and SAE away together (never a new plan beside an old SAE)."""
+    from surgery.debias import pipeline
+    from surgery.debias.heads import SearchResult
+
+    def heads_only(loaded, probes, audit, prompts, options, neurons, say):
+        assert neurons is not None and neurons.candidates  # an SAE was trained, in staging
+        assert os.path.isdir(neurons.staging)
+        return SearchResult({(3, 0): 0.0}, False, {"max_skew": 1.0}, {"max_skew": 0.9}, order=["L3.H0@0"])
+
+    monkeypatch.setattr(pipeline, "choose_edits", heads_only)
+    out = tmp_path / "m.onnx"
+    (tmp_path / "m.sae").mkdir()
+    (tmp_path / "m.sae" / "weights.safetensors").write_bytes(b"an earlier run's SAE")
+    (tmp_path / "m.plan.json").write_text("{}")
+    result = CliRunner().invoke(main, ["debias", "builtin:world", str(out), "--n-probe", "240", "--k", "20",
+                                       "--selection-draws", "1", "--tower", "vision", "--force", "--allow-miss"])
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["m.onnx", "m.plan.json", "m.report"], names  # no SAE folder, no staging left
+    plan = json.loads((tmp_path / "m.plan.json").read_text())
+    assert plan["neurons"] == []
+    assert [(h["layer"], h["head"]) for h in plan["heads"]] == [(3, 0)]

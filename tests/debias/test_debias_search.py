@@ -209,7 +209,9 @@ def test_search_edits_mixes_heads_and_latents_and_matches_a_plain_recomputation(
                          AuditOptions(k=20, textspan_iterations=0, propose=False))
     budget = Budget(max_bias_ratio=0.05, max_accuracy_drop=0.05)
     options = EditSearchOptions(budget=budget, max_heads=2, max_neurons=3, k=20, confirm=2)
-    result = search_edits(loaded.model, draws, audit, q, q, options, sae=sae, latents=list(range(0, 64, 4)))
+    captions = [caption_embeddings(loaded.model, d.captions, loaded.tokenizer) for d in draws]
+    result = search_edits(loaded.model, draws, audit, q, q, options, sae=sae, latents=list(range(0, 64, 4)),
+                          caption_embs=captions)
     assert len(result.heads) <= 2 and len(result.latents) <= 3 and (result.heads or result.latents)
     assert len(result.order) == len(result.heads) + len(result.latents)
     fix = S.deactivation(sae, result.latents, options.alpha, options.form) if result.latents else None
@@ -217,8 +219,37 @@ def test_search_edits_mixes_heads_and_latents_and_matches_a_plain_recomputation(
     for d in draws:
         emb = head_edited_embeddings(loaded.model, d, result.heads, audit.means)
         emb = fix(emb) if fix is not None else emb
-        figures.append(edit_figures(F.normalize(emb, dim=-1), d, q, q, 20))
+        figures.append(edit_figures(F.normalize(emb, dim=-1), d, q, q, 20, captions[len(figures)]))
     assert result.after["max_skew"] == pytest.approx(sum(f["max_skew"] for f in figures) / 2, abs=1e-9)
     kept = [step["max_skew"] for step in result.steps if step["chosen"]]
     assert all(a > b for a, b in zip([result.before["max_skew"], *kept], kept))  # each kept step lowered bias
-    assert budget.within(result.before, result.after)
+    assert budget.within(result.before, result.after) and "recall_i2t" in result.after
+    for key in ("accuracy", "recall", "recall_i2t"):
+        assert result.after[key] == pytest.approx(sum(f[key] for f in figures) / 2, abs=1e-9)
+
+
+def test_the_embedding_cache_keeps_the_chosen_head_set_through_a_step_of_head_trials():
+    from surgery.debias.search import _EmbeddingCache
+
+    calls = []
+    cache = _EmbeddingCache(lambda heads: calls.append(dict(heads)) or [torch.zeros(1)], size=3)
+    chosen = {(0, 0): 0.5}
+    cache(chosen)
+    for h in range(2):  # head trials of one step
+        cache({**chosen, (1, h): 0.0})
+    cache(chosen)  # a latent trial on the chosen heads: served from the cache
+    assert calls == [chosen, {**chosen, (1, 0): 0.0}, {**chosen, (1, 1): 0.0}]
+    cache({(2, 0): 0.0})
+    cache({(2, 1): 0.0})  # least recently used (the (1, 0) trial) out first
+    cache({**chosen, (1, 0): 0.0})
+    assert len(calls) == 6 and calls[-1] == {**chosen, (1, 0): 0.0}
+
+
+def test_one_head_at_two_scales_conflicts_and_nothing_else_does():
+    from surgery.debias.search import _conflict
+
+    assert _conflict(("head", (0, 1), 0.0), ("head", (0, 1), 0.5))
+    assert not _conflict(("head", (0, 1), 0.0), ("head", (0, 2), 0.0))
+    assert not _conflict(("latent", 3, None), ("latent", 4, None))
+    assert _conflict(("latent", 3, None), ("latent", 3, None))
+    assert not _conflict(("head", (0, 3), 0.0), ("latent", 3, None))
