@@ -1,17 +1,11 @@
-"""What the edit searches share: figures averaged over selection draws, the search's result,
+"""What the edit search hands on: figures averaged over selection draws, the search's result,
 and the plan made from it. The search itself is :mod:`surgery.debias.search` (heads and social
 neurons in one pool, on the shared :func:`surgery.audit.set_search.forward_select`).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import torch
-from torch import nn
-
-from surgery.audit.ablation import evaluate_head_set
-from surgery.audit.probe import ProbeSet
 from surgery.audit.vision import AuditResult
 from surgery.debias.budget import Budget
 from surgery.edit.plan import HeadEdit, SurgeryPlan
@@ -26,18 +20,6 @@ class SearchResult:
     steps: list[dict] = field(default_factory=list)  # every candidate tried, for the plan's provenance
     latents: list[int] = field(default_factory=list)  # SAE latents deactivated (joint search only)
     order: list[str] = field(default_factory=list)  # the kept edits in the order they were added
-
-
-def evaluate_on_draws(model: nn.Module, probes: Sequence[ProbeSet], heads, means, query_emb: torch.Tensor,
-                      class_emb: torch.Tensor | None, k: int, post=None,
-                      caption_embs: Sequence[torch.Tensor | None] | None = None) -> dict:
-    """``evaluate_head_set`` averaged over several probe sets (independent draws; ``post`` runs on
-    the CPU embeddings): mean MaxSkew@K
-    of one draw is a noisy objective that a greedy search would otherwise fit. ``caption_embs``:
-    per draw, its images' caption embeddings (N, D) or None (adds ``recall``)."""
-    captions = list(caption_embs) if caption_embs is not None else [None] * len(probes)
-    return mean_figures([evaluate_head_set(model, p, heads, means, query_emb, class_emb, k, post=post, caption_emb=c)
-                         for p, c in zip(probes, captions)])
 
 
 def mean_figures(figures: list[dict]) -> dict:
