@@ -76,13 +76,18 @@ def test_within_budget():
     assert not Budget().within(both, {"accuracy": 0.90, "recall": 0.80, "recall_i2t": 0.80})
 
 
-def test_greedy_neurons_steps_match_a_plain_recomputation(world, tmp_path):
-    loaded, draws, q = world
+def small_sae(loaded, tmp_path):
+    """An embedding-site BatchTopK SAE trained briefly on 512 train-split images of the world."""
     train = images_to_tensor(generate(world_params_of(loaded), "train", 512).images, loaded.preprocess)
     cache = S.build_cache(loaded.model, S.Site("vision", "embedding"), train.split(256), str(tmp_path / "c"), seed=0)
     sae, _ = S.train_sae(cache, S.SAEConfig(d_in=cache.d, expansion=8, kind="batchtopk", k=4, site="embedding",
                                             matryoshka=(2, 8, 32)), S.TrainOptions(steps=200, batch_size=256, seed=0))
-    sae.eval()
+    return sae.eval()
+
+
+def test_greedy_neurons_steps_match_a_plain_recomputation(world, tmp_path):
+    loaded, draws, q = world
+    sae = small_sae(loaded, tmp_path)
     with torch.no_grad():
         embs = [loaded.model.encode_image(d.images) for d in draws]
     options = NeuronStageOptions(max_neurons=4)
@@ -193,11 +198,7 @@ def test_search_edits_mixes_heads_and_latents_and_matches_a_plain_recomputation(
     from surgery.debias.search import EditSearchOptions, search_edits
 
     loaded, draws, q = world
-    train = images_to_tensor(generate(world_params_of(loaded), "train", 512).images, loaded.preprocess)
-    cache = S.build_cache(loaded.model, S.Site("vision", "embedding"), train.split(256), str(tmp_path / "c"), seed=0)
-    sae, _ = S.train_sae(cache, S.SAEConfig(d_in=cache.d, expansion=8, kind="batchtopk", k=4, site="embedding",
-                                            matryoshka=(2, 8, 32)), S.TrainOptions(steps=200, batch_size=256, seed=0))
-    sae.eval()
+    sae = small_sae(loaded, tmp_path)
     audit = audit_vision(loaded.model, draws[0], loaded.tokenizer,
                          AuditOptions(k=20, textspan_iterations=0, propose=False))
     budget = Budget(max_bias_ratio=0.05, max_accuracy_drop=0.05)
