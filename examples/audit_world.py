@@ -25,8 +25,8 @@ import time
 import torch
 
 import surgery
-from surgery import metrics
 from surgery.audit.ablation import SweepOptions, ablation_sweep, evaluate_head_set
+from surgery.audit.head_set import additive_prediction
 from surgery.audit.probe import world_probe_set
 from surgery.audit.vision import AuditOptions, audit_vision
 from surgery.model.encode import text_embeddings
@@ -92,10 +92,8 @@ def exhaustive(model, probe, result, queries, classes, heads, top, proposed) -> 
     by_c = sorted(heads, key=lambda h: -float(result.scores["ablation"][h]))[:3]
     # Single-head information at its best: each head's exact per-image score change, added up.
     sweep = ablation_sweep(model, probe, queries, None, result.means, SweepOptions())
-    delta = sweep.scores - sweep.base_scores  # (L, H, Q, N)
-    n_groups = len(probe.group_names)
-    predicted = {t: float(metrics.max_skew_at_k(sweep.base_scores + sum(delta[h] for h in t), probe.groups, 50,
-                                                n_groups).mean()) for t in triples}
+    predict = additive_prediction(sweep, probe, 50, queries.shape[0])
+    predicted = {t: predict(t) for t in triples}
     best_additive = min(predicted, key=predicted.get)
     pred = torch.tensor([predicted[t] for t in triples])
     rank = lambda x: x.argsort().argsort().double()  # noqa: E731
