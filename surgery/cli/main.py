@@ -381,9 +381,11 @@ def compare_cmd(before, after, out_dir, **kwargs):
     click.echo(f"report: {os.path.join(out_dir, 'report.md')}")
 
 
+from surgery.cli.embed import embed as _embed_command  # noqa: E402
 from surgery.cli.sae import sae as _sae_group  # noqa: E402
 
 main.add_command(_sae_group)
+main.add_command(_embed_command)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

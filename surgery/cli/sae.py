@@ -12,6 +12,7 @@ import os
 import click
 
 from surgery.cli.errors import user_errors as _user_errors
+from surgery.cli.launch import echo, join_job, launch_options, relaunch_if_asked
 from surgery.errors import SurgeryError
 from surgery.io.checkpoint import state_dict_hash
 from surgery.io.images import ImageFolderDataset, data_hash, resolve_images_dir
@@ -107,18 +108,29 @@ def _progress(desc: str, unit: str):
               help="Activation cache folder (default: OUT/cache); reused when it matches the model, site and inputs.")
 @click.option("--resume/--no-resume", default=True, show_default=True, help="Continue from OUT/checkpoint.safetensors.")
 @click.option("--force", is_flag=True, help="Rebuild a cache made from other inputs (and train from scratch).")
+@click.option("--checkpoint-every", type=int, default=500, show_default=True, help="Steps between checkpoints.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@launch_options
 @_user_errors
 def sae_train(model, images_dir, texts_path, site, kind, expansion, k, l1_coeff, matryoshka, steps, batch_size, lr,
-              seed, cache_dir, resume, force, out_dir):
-    """Train an SAE on MODEL's activations of --images (vision) or --texts (text), without labels.
+              seed, cache_dir, resume, force, checkpoint_every, out_dir, launch):
+    """Train an SAE on MODEL's activations of --images (vision) or --texts (text), without labels,
+    or on a cache written by 'clipsurgery embed' (--cache DIR alone).
 
     Writes OUT/weights.safetensors + OUT/cfg.json (config, training history, NMSE, explained variance,
-    L0, dead fraction) and keeps OUT/checkpoint.safetensors for resuming.
+    L0, dead fraction) and keeps OUT/checkpoint.safetensors for resuming. With --nproc N (or under
+    torchrun) each step's batch is split over the ranks (data parallel; the same run as one process).
     """
-
+    relaunch_if_asked(launch)
+    from_cache = cache_dir and os.path.isfile(os.path.join(cache_dir, "cache.json"))
+    if images_dir is None and texts_path is None and from_cache:
+        return _train_from_cache(model, cache_dir, site, kind, expansion, k, l1_coeff, matryoshka, steps, batch_size,
+                                 lr, seed, resume, checkpoint_every, out_dir)
     if (images_dir is None) == (texts_path is None):
-        raise click.UsageError("give exactly one of --images DIR or --texts FILE")
+        raise click.UsageError("give exactly one of --images DIR or --texts FILE (or --cache DIR of an existing cache)")
+    if "WORLD_SIZE" in os.environ:
+        raise click.UsageError("on several processes, train from a cache: build it with 'clipsurgery embed' "
+                               "(which runs on several processes too), then 'sae train MODEL --cache DIR'")
     images_dir = resolve_images_dir(images_dir) if images_dir else None
     loaded = load(model)
     where = Site("vision" if images_dir else "text", site)
@@ -130,7 +142,8 @@ def sae_train(model, images_dir, texts_path, site, kind, expansion, k, l1_coeff,
     # validated before any activation is computed (k vs width, prefixes, ...)
     cfg = SAEConfig(d_in=site_width(loaded.model, where), expansion=expansion, kind=kind, k=k, l1_coeff=l1_coeff,
                     site=where.site, tower=where.tower, model_hash=model_hash, matryoshka=prefixes)
-    options = TrainOptions(steps=steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_dir=out_dir, resume=resume)
+    options = TrainOptions(steps=steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_dir=out_dir, resume=resume,
+                           checkpoint_every=checkpoint_every)
     if images_dir:
         dataset = ImageFolderDataset(images_dir, None, image_transform(loaded.preprocess))
         source = {"kind": "images", "data_hash": data_hash(images_dir, dataset.files),
@@ -160,6 +173,44 @@ def sae_train(model, images_dir, texts_path, site, kind, expansion, k, l1_coeff,
     click.echo(f"NMSE {metrics.nmse:.4f}  explained variance {metrics.explained_variance:.4f}  "
                f"L0 {metrics.l0:.1f}  dead {metrics.dead_fraction:.3f}  ({history['steps_per_second']} steps/s)")
     click.echo(f"wrote {os.path.join(out_dir, 'weights.safetensors')} and cfg.json")
+
+
+def _train_from_cache(model, cache_dir, site, kind, expansion, k, l1_coeff, matryoshka, steps, batch_size, lr, seed,
+                      resume, checkpoint_every, out_dir):
+    """``sae train MODEL --cache DIR``: train on an existing cache, on one rank or many."""
+    ranks = join_job()
+    try:
+        loaded = load(model)
+        model_hash = state_dict_hash(loaded.model)
+        cache = open_cache(cache_dir)
+        cache.check_model(model_hash)
+        if cache.site.site != site:
+            raise SurgeryError(f"cache {cache_dir} holds {cache.site.tower}/{cache.site.site} activations, not "
+                               f"{site}; pass --site {cache.site.site} or build a cache at --site {site}")
+        try:
+            prefixes = tuple(int(m) for m in matryoshka.split(",")) if matryoshka else ()
+        except ValueError:
+            raise click.UsageError(f"--matryoshka takes comma-separated integers, got {matryoshka!r}") from None
+        cfg = SAEConfig(d_in=cache.d, expansion=expansion, kind=kind, k=k, l1_coeff=l1_coeff, site=cache.site.site,
+                        tower=cache.site.tower, model_hash=model_hash, matryoshka=prefixes)
+        options = TrainOptions(steps=steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_dir=out_dir,
+                               resume=resume, checkpoint_every=checkpoint_every)
+        if ranks.main:
+            os.makedirs(out_dir, exist_ok=True)
+        ranks.barrier()
+        echo(ranks, f"training on {cache.rows} cached rows of {cache_dir} ({ranks.world} rank"
+                    f"{'s' if ranks.world > 1 else ''}, {batch_size // ranks.world} rows per rank per step)")
+        progress = _progress("training", "step") if ranks.main else None
+        trained, history = train_sae(cache, cfg, options, progress, model_hash=model_hash, ranks=ranks)
+        if ranks.main:
+            metrics = evaluate_sae(trained, cache)
+            save_trained(trained, out_dir, history, metrics)
+            click.echo(f"NMSE {metrics.nmse:.4f}  explained variance {metrics.explained_variance:.4f}  L0 "
+                       f"{metrics.l0:.1f}  dead {metrics.dead_fraction:.3f}  ({history['steps_per_second']} steps/s)")
+            click.echo(f"wrote {os.path.join(out_dir, 'weights.safetensors')} and cfg.json")
+        ranks.barrier()
+    finally:
+        ranks.close()
 
 
 @sae.command("neurons")

@@ -4,6 +4,7 @@ and aborts with :class:`DataError` past a skipped fraction.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -57,6 +58,31 @@ def list_images(images_dir: str | Path) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------- images
+#: What Pillow raises for missing, non-image, truncated, broken or oversized images (catch these).
+DECODE_ERRORS = _DECODE_ERRORS
+
+
+def open_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, decode: bool = True) -> Image.Image:
+    """An RGB image from a path or encoded bytes. The header is checked first: more than
+    ``max_pixels`` pixels raises ValueError before any pixel is decoded. ``decode=False`` returns
+    the (closed) image after the header check. Raises one of :data:`DECODE_ERRORS`."""
+    fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+    with Image.open(fp) as img:  # reads the header only
+        width, height = img.size
+        if width * height > max_pixels:
+            raise ValueError(f"{width} x {height} pixels is over the {max_pixels:,}-pixel cap "
+                             "(max_pixels); downscale it")
+        if not decode:
+            return img
+        img.load()
+        return img.convert("RGB")
+
+
+def decode_reason(exc: BaseException) -> str:
+    """One line saying why an image could not be used."""
+    return _reason(exc)
+
+
 @dataclass(frozen=True)
 class SkippedImage:
     """An image that could not be used."""
@@ -143,15 +169,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return sample, index
 
     def _open(self, name: str, decode: bool) -> Image.Image:
-        with Image.open(self.images_dir / name) as img:  # reads the header only
-            width, height = img.size
-            if width * height > self.max_pixels:
-                raise ValueError(f"{width} x {height} pixels is over the {self.max_pixels:,}-pixel cap "
-                                 "(max_pixels); downscale it")
-            if not decode:
-                return img
-            img.load()
-            return img.convert("RGB")
+        return open_image(self.images_dir / name, self.max_pixels, decode)
 
     def _scan(self, name: str, prescan: str) -> str | None:
         """None if ``name`` passes the scan, else the reason it fails."""

@@ -146,11 +146,13 @@ class ActivationCache:
         return rows.float()
 
     def read_samples(self, shard: int) -> torch.Tensor:
-        """The ``sample`` ids (n,) of one shard."""
+        """The ``sample`` ids (n,) of one shard: which input each row came from, numbered over the
+        whole cache (a shard written by ``clipsurgery embed`` stores them from 0 and its
+        ``first_sample`` in the manifest)."""
         from safetensors import safe_open
 
         with safe_open(os.path.join(self.path, self.shards[shard]["file"]), framework="pt") as fh:
-            return fh.get_tensor("sample")
+            return fh.get_tensor("sample") + int(self.shards[shard].get("first_sample", 0))
 
     def sample_rows(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """About ``n`` rows (n', D) spread over the shards (for normalisation and b_dec init)."""

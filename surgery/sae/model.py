@@ -10,7 +10,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,9 @@ TOWER_NAMES = ("vision", "text")
 WEIGHTS_FILE = "weights.safetensors"
 CONFIG_FILE = "cfg.json"
 SCHEMA = "clipsurgery.sae/1"
+#: (relu'd pre-activations of this rank's rows, flat and detached; k per row) -> the smallest value the
+#: batch top-k keeps over the whole (all ranks') batch, a () tensor.
+BatchKth = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 @dataclass
@@ -184,8 +187,12 @@ class SparseAutoencoder(nn.Module):
         """(..., D) -> (..., F): ``(x_n - b_dec) W_enc + b_enc``."""
         return (self.normalise(x) - self.b_dec) @ self.W_enc + self.b_enc
 
-    def activate(self, pre: torch.Tensor, batch_topk: bool | None = None) -> torch.Tensor:
-        """Sparse codes from pre-activations (..., F). ``batch_topk``: default = ``self.training``."""
+    def activate(self, pre: torch.Tensor, batch_topk: bool | None = None,
+                 batch_kth: BatchKth | None = None) -> torch.Tensor:
+        """Sparse codes from pre-activations (..., F). ``batch_topk``: default = ``self.training``.
+
+        ``batch_kth``: for a batch split over ranks, the value the batch top-k keeps down to, over
+        the whole batch (see :func:`batch_threshold_activation`); None: the top-k of this batch."""
         kind = self.cfg.kind
         if kind == "relu":
             return F.relu(pre)
@@ -193,6 +200,8 @@ class SparseAutoencoder(nn.Module):
             return topk_activation(pre, self.cfg.k)
         if batch_topk is None:
             batch_topk = self.training
+        if batch_topk and batch_kth is not None:
+            return batch_threshold_activation(pre, batch_kth(F.relu(pre).detach().reshape(-1), self.cfg.k))
         if batch_topk:
             return batch_topk_activation(pre, self.cfg.k)
         return threshold_activation(pre, self.threshold)
@@ -209,11 +218,11 @@ class SparseAutoencoder(nn.Module):
         """(..., D) -> reconstruction (..., D)."""
         return self.decode(self.encode(x))
 
-    def run(self, x: torch.Tensor, batch_topk: bool | None = None) -> SAEOutput:
+    def run(self, x: torch.Tensor, batch_topk: bool | None = None, batch_kth: BatchKth | None = None) -> SAEOutput:
         """Everything the losses need, for rows x (B, D)."""
         x_n = self.normalise(x)  # (B, D)
         pre = (x_n - self.b_dec) @ self.W_enc + self.b_enc  # (B, F)
-        z = self.activate(pre, batch_topk)  # (B, F)
+        z = self.activate(pre, batch_topk, batch_kth)  # (B, F)
         aux: dict[str, torch.Tensor] = {}
         if self.cfg.matryoshka:
             partials = [z[:, :m] @ self.W_dec[:m] + self.b_dec for m in self.cfg.matryoshka]
@@ -260,6 +269,14 @@ def batch_topk_activation(pre: torch.Tensor, k: int) -> torch.Tensor:
     n_keep = min(k * (pre.numel() // pre.shape[-1]), flat.numel())
     top = flat.topk(n_keep)
     return torch.zeros_like(flat).scatter(0, top.indices, top.values).reshape(pre.shape)
+
+
+def batch_threshold_activation(pre: torch.Tensor, kth: torch.Tensor) -> torch.Tensor:
+    """relu(pre) where it is >= ``kth`` (the batch top-k's smallest kept value, found over every
+    rank's rows) and > 0, zero elsewhere: (..., F). The same entries as :func:`batch_topk_activation`
+    over the whole batch (up to ties at ``kth``)."""
+    act = F.relu(pre)
+    return act * ((act >= kth) & (act > 0)).to(act.dtype)
 
 
 def threshold_activation(pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:

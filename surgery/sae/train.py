@@ -20,9 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from surgery.io.checkpoint import write_safetensors
+from surgery.runtime.distributed import Ranks, agree
 from surgery.sae.activations import ActivationCache
 from surgery.sae.model import (
     B_DEC_INITS,
+    BatchKth,
     SAEConfig,
     SAEError,
     SparseAutoencoder,
@@ -118,8 +120,11 @@ class StepResult:
 
 
 def training_step(sae: SparseAutoencoder, x: torch.Tensor, rows_since_fired: torch.Tensor,
-                  sparse: bool | None = None) -> StepResult:
+                  sparse: bool | None = None, batch_kth: BatchKth | None = None) -> StepResult:
     """Loss for one batch x (B, D). ``rows_since_fired`` (F,) marks dead latents (auxiliary-k).
+
+    ``batch_kth``: when x is this rank's share of a batch split over ranks, the BatchTopK selection
+    over the whole batch (:data:`surgery.sae.model.BatchKth`); None: x is the whole batch.
 
     ``sparse`` (default: TopK / BatchTopK without Matryoshka prefixes and ``d_in >= SPARSE_MIN_WIDTH``): the
     latents are chosen from pre-activations computed without autograd, then only the chosen ones are
@@ -132,8 +137,8 @@ def training_step(sae: SparseAutoencoder, x: torch.Tensor, rows_since_fired: tor
     if sparse is None:
         sparse = cfg.kind in ("topk", "batchtopk") and not cfg.matryoshka and cfg.d_in >= SPARSE_MIN_WIDTH
     if sparse:
-        return _sparse_step(sae, x, rows_since_fired)
-    out = sae.run(x, batch_topk=True)
+        return _sparse_step(sae, x, rows_since_fired, batch_kth)
+    out = sae.run(x, batch_topk=True, batch_kth=batch_kth)
     loss = reconstruction_loss(out.x_norm, out.x_hat_norm)
     if cfg.matryoshka:
         partial = torch.stack([reconstruction_loss(out.x_norm, p) for p in out.aux["matryoshka"]]).mean()
@@ -158,7 +163,8 @@ def _gathered(sae: SparseAutoencoder, xc: torch.Tensor, rows: torch.Tensor, cols
     return F.relu((xc[rows] * w).sum(-1) + sae.b_enc[cols])
 
 
-def _sparse_step(sae: SparseAutoencoder, x: torch.Tensor, rows_since_fired: torch.Tensor) -> StepResult:
+def _sparse_step(sae: SparseAutoencoder, x: torch.Tensor, rows_since_fired: torch.Tensor,
+                 batch_kth: BatchKth | None = None) -> StepResult:
     cfg = sae.cfg
     b = x.shape[0]
     x_n = sae.normalise(x)  # (B, D)
@@ -170,7 +176,11 @@ def _sparse_step(sae: SparseAutoencoder, x: torch.Tensor, rows_since_fired: torc
             rows = torch.arange(b).repeat_interleave(cfg.k)
         else:
             flat = F.relu(pre).reshape(-1)
-            keep = flat.topk(min(cfg.k * b, flat.numel())).indices.sort().values  # row-major order
+            if batch_kth is None:
+                keep = flat.topk(min(cfg.k * b, flat.numel())).indices.sort().values  # row-major order
+            else:  # this rank's entries of the whole batch's top-k
+                kth = batch_kth(flat, cfg.k)
+                keep = ((flat >= kth) & (flat > 0)).nonzero().squeeze(1)
             rows, cols = keep // cfg.width, keep % cfg.width
     vals = _gathered(sae, xc, rows, cols)  # (n,)
     offsets = torch.searchsorted(rows, torch.arange(b))  # (B,) start of each row's latents
@@ -201,12 +211,21 @@ def _sparse_step(sae: SparseAutoencoder, x: torch.Tensor, rows_since_fired: torc
 
 
 def train_sae(cache: ActivationCache, cfg: SAEConfig, options: TrainOptions | None = None,
-              progress: Progress | None = None, model_hash: str | None = None) -> tuple[SparseAutoencoder, dict]:
+              progress: Progress | None = None, model_hash: str | None = None,
+              ranks: Ranks | None = None) -> tuple[SparseAutoencoder, dict]:
     """Train an SAE on ``cache``; returns (SAE in eval mode, history).
 
     ``model_hash``: when given, the cache must come from that model. ``cfg.d_in`` must equal the
     cache's width. With ``options.checkpoint_dir`` a checkpoint is written every
     ``checkpoint_every`` steps and at the end, and (``resume``) picked up on the next call.
+
+    ``ranks``: data-parallel training over a torch.distributed job (every rank calls this alike).
+    Each step's batch of ``batch_size`` rows is split over the ranks; the BatchTopK selection is
+    made over the whole batch (each rank's top values gathered), the gradients are summed over
+    ranks (each rank's loss weighted by its share of rows), the dead-latent counters and the
+    threshold update are reduced over ranks, and every rank takes the same Adam step and decoder
+    renormalisation: the same run as one process with the same batch, up to float summation order.
+    Rank 0 writes the checkpoints (``checkpoint_dir`` must be on storage every rank reads).
     """
     opt = options or TrainOptions()
     if model_hash:
@@ -218,13 +237,43 @@ def train_sae(cache: ActivationCache, cfg: SAEConfig, options: TrainOptions | No
     old_threads = torch.get_num_threads()
     if opt.threads:
         torch.set_num_threads(opt.threads)
+    ranks = ranks or Ranks()
+    agree(ranks, {"cache": f"{cache.model_hash}/{cache.rows}/{cache.d}", "config": json.dumps(cfg.to_dict()),
+                  "options": json.dumps(_resume_key(opt))})
     try:
-        return _train(cache, cfg, opt, progress)
+        return _train(cache, cfg, opt, progress, ranks)
     finally:
         torch.set_num_threads(old_threads)
 
 
-def _train(cache: ActivationCache, cfg: SAEConfig, opt: TrainOptions, progress: Progress | None):
+def _share(a: int, b: int, ranks: Ranks) -> tuple[int, int]:
+    """This rank's rows [lo, hi) of the batch rows [a, b) (near-equal contiguous pieces, in rank order)."""
+    n = b - a
+    return a + n * ranks.rank // ranks.world, a + n * (ranks.rank + 1) // ranks.world
+
+
+def _global_kth(ranks: Ranks, rows: int) -> BatchKth:
+    """BatchTopK over a batch of ``rows`` rows split over ``ranks``: every rank's largest values are
+    gathered, and the smallest of the batch's top ``k * rows`` is the cut-off."""
+    def kth(flat: torch.Tensor, k: int) -> torch.Tensor:
+        n_keep = k * rows
+        local = flat.topk(min(n_keep, flat.numel())).values  # only these can be in the batch's top
+        return ranks.all_gather_padded(local, n_keep, -math.inf).topk(n_keep).values[-1]
+
+    return kth
+
+
+def _all_reduce_grads(params: list[torch.nn.Parameter], ranks: Ranks) -> None:
+    """Sum gradients over ranks, in one flat buffer (one collective per step)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = ranks.all_reduce_(torch.cat([g.reshape(-1) for g in grads]))
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset: offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+
+
+def _train(cache: ActivationCache, cfg: SAEConfig, opt: TrainOptions, progress: Progress | None, ranks: Ranks):
     torch.manual_seed(opt.seed)
     gen = torch.Generator().manual_seed(opt.seed)
     sae = SparseAutoencoder(cfg)
@@ -240,6 +289,11 @@ def _train(cache: ActivationCache, cfg: SAEConfig, opt: TrainOptions, progress: 
         sample = cache.sample_rows(opt.init_rows)
         sae.fit_normalisation_(sample)
         sae.init_b_dec_(sample, opt.b_dec_init)
+    if ranks.distributed:  # the same start everywhere (it is already, by the seed; DDP checks it this way too)
+        with torch.no_grad():
+            for tensor in list(sae.parameters()) + list(sae.buffers()):
+                ranks.broadcast_(tensor.data)
+    params = list(sae.parameters())
     chunks = _chunks(cache, opt.batch_size)
     sae.train()
     start = time.perf_counter()
@@ -250,20 +304,24 @@ def _train(cache: ActivationCache, cfg: SAEConfig, opt: TrainOptions, progress: 
         if order_epoch != epoch:
             order, order_epoch = _epoch_order(len(chunks), opt.seed, epoch).tolist(), epoch
         shard, a, b = chunks[order[pos]]
-        x = cache.read(shard, a, b)  # (B, D)
         for group in adam.param_groups:
             group["lr"] = opt.lr * _lr_factor(step, opt)
-        result = training_step(sae, x, rows_since_fired)
-        loss_value = result.loss.item()
+        adam.zero_grad(set_to_none=True)
+        if ranks.distributed:
+            result, loss_value = _distributed_step(sae, cache, shard, a, b, rows_since_fired, params, ranks)
+        else:
+            x = cache.read(shard, a, b)  # (B, D)
+            result = training_step(sae, x, rows_since_fired)
+            loss_value = result.loss.item()
         if not math.isfinite(loss_value):
             raise SAEError(f"training diverged at step {step} (loss {loss_value}); lower --lr")
-        adam.zero_grad(set_to_none=True)
-        result.loss.backward()
+        if not ranks.distributed:
+            result.loss.backward()
         sae.remove_parallel_gradient_()
         adam.step()
         sae.normalise_decoder_()
         with torch.no_grad():
-            rows_since_fired.add_(x.shape[0]).masked_fill_(result.fired, 0)
+            rows_since_fired.add_(b - a).masked_fill_(result.fired, 0)
             if cfg.kind == "batchtopk" and result.min_active is not None:
                 sae.update_threshold_(result.min_active.reshape(1))
         step += 1
@@ -271,7 +329,9 @@ def _train(cache: ActivationCache, cfg: SAEConfig, opt: TrainOptions, progress: 
         if progress is not None:
             progress(step, opt.steps, losses[-1])
         if ckpt and ((opt.checkpoint_every and step % opt.checkpoint_every == 0) or step == opt.steps):
-            _save_checkpoint(ckpt, sae, adam, rows_since_fired, step, losses, cfg, opt, cache)
+            if ranks.main:
+                _save_checkpoint(ckpt, sae, adam, rows_since_fired, step, losses, cfg, opt, cache)
+            ranks.barrier()
     sae.eval()
     seconds = time.perf_counter() - start
     history = {
@@ -285,8 +345,33 @@ def _train(cache: ActivationCache, cfg: SAEConfig, opt: TrainOptions, progress: 
         "threshold": float(sae.threshold),
         "options": asdict(opt),
         "threads": torch.get_num_threads(),
+        "ranks": ranks.world,
     }
     return sae, history
+
+
+def _distributed_step(sae: SparseAutoencoder, cache: ActivationCache, shard: int, a: int, b: int,
+                      rows_since_fired: torch.Tensor, params: list, ranks: Ranks) -> tuple[StepResult, float]:
+    """One step's forward and backward on this rank's share of rows [a, b); gradients, the fired
+    latents, the threshold's minimum and the loss reduced over ranks. Returns (result, batch loss)."""
+    lo, hi = _share(a, b, ranks)
+    weight = (hi - lo) / (b - a)  # this rank's share of the batch mean
+    if hi > lo:
+        result = training_step(sae, cache.read(shard, lo, hi), rows_since_fired, batch_kth=_global_kth(ranks, b - a))
+        (result.loss * weight).backward()
+        loss = result.loss.detach() * weight
+        fired, min_active = result.fired, result.min_active
+    else:  # fewer rows than ranks: this rank contributes nothing, but joins every collective
+        if sae.cfg.kind == "batchtopk":
+            _global_kth(ranks, b - a)(torch.empty(0), sae.cfg.k)
+        loss, fired, min_active = torch.zeros(()), torch.zeros(sae.cfg.width, dtype=torch.bool), None
+    _all_reduce_grads(params, ranks)
+    fired = ranks.all_reduce_(fired.to(torch.int32), "max").bool()
+    smallest = torch.full((1,), math.inf) if min_active is None else min_active.reshape(1).float().clone()
+    smallest = ranks.all_reduce_(smallest, "min")
+    loss = ranks.all_reduce_(loss.reshape(1).float().clone())
+    min_active = smallest[0] if math.isfinite(float(smallest[0])) else None
+    return StepResult(loss[0], fired, min_active), float(loss[0])
 
 
 # ------------------------------------------------------------------------------------ checkpoints

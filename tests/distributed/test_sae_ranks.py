@@ -1,0 +1,99 @@
+"""Data-parallel SAE training on 2 gloo ranks (torchrun) equals one process with the same global
+batch, and a 2-rank run resumed from its checkpoint equals an unbroken one."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from dist_jobs import ENV
+from safetensors.torch import load_file
+
+from surgery.sae import SAEConfig, Site, TrainOptions, build_cache, train_sae
+
+pytestmark = pytest.mark.slow
+
+WORKER = str(Path(__file__).with_name("sae_worker.py"))
+STEPS = 50
+RUNS = [  # dense BatchTopK (narrow), the sparse path (d >= 256), TopK, ReLU + L1, Matryoshka
+    {"name": "batchtopk_dense", "d": 16, "cfg": {"kind": "batchtopk", "k": 4, "expansion": 4, "dead_after": 300}},
+    {"name": "batchtopk_sparse", "d": 256, "cfg": {"kind": "batchtopk", "k": 6, "expansion": 2, "dead_after": 300}},
+    {"name": "topk", "d": 16, "cfg": {"kind": "topk", "k": 3, "expansion": 4}},
+    {"name": "relu", "d": 16, "cfg": {"kind": "relu", "l1_coeff": 1e-3, "expansion": 4}},
+    {"name": "matryoshka", "d": 16, "cfg": {"kind": "batchtopk", "k": 4, "expansion": 4, "matryoshka": [16, 32]}},
+]
+
+
+def _cache(path, d: int, n: int = 1500, shard_rows: int = 250):
+    """Sparse-dictionary rows through build_cache (an identity 'model'), with one shard smaller than
+    a batch (its batch is split unevenly over the ranks)."""
+    gen = torch.Generator().manual_seed(d)
+    dictionary = torch.randn(3 * d, d, generator=gen)
+    codes = torch.rand(n, 3 * d, generator=gen) * (torch.rand(n, 3 * d, generator=gen) < 0.05)
+
+    class Identity(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def encode_image(self, x):
+            return x
+
+    return build_cache(Identity(), Site("vision", "embedding"), (codes @ dictionary + 0.3).split(100), str(path),
+                       shard_rows=shard_rows)
+
+
+def _torchrun(cache, out, spec) -> None:
+    out.mkdir(exist_ok=True)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                             WORKER, str(cache.path), str(out), json.dumps(spec)],
+                            capture_output=True, text=True, env=ENV, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _options(**kw) -> dict:
+    return {"steps": STEPS, "batch_size": 64, "lr": 3e-3, "warmup_steps": 5, "init_rows": 512, **kw}
+
+
+def test_two_ranks_train_the_same_sae_as_one_process(tmp_path):
+    by_width: dict[int, list[dict]] = {}
+    for run in RUNS:
+        by_width.setdefault(run["d"], []).append(run)
+    for d, runs in by_width.items():
+        cache = _cache(tmp_path / f"cache{d}", d)
+        assert any(s["rows"] % 64 for s in cache.shards)  # a short batch: an uneven split over the ranks
+        spec = [{"name": r["name"], "cfg": r["cfg"], "options": _options()} for r in runs]
+        _torchrun(cache, tmp_path / "ranks", spec)
+        torch.set_num_threads(1)
+        for run in runs:
+            one, _ = train_sae(cache, SAEConfig(d_in=d, **run["cfg"]), TrainOptions(**_options()))
+            two = load_file(str(tmp_path / "ranks" / f"{run['name']}.safetensors"))
+            for key, value in one.state_dict().items():
+                torch.testing.assert_close(two[key], value, atol=2e-5, rtol=2e-5, msg=f"{run['name']}: {key}")
+            if run["cfg"]["kind"] == "batchtopk":
+                assert float(one.threshold) > 0  # the threshold was learned, and equals across runs
+
+
+def test_a_two_rank_run_resumed_from_its_checkpoint_equals_an_unbroken_one(tmp_path):
+    cache = _cache(tmp_path / "cache", 16)
+    cfg = {"kind": "batchtopk", "k": 4, "expansion": 4, "dead_after": 300}
+    spec = [
+        {"name": "unbroken", "cfg": cfg, "options": _options(checkpoint_dir=str(tmp_path / "a"), checkpoint_every=20)},
+        {"name": "never", "cfg": cfg, "options": _options(checkpoint_dir=str(tmp_path / "b"), checkpoint_every=20),
+         "stop_at": 33},
+    ]
+    _torchrun(cache, tmp_path / "out", spec)
+    assert not (tmp_path / "out" / "never.safetensors").exists()  # interrupted after step 33
+    ckpt_meta = json.loads(__import__("safetensors").safe_open(str(tmp_path / "b" / "checkpoint.safetensors"),
+                                                               "pt").metadata()["step"])
+    assert ckpt_meta == 20
+    spec_resume = [{"name": "resumed", "cfg": cfg,
+                    "options": _options(checkpoint_dir=str(tmp_path / "b"), checkpoint_every=20)}]
+    _torchrun(cache, tmp_path / "out", spec_resume)
+    unbroken = load_file(str(tmp_path / "out" / "unbroken.safetensors"))
+    resumed = load_file(str(tmp_path / "out" / "resumed.safetensors"))
+    for key in unbroken:
+        assert torch.equal(unbroken[key], resumed[key]), key
