@@ -1,6 +1,6 @@
 """Benchmark: fused Triton attention with a per-head mask vs torch SDPA and the unfused path.
 
-    python benchmarks/bench_masked_attention.py [--batch 256] [--markdown RESULTS_PART.md]
+    python benchmarks/bench_masked_attention.py [--batch 256] [--markdown RESULTS_PART.md] [--host-overhead]
 
 Shapes: ViT-B/16 (N=197, H=12, d=64) and ViT-L/14 (N=257, H=16, d=64), bf16, non-causal.
 Paths, forward and forward+backward (gradients of q, k, v, and of the mask where there is one):
@@ -171,31 +171,51 @@ def breakdown(B: int, N: int, H: int, d: int) -> str:
 
 
 def host_overhead(calls: int = 200) -> str:
-    """Wall time per call on a tiny input (B=1, H=2, N=16): the launch cost, GPU work negligible."""
+    """Wall time per call on a tiny input (B=1, H=2, N=16): the launch cost, GPU work negligible.
+
+    ``ours`` rows launch through the cached config (no autotuner wrapper, triton_kernels/_launch.py);
+    ``ours autotuned`` rows go through ``@triton.autotune`` on every call (the path before the cache);
+    ``enqueue`` is the host time to issue the calls without waiting for the GPU."""
+    import contextlib
     import time
 
-    from triton_kernels import masked_attention
+    from triton_kernels import direct_launch, masked_attention
 
     qkv = torch.randn(1, 16, 3, 2, 64, device="cuda", dtype=DTYPE)
     q, k, v = leaf_views(qkv, True)
     mask = torch.ones(2, device="cuda", requires_grad=True)  # (H,)
     g = torch.randn(1, 2, 16, 64, device="cuda", dtype=DTYPE)
-    fns = {
-        "ours fwd": lambda: masked_attention(q.detach(), k.detach(), v.detach(), mask.detach()),
-        "ours fwd+bwd": lambda: torch.autograd.grad(masked_attention(q, k, v, mask), (q, k, v, mask), g),
-        "sdpa fwd": lambda: sdpa(q.detach(), k.detach(), v.detach()),
-        "sdpa fwd+bwd": lambda: torch.autograd.grad(sdpa(q, k, v), (q, k, v), g),
+    def fwd():
+        return masked_attention(q.detach(), k.detach(), v.detach(), mask.detach())
+
+    def fwdbwd():
+        return torch.autograd.grad(masked_attention(q, k, v, mask), (q, k, v, mask), g)
+
+    fns = {  # name: (fn, direct launch on?)
+        "ours fwd": (fwd, True),
+        "ours autotuned fwd": (fwd, False),
+        "ours fwd+bwd": (fwdbwd, True),
+        "ours autotuned fwd+bwd": (fwdbwd, False),
+        "sdpa fwd": (lambda: sdpa(q.detach(), k.detach(), v.detach()), None),
+        "sdpa fwd+bwd": (lambda: torch.autograd.grad(sdpa(q, k, v), (q, k, v), g), None),
     }
-    out = []
-    for name, fn in fns.items():
-        for _ in range(10):
-            fn()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-        out.append(f"  {name:20s} {(time.perf_counter() - start) / calls * 1e6:.0f} us/call")
+    out, per_call = [], {}
+    for name, (fn, direct) in fns.items():
+        with direct_launch(direct) if direct is not None else contextlib.nullcontext():
+            for _ in range(10):
+                fn()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            enqueue = time.perf_counter() - start
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - start
+        per_call[name] = wall / calls * 1e6
+        out.append(f"  {name:24s} {per_call[name]:.0f} us/call (enqueue {enqueue / calls * 1e6:.0f} us/call)")
+    for what in ("fwd", "fwd+bwd"):
+        out.append(f"  autotuned / cached direct launch, {what}: "
+                   f"{per_call[f'ours autotuned {what}'] / per_call[f'ours {what}']:.2f}x host time per call")
     return "\n".join(out)
 
 
@@ -228,6 +248,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--breakdown", action="store_true", help="print per-kernel times first")
     parser.add_argument("--markdown", type=Path, help="also write the header and table here")
+    parser.add_argument("--host-overhead", action="store_true",
+                        help="only the launch-cost rows: cached direct launch vs the autotuner path vs SDPA")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_masked_attention: no CUDA device found; this benchmark needs a GPU. Nothing was run.")
@@ -241,6 +263,9 @@ def main() -> None:
         f"batch {args.batch}, {str(DTYPE).removeprefix('torch.')}, non-causal; do_bench medians"
     )
     print(header, flush=True)
+    if args.host_overhead:
+        print(f"host overhead per call (tiny input):\n{host_overhead()}", flush=True)
+        return
     checks = [f"{name}: {check_against_fp32(8, *SHAPES[name])}" for name in SHAPES]
     print("accuracy vs fp32 math (relative norm error, B=8):\n  " + "\n  ".join(checks), flush=True)
     if args.breakdown:

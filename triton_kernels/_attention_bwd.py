@@ -25,6 +25,7 @@ from triton_kernels._attention_configs import (
     BWD_DQ_CONFIGS,
 )
 from triton_kernels._attention_fwd import LOG2E, dot_precision, head_scale_strides
+from triton_kernels._launch import launch, launch_key
 
 
 @triton.jit
@@ -254,12 +255,14 @@ def launch_backward(
     # keep the argument dtypes, part of the autotune key, fixed
     dq = _grad_buffer(q) if need_dq else torch.empty(1, dtype=q.dtype, device=q.device)
     dscale_rows = torch.empty((B, H, N) if need_dscale else 1, dtype=torch.float32, device=q.device)
-    _masked_attn_bwd_dq_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]) * B * H,)](
-        q, k, v, do, o, head_scale, lse, delta, dq, dscale_rows,
-        *qkvd_strides, *o.stride()[:3], *(dq.stride()[:3] if need_dq else (0, 0, 0)), sb, sh,
-        H, N, sm_scale, qk_scale,
-        HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=causal, DOT_PRECISION=precision,
-        COMPUTE_DQ=need_dq, COMPUTE_DSCALE=need_dscale, STORE_DELTA=need_dkdv,
+    launch(
+        _masked_attn_bwd_dq_kernel, launch_key(_masked_attn_bwd_dq_kernel, N, d, causal, (q, do, head_scale)),
+        lambda meta: (triton.cdiv(N, meta["BLOCK_M"]) * B * H,),
+        (q, k, v, do, o, head_scale, lse, delta, dq, dscale_rows,
+         *qkvd_strides, *o.stride()[:3], *(dq.stride()[:3] if need_dq else (0, 0, 0)), sb, sh,
+         H, N, sm_scale, qk_scale),
+        dict(HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=causal, DOT_PRECISION=precision,
+             COMPUTE_DQ=need_dq, COMPUTE_DSCALE=need_dscale, STORE_DELTA=need_dkdv),
     )
     dscale = None
     if need_dscale:  # (B, H) for a (B, H) mask, summed over the batch for (H,)
@@ -271,10 +274,11 @@ def launch_backward(
     dk = dv = None
     if need_dkdv:
         dk, dv = _grad_buffer(k), _grad_buffer(v)
-        _masked_attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * B * H,)](
-            q, k, v, do, head_scale, lse, delta, dk, dv,
-            *qkvd_strides, *dk.stride()[:3], sb, sh,
-            H, N, sm_scale, qk_scale,
-            HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=causal, DOT_PRECISION=precision,
+        launch(
+            _masked_attn_bwd_dkdv_kernel, launch_key(_masked_attn_bwd_dkdv_kernel, N, d, causal, (q, do, head_scale)),
+            lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * B * H,),
+            (q, k, v, do, head_scale, lse, delta, dk, dv, *qkvd_strides, *dk.stride()[:3], sb, sh,
+             H, N, sm_scale, qk_scale),
+            dict(HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=causal, DOT_PRECISION=precision),
         )
     return dq, dk, dv, dscale

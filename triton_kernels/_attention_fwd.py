@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from triton_kernels._attention_configs import AUTOTUNE_KEY, FWD_CONFIGS
+from triton_kernels._launch import launch, launch_key
 
 LOG2E = math.log2(math.e)
 
@@ -151,7 +152,7 @@ def launch_forward(
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_M"]) * B * H,)
 
-    _masked_attn_fwd_kernel[grid](
+    args = (
         q, k, v, head_scale, o, lse_arg, cls_arg,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -159,7 +160,9 @@ def launch_forward(
         o.stride(0), o.stride(1), o.stride(2),
         sb, sh,
         H, N, sm_scale * LOG2E,
-        HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), CAUSAL=causal,
-        STORE_LSE=store_lse, RETURN_CLS=return_cls, DOT_PRECISION=dot_precision(q.dtype),
     )
+    meta = dict(HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), CAUSAL=causal,
+                STORE_LSE=store_lse, RETURN_CLS=return_cls, DOT_PRECISION=dot_precision(q.dtype))
+    key = launch_key(_masked_attn_fwd_kernel, N, d, causal, (q, head_scale))
+    launch(_masked_attn_fwd_kernel, key, grid, args, meta)
     return o, lse, u_cls

@@ -14,6 +14,7 @@ Scores are "bias removed by ablating the head": positive = ablation lowers bias.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,7 @@ from surgery import metrics
 from surgery.audit.decompose import final_linear_parts, pooled_embedding, pooled_forward, tower_inputs
 from surgery.audit.probe import ProbeSet, edit_figures
 from surgery.model.attention import HeadMaskedAttention, clear_head_edits, head_masked, set_head_edits
+from surgery.model.graphs import StaticShapeGraph
 from surgery.model.towers import TowerView, get_towers
 
 ABLATIONS = ("mean", "zero")
@@ -35,6 +37,10 @@ class SweepOptions:
     k: int = 50  # MaxSkew@K
     ablation: str = "mean"  # "mean": replace the head by its mean output; "zero": remove it
     backend: str = "auto"  # attention backend (triton on CUDA)
+    # autocast dtype (bf16 on CUDA) or None (fp32). Allowed here: the sweep ranks heads and shortlists
+    # set candidates; the sets the audit proposes are measured again in fp32
+    autocast: torch.dtype | None = None
+    cuda_graphs: bool = True  # on CUDA: full batches replay each layer's masked forward as a CUDA graph
 
     def __post_init__(self) -> None:
         if self.ablation not in ABLATIONS:
@@ -129,24 +135,29 @@ def ablation_sweep(model: nn.Module, probe: ProbeSet, query_emb: torch.Tensor, c
     base = torch.empty(texts.shape[0], n)
     ablate = torch.ones(H, H, device=device) - torch.eye(H, device=device)  # row j: head j off
     fill = means.to(device) if (means is not None and opt.ablation == "mean") else None
-    with head_masked(model, towers=(tower,), backend=opt.backend):
+    autocast = (torch.autocast(device.type, dtype=opt.autocast, cache_enabled=False)  # no cache: graph capture
+                if opt.autocast is not None else contextlib.nullcontext())
+    with head_masked(model, towers=(tower,), backend=opt.backend), autocast:
         mods = [block.attn for block in view.blocks]
+        tails = [functools.partial(_ablated_tail, view, layer, mods[layer], fill[layer] if fill is not None else None)
+                 for layer in range(L)]
+        graphs = [StaticShapeGraph(tail, enabled=opt.cuda_graphs) for tail in tails]
         for done, (images, sl) in enumerate(probe.batches(opt.batch_size)):
             images = images.to(device)
             b = images.shape[0]
             x, mask, index = tower_inputs(model, tower, images)
             inputs = layer_inputs(view, x, mask)
-            base[:, sl] = (texts @ embed_tail(view, inputs[0], 0, mask, index).T).cpu()
+            base[:, sl] = (texts @ embed_tail(view, inputs[0], 0, mask, index).float().T).cpu()
+            head_mask = ablate.repeat_interleave(b, dim=0)  # (H*b, H): copy j ablates head j
+            index_h = index.repeat(H)  # (H*b,)
             for layer in range(L):
                 stacked = inputs[layer].repeat(H, 1, 1)  # (H*b, N, C): copy j ablates head j
-                mods[layer].set_head_mask(ablate.repeat_interleave(b, dim=0))  # (H*b, H)
-                mods[layer].set_head_fill(fill[layer] if fill is not None else None)
-                try:
-                    emb = embed_tail(view, stacked, layer, mask, index.repeat(H))  # (H*b, D)
-                finally:
-                    mods[layer].set_head_mask(None)
-                    mods[layer].set_head_fill(None)
-                scores[layer, :, :, sl] = (texts @ emb.T).view(texts.shape[0], H, b).permute(1, 0, 2).cpu()
+                # graphs for full batches of a maskless (vision) tower; the last, smaller batch runs eagerly
+                if mask is None and b == opt.batch_size:
+                    emb = graphs[layer](stacked, index_h, head_mask)  # (H*b, D)
+                else:
+                    emb = tails[layer](stacked, index_h, head_mask, mask)  # (H*b, D)
+                scores[layer, :, :, sl] = (texts @ emb.float().T).view(texts.shape[0], H, b).permute(1, 0, 2).cpu()
             if progress:
                 progress(min(sl.stop, n), n)
     q = query_emb.shape[0]
@@ -159,6 +170,19 @@ def ablation_sweep(model: nn.Module, probe: ProbeSet, query_emb: torch.Tensor, c
         accuracy = torch.tensor([[acc(scores[l, h, q:]) for h in range(H)] for l in range(L)])
         base_acc = acc(base[q:])
     return SweepResult(skew(base[:q]), base_acc, max_skew, accuracy, scores, base)
+
+
+def _ablated_tail(view: TowerView, layer: int, attn: HeadMaskedAttention, fill: torch.Tensor | None,
+                  stacked: torch.Tensor, index: torch.Tensor, head_mask: torch.Tensor, mask=None) -> torch.Tensor:
+    """Embeddings (H*b, D) of blocks ``layer..L-1`` on ``stacked`` (H*b, N, C) with ``head_mask``
+    (H*b, H) (and the mean ``fill`` (H, d)) on that layer's attention; the mask is removed after."""
+    attn.set_head_mask(head_mask)
+    attn.set_head_fill(fill)
+    try:
+        return embed_tail(view, stacked, layer, mask, index)
+    finally:
+        attn.set_head_mask(None)
+        attn.set_head_fill(None)
 
 
 def soft_topk_params(scores: torch.Tensor, k: int, tau_mult: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:

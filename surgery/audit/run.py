@@ -15,6 +15,7 @@ from surgery.audit.text import TextAuditOptions, TextAuditResult, audit_text
 from surgery.audit.text_probe import TextProbe, text_probe, world_text_probe
 from surgery.audit.vision import AuditOptions, AuditResult, audit_vision
 from surgery.errors import SurgeryError
+from surgery.model.device import DEVICE_CHOICES, Placement, resolve_placement
 from surgery.model.loading import LoadedModel, load
 from surgery.world.checkpoint import world_params_of
 from surgery.world.generator import balanced_size, check_eval_size
@@ -34,10 +35,18 @@ class AuditRunOptions:
     ablation: str = "mean"  # "mean" | "zero"
     sweep: bool = True  # run the causal ablation sweep (c)
     batch_size: int = 64
+    device: str = "auto"  # "auto" (cuda when available) | "cpu" | "cuda" | "cuda:N"
+    autocast: bool = True  # on CUDA: bf16 autocast for the ablation sweep (c) only; everything else stays fp32
 
     def __post_init__(self) -> None:
         if self.tower not in TOWER_CHOICES:
             raise SurgeryError(f"unknown tower {self.tower!r}; choose one of {', '.join(TOWER_CHOICES)}")
+        if not (self.device in DEVICE_CHOICES or self.device.startswith("cuda:")):
+            raise SurgeryError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICE_CHOICES)} (or cuda:N)")
+
+    def placement(self) -> Placement:
+        """The resolved (device, attention backend, autocast dtype) this audit runs with."""
+        return resolve_placement(self.device, autocast=self.autocast)
 
 
 @dataclass
@@ -47,6 +56,7 @@ class AuditRun:
     vision: AuditResult | None
     text: TextAuditResult | None
     context: dict = field(default_factory=dict)
+    placement: Placement | None = None  # where it ran (device, attention backend, autocast)
 
     def summary_lines(self, options: AuditRunOptions) -> list[str]:
         lines = []
@@ -72,17 +82,26 @@ class AuditRun:
 
 
 def run_audit(model: str, out_dir: str, options: AuditRunOptions, *, images_dir: str | None = None,
-              labels_path: str | None = None, progress: Callable | None = None) -> AuditRun:
-    """Audit ``model`` and write the audit files into ``out_dir``."""
+              labels_path: str | None = None, progress: Callable | None = None,
+              placement: Placement | None = None) -> AuditRun:
+    """Audit ``model`` and write the audit files into ``out_dir``.
+
+    ``placement``: where to run (default: ``options.placement()``); the model is loaded onto its device.
+    """
     if (images_dir is None) != (labels_path is None):
         raise SurgeryError("--images and --labels go together")
-    loaded = load(model)
+    placement = placement or options.placement()
+    loaded = load(model, device=placement.device)
     probe, extra = build_probe(loaded, model, options, images_dir, labels_path)
     prompts = build_text_probe(loaded, probe, options)  # built (and so validated) before any model pass
     image_emb, cavs = supervised_cavs(loaded, probe, options) if labels_path else (None, None)
-    vision = audit_vision_tower(loaded, probe, extra, cavs, options, progress)
-    text = audit_text_tower(loaded, prompts, probe, image_emb, cavs, options)
-    run = AuditRun(vision, text, audit_context(loaded, probe, options))
+    vision = audit_vision_tower(loaded, probe, extra, cavs, options, progress, placement)
+    text = audit_text_tower(loaded, prompts, probe, image_emb, cavs, options, placement)
+    context = audit_context(loaded, probe, options)
+    context["placement"] = {"device": placement.device, "backend": placement.backend,
+                            "autocast": str(placement.autocast).removeprefix("torch.") if placement.autocast else None,
+                            "autocast_applies_to": "ablation sweep (c)" if placement.autocast else None}
+    run = AuditRun(vision, text, context, placement)
     write_audit(out_dir, vision, run.context, text=text)
     return run
 
@@ -122,12 +141,15 @@ def supervised_cavs(loaded: LoadedModel, probe: ProbeSet, options: AuditRunOptio
 
 
 def audit_vision_tower(loaded: LoadedModel, probe: ProbeSet | None, extra: list[str], cavs: CAVs | None,
-                       options: AuditRunOptions, progress: Callable | None) -> AuditResult | None:
+                       options: AuditRunOptions, progress: Callable | None,
+                       placement: Placement | None = None) -> AuditResult | None:
     if options.tower == "text":
         return None
+    placement = placement or options.placement()
     audit_options = AuditOptions(k=options.k, top_k=options.top_k, batch_size=options.batch_size,
                                  ablation=options.ablation, sweep=options.sweep,
-                                 max_accuracy_drop=options.max_accuracy_drop)
+                                 max_accuracy_drop=options.max_accuracy_drop, backend=placement.backend,
+                                 sweep_autocast=placement.autocast)
     result = audit_vision(loaded.model, probe, loaded.tokenizer, audit_options, extra, progress=progress)
     if cavs is not None:
         result.scores.update(supervised_vision_scores(loaded.model, probe, cavs, options.batch_size))
@@ -136,12 +158,13 @@ def audit_vision_tower(loaded: LoadedModel, probe: ProbeSet | None, extra: list[
 
 
 def audit_text_tower(loaded: LoadedModel, prompts: TextProbe | None, probe: ProbeSet | None,
-                     image_emb: torch.Tensor | None, cavs: CAVs | None, options: AuditRunOptions
-                     ) -> TextAuditResult | None:
+                     image_emb: torch.Tensor | None, cavs: CAVs | None, options: AuditRunOptions,
+                     placement: Placement | None = None) -> TextAuditResult | None:
     if prompts is None:
         return None
+    placement = placement or options.placement()
     text_options = TextAuditOptions(k=options.k, top_k=options.top_k, batch_size=options.batch_size,
-                                    ablation=options.ablation, sweep=options.sweep)
+                                    ablation=options.ablation, sweep=options.sweep, backend=placement.backend)
     result = audit_text(loaded.model, loaded.tokenizer, prompts, text_options, images=probe, image_emb=image_emb,
                         supervised=cavs)
     result.plan.source = {"arch": loaded.arch, "sha256": loaded.sha256}

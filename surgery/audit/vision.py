@@ -67,6 +67,11 @@ class AuditOptions:
     ablation: str = "mean"  # how heads are removed: "mean" | "zero"
     backend: str = "auto"  # attention backend (triton on CUDA)
     sweep: bool = True  # run the causal sweep (c); off: cheap scores only
+    # autocast dtype for the sweep (c) alone (bf16 on CUDA; None: fp32). The sweep only ranks heads and
+    # shortlists set candidates; the decomposition (a, b), the gradient (d), the head means and every
+    # measured head set (the plan's before/after figures) stay fp32
+    sweep_autocast: torch.dtype | None = None
+    cuda_graphs: bool = True  # on CUDA: replay the sweep's fixed-shape masked forwards as CUDA graphs
     textspan_layers: int = 4  # TextSpan + CCS for the heads of the last this-many layers (0: none)
     textspan_images: int = 512  # probe images used for TextSpan
     textspan_iterations: int = 5  # descriptions per head
@@ -191,7 +196,8 @@ def audit_vision(model: nn.Module, probe: ProbeSet, tokenizer: dict, options: Au
     if opt.sweep:
         start = time.perf_counter()
         sweep = ablation_sweep(model, probe, query_emb, class_emb, means,
-                               SweepOptions(opt.batch_size, opt.k, opt.ablation, opt.backend),
+                               SweepOptions(opt.batch_size, opt.k, opt.ablation, opt.backend,
+                                            autocast=opt.sweep_autocast, cuda_graphs=opt.cuda_graphs),
                                progress=(lambda d, t: progress("ablation sweep", d, t)) if progress else None)
         scores["ablation"] = sweep.bias_removed
         if sweep.accuracy is not None:

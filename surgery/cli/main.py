@@ -14,6 +14,7 @@ import click
 
 from surgery import __version__
 from surgery.audit.run import AuditRunOptions, run_audit
+from surgery.cli.device import device_options as _device_options
 from surgery.cli.errors import user_errors
 from surgery.debias.budget import Budget
 from surgery.debias.pipeline import DebiasOptions, run_debias
@@ -155,20 +156,27 @@ def export(model, out, tower, precision, normalize, opset, graph, force, arch):
 @click.option("--max-accuracy-drop", "audit_accuracy_drop", type=click.FloatRange(0, 100), default=2.0,
               show_default=True, help="Points of concept accuracy the proposed vision set may cost on the probe.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
+@_device_options
+@click.option("--autocast/--no-autocast", default=True, show_default=True,
+              help="On CUDA: bf16 autocast for the ablation sweep (c) only (it ranks heads; every proposed set "
+                   "is measured in fp32). No effect on the CPU.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--force", is_flag=True, help="Write into an --out folder that already holds files.")
 @_user_errors
 def audit(model, images_dir, labels_path, tower, attributes, prompts_path, top_k, k, n_probe, ablation, no_sweep,
-          audit_accuracy_drop, batch_size, out_dir, force):
+          audit_accuracy_drop, batch_size, device, autocast, out_dir, force):
     """Locate bias in single attention heads; write audit.json, heatmaps, report.md and plan.json."""
     if (images_dir is None) != (labels_path is None):
         raise click.UsageError("--images and --labels go together")
     options = AuditRunOptions(tower=tower, attribute=attributes.split(",")[0] if attributes else None,
                               prompts_path=prompts_path, top_k=top_k, k=k, n_probe=n_probe, ablation=ablation,
                               sweep=not no_sweep, batch_size=batch_size,
-                              max_accuracy_drop=audit_accuracy_drop / 100)
+                              max_accuracy_drop=audit_accuracy_drop / 100, device=device, autocast=autocast)
+    placement = options.placement()  # one-line error for --device cuda without CUDA, before any work
     check_output_folder(out_dir, force=force)
-    run = run_audit(model, out_dir, options, images_dir=images_dir, labels_path=labels_path, progress=_StageBar())
+    run = run_audit(model, out_dir, options, images_dir=images_dir, labels_path=labels_path, progress=_StageBar(),
+                    placement=placement)
+    click.echo(placement.describe("audit"))  # after the run, so that an error stays one line
     for line in run.summary_lines(options):
         click.echo(line)
     click.echo(f"wrote {out_dir}/audit.json, report.md, plan.json and heatmaps")

@@ -11,11 +11,14 @@ import os
 
 import click
 
+from surgery.cli.device import device_options
 from surgery.cli.errors import user_errors as _user_errors
 from surgery.cli.launch import echo, join_job, launch_options, relaunch_if_asked
 from surgery.errors import SurgeryError
 from surgery.io.checkpoint import state_dict_hash
 from surgery.io.images import ImageFolderDataset, data_hash, resolve_images_dir
+from surgery.model.attention import head_masked
+from surgery.model.device import resolve_placement
 from surgery.model.loading import load
 from surgery.model.preprocess import image_transform, preprocess_key, tokenize
 from surgery.sae import (
@@ -109,11 +112,12 @@ def _progress(desc: str, unit: str):
 @click.option("--resume/--no-resume", default=True, show_default=True, help="Continue from OUT/checkpoint.safetensors.")
 @click.option("--force", is_flag=True, help="Rebuild a cache made from other inputs (and train from scratch).")
 @click.option("--checkpoint-every", type=int, default=500, show_default=True, help="Steps between checkpoints.")
+@device_options
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @launch_options
 @_user_errors
 def sae_train(model, images_dir, texts_path, site, kind, expansion, k, l1_coeff, matryoshka, steps, batch_size, lr,
-              seed, cache_dir, resume, force, checkpoint_every, out_dir, launch):
+              seed, cache_dir, resume, force, checkpoint_every, device, out_dir, launch):
     """Train an SAE on MODEL's activations of --images (vision) or --texts (text), without labels,
     or on a cache written by 'clipsurgery embed' (--cache DIR alone).
 
@@ -125,14 +129,16 @@ def sae_train(model, images_dir, texts_path, site, kind, expansion, k, l1_coeff,
     from_cache = cache_dir and os.path.isfile(os.path.join(cache_dir, "cache.json"))
     if images_dir is None and texts_path is None and from_cache:
         return _train_from_cache(model, cache_dir, site, kind, expansion, k, l1_coeff, matryoshka, steps, batch_size,
-                                 lr, seed, resume, checkpoint_every, out_dir)
+                                 lr, seed, resume, checkpoint_every, device, out_dir)
     if (images_dir is None) == (texts_path is None):
         raise click.UsageError("give exactly one of --images DIR or --texts FILE (or --cache DIR of an existing cache)")
     if "WORLD_SIZE" in os.environ:
         raise click.UsageError("on several processes, train from a cache: build it with 'clipsurgery embed' "
                                "(which runs on several processes too), then 'sae train MODEL --cache DIR'")
     images_dir = resolve_images_dir(images_dir) if images_dir else None
-    loaded = load(model)
+    # the SAE stage stays fp32 (the cache feeds an SAE whose edits must match the fp32 model)
+    placement = resolve_placement(device, autocast=False)
+    loaded = load(model, device=placement.device)
     where = Site("vision" if images_dir else "text", site)
     model_hash = state_dict_hash(loaded.model)
     try:
@@ -143,7 +149,7 @@ def sae_train(model, images_dir, texts_path, site, kind, expansion, k, l1_coeff,
     cfg = SAEConfig(d_in=site_width(loaded.model, where), expansion=expansion, kind=kind, k=k, l1_coeff=l1_coeff,
                     site=where.site, tower=where.tower, model_hash=model_hash, matryoshka=prefixes)
     options = TrainOptions(steps=steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_dir=out_dir, resume=resume,
-                           checkpoint_every=checkpoint_every)
+                           checkpoint_every=checkpoint_every, device=placement.device)
     if images_dir:
         dataset = ImageFolderDataset(images_dir, None, image_transform(loaded.preprocess))
         source = {"kind": "images", "data_hash": data_hash(images_dir, dataset.files),
@@ -164,21 +170,28 @@ def sae_train(model, images_dir, texts_path, site, kind, expansion, k, l1_coeff,
             batches, total = (images for images, _idx in dataset.batches(64)), len(dataset)
         else:
             batches, total = tokenize(texts, loaded.tokenizer).split(256), len(texts)
-        cache = build_cache(loaded.model, where, batches, cache_dir, seed=seed, total=total,
-                            progress=_progress("caching activations", "input"), model_hash=model_hash, source=source)
+        with head_masked(loaded.model, towers=(where.tower,), backend=placement.backend):  # no masks: plain attention
+            cache = build_cache(loaded.model, where, batches, cache_dir, seed=seed, total=total,
+                                progress=_progress("caching activations", "input"), model_hash=model_hash,
+                                source=source)
         click.echo(f"cached {cache.rows} rows from {cache.samples} inputs in {cache_dir}")
     trained, history = train_sae(cache, cfg, options, _progress("training", "step"), model_hash=model_hash)
     metrics = evaluate_sae(trained, cache)
     save_trained(trained, out_dir, history, metrics)
+    click.echo(placement.describe("sae train"))
     click.echo(f"NMSE {metrics.nmse:.4f}  explained variance {metrics.explained_variance:.4f}  "
                f"L0 {metrics.l0:.1f}  dead {metrics.dead_fraction:.3f}  ({history['steps_per_second']} steps/s)")
     click.echo(f"wrote {os.path.join(out_dir, 'weights.safetensors')} and cfg.json")
 
 
 def _train_from_cache(model, cache_dir, site, kind, expansion, k, l1_coeff, matryoshka, steps, batch_size, lr, seed,
-                      resume, checkpoint_every, out_dir):
-    """``sae train MODEL --cache DIR``: train on an existing cache, on one rank or many."""
-    ranks = join_job()
+                      resume, checkpoint_every, device, out_dir):
+    """``sae train MODEL --cache DIR``: train on an existing cache, on one rank or many (each rank on
+    its local GPU when the job runs on CUDA)."""
+    placement = resolve_placement(device, autocast=False)
+    ranks = join_job(placement.device)
+    if ranks.distributed and placement.device.startswith("cuda"):
+        placement = resolve_placement(f"cuda:{ranks.local_rank}", autocast=False)
     try:
         loaded = load(model)
         model_hash = state_dict_hash(loaded.model)
@@ -194,7 +207,7 @@ def _train_from_cache(model, cache_dir, site, kind, expansion, k, l1_coeff, matr
         cfg = SAEConfig(d_in=cache.d, expansion=expansion, kind=kind, k=k, l1_coeff=l1_coeff, site=cache.site.site,
                         tower=cache.site.tower, model_hash=model_hash, matryoshka=prefixes)
         options = TrainOptions(steps=steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_dir=out_dir,
-                               resume=resume, checkpoint_every=checkpoint_every)
+                               resume=resume, checkpoint_every=checkpoint_every, device=placement.device)
         if ranks.main:
             os.makedirs(out_dir, exist_ok=True)
         ranks.barrier()
@@ -208,6 +221,7 @@ def _train_from_cache(model, cache_dir, site, kind, expansion, k, l1_coeff, matr
             click.echo(f"NMSE {metrics.nmse:.4f}  explained variance {metrics.explained_variance:.4f}  L0 "
                        f"{metrics.l0:.1f}  dead {metrics.dead_fraction:.3f}  ({history['steps_per_second']} steps/s)")
             click.echo(f"wrote {os.path.join(out_dir, 'weights.safetensors')} and cfg.json")
+            click.echo(placement.describe("sae train"))
         ranks.barrier()
     finally:
         ranks.close()
@@ -226,16 +240,19 @@ def _train_from_cache(model, cache_dir, site, kind, expansion, k, l1_coeff, matr
 @click.option("--top-n", type=int, default=3, show_default=True, help="Latents selected per group (ranked score).")
 @click.option("--token-reduce", type=click.Choice(["pooled", "max", "mean", "first"]), default="pooled",
               show_default=True, help="Residual SAEs: how a sample's tokens become one activation.")
+@device_options
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="neurons.json to write.")
 @_user_errors
-def sae_neurons(sae_dir, model, images_dir, labels_path, groups, attribute, tau, top_n, token_reduce, out_path):
+def sae_neurons(sae_dir, model, images_dir, labels_path, groups, attribute, tau, top_n, token_reduce, device,
+                out_path):
     """Find SAE_DIR's social neurons for each group of --attribute, on MODEL's labelled images
     (--images/--labels) or, without labels, on prompts naming the groups (--groups)."""
 
     if bool(groups) == bool(images_dir or labels_path) or bool(images_dir) != bool(labels_path):
         raise click.UsageError("give either --images DIR --labels CSV, or --groups g1,g2,...")
     images_dir = resolve_images_dir(images_dir) if images_dir else None
-    loaded = load(model)
+    placement = resolve_placement(device, autocast=False)
+    loaded = load(model, device=placement.device)
     trained = load_sae(sae_dir)
     options = NeuronOptions(tau=tau, top_n=top_n, token_reduce=token_reduce)
     if groups:
@@ -243,9 +260,12 @@ def sae_neurons(sae_dir, model, images_dir, labels_path, groups, attribute, tau,
         report = neurons_from_texts(loaded.model, trained, group_prompt_texts(names), loaded.tokenizer, options,
                                     attribute=attribute)
     else:
-        report = neurons_from_images(loaded.model, trained, images_dir, labels_path, attribute,
-                                     image_transform(loaded.preprocess), options)
+        tower = trained.cfg.tower
+        with head_masked(loaded.model, towers=(tower,), backend=placement.backend):  # no masks: plain attention
+            report = neurons_from_images(loaded.model, trained, images_dir, labels_path, attribute,
+                                         image_transform(loaded.preprocess), options)
     write_neurons(report, out_path, {"sae_dir": os.path.abspath(sae_dir), "model": model})
+    click.echo(placement.describe("sae neurons"))
     for group in report.groups:
         click.echo(f"{group}: rule {len(report.rule.get(group, []))} latents; selected {report.selected.get(group, [])}")
     click.echo(f"wrote {out_path}")

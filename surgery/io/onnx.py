@@ -2,10 +2,17 @@
 """
 from __future__ import annotations
 
+import json
 import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
 
 from surgery.errors import SurgeryError
 from surgery.io.metadata import META_TOWER
+
+#: ``--provider`` names -> ONNX Runtime execution providers
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 def onnx_paths(out: str, tower: str) -> dict[str, str]:
@@ -26,6 +33,97 @@ def ort_session(path: str, providers: list[str] | None = None, optimize: bool = 
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(path, options, providers=providers or ["CPUExecutionProvider"])
+
+
+def provider_session(path: str, provider: str = "cpu", *, optimize: bool = True, profile_dir: str | None = None):
+    """A session on one execution provider (``cpu`` | ``cuda``), refusing a silent fall-back.
+
+    ``cuda`` needs onnxruntime-gpu (``pip install 'clipsurgery[gpu]'``) and a CUDA device; without
+    them this is one SurgeryError line, never a session that quietly runs on the CPU. CUDA sessions
+    list the CPU provider second, for the nodes the CUDA provider does not implement (see
+    :func:`node_placement`). ``profile_dir``: write ONNX Runtime's profile (per-node provider) there.
+    """
+    if provider not in PROVIDERS:
+        raise SurgeryError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise SurgeryError("onnxruntime is not installed; pip install 'clipsurgery[cpu]' (or [gpu])") from None
+    wanted = PROVIDERS[provider]
+    available = ort.get_available_providers()
+    if wanted not in available:
+        raise SurgeryError(f"provider {provider}: this onnxruntime ({ort.__version__}) has no {wanted} (it has "
+                           f"{', '.join(available)}); install onnxruntime-gpu instead: pip install 'clipsurgery[gpu]'")
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if profile_dir is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = os.path.join(profile_dir, "ort_profile")
+    providers = [wanted] if wanted == "CPUExecutionProvider" else [wanted, "CPUExecutionProvider"]
+    session = ort.InferenceSession(path, options, providers=providers)
+    if wanted not in session.get_providers():  # the provider failed to load (e.g. CUDA libraries missing)
+        raise SurgeryError(f"provider {provider}: onnxruntime could not start {wanted} for {path} (session runs on "
+                           f"{', '.join(session.get_providers())}); check the CUDA and cuDNN libraries it needs")
+    return session
+
+
+@dataclass
+class NodePlacement:
+    """Which execution provider ran each node of one inference (from ONNX Runtime's profile)."""
+
+    provider: str  # the provider asked for, e.g. CUDAExecutionProvider
+    nodes: dict[str, tuple[str, str]] = field(default_factory=dict)  # node name -> (op type, provider that ran it)
+
+    def elsewhere(self) -> list[tuple[str, str, str]]:
+        """(node, op type, provider) of every node that ran on another provider than the one asked for."""
+        return [(name, op, where) for name, (op, where) in self.nodes.items() if where != self.provider]
+
+    def summary(self) -> str:
+        """One line: nodes per provider, and the op types that fell back (if any)."""
+        per = Counter(where for _op, where in self.nodes.values())
+        text = ", ".join(f"{where} {count} nodes" for where, count in per.most_common())
+        away = Counter(op for _name, op, _where in self.elsewhere())
+        if away:
+            text += "; not on " + self.provider + ": " + ", ".join(f"{op} x{n}" for op, n in sorted(away.items()))
+        return text
+
+
+def node_placement(path: str, provider: str = "cpu", feeds: dict | None = None, *,
+                   optimize: bool = True) -> NodePlacement:
+    """Run ``path`` once on ``provider`` with profiling on and report where every node ran.
+
+    ``feeds``: input name -> numpy array (default: zeros, dynamic dims set to 1, for every input).
+    Raises SurgeryError as :func:`provider_session` does.
+    """
+    with tempfile.TemporaryDirectory(prefix="clipsurgery-ort-") as tmp:
+        session = provider_session(path, provider, optimize=optimize, profile_dir=tmp)
+        session.run(None, feeds if feeds is not None else default_feeds(session))
+        trace = session.end_profiling()
+        with open(trace, encoding="utf-8") as fh:
+            events = json.load(fh)
+    placement = NodePlacement(PROVIDERS[provider])
+    for event in events:
+        args = event.get("args") or {}
+        if event.get("cat") == "Node" and "provider" in args and event.get("name", "").endswith("_kernel_time"):
+            name = event["name"][: -len("_kernel_time")]
+            placement.nodes[name] = (args.get("op_name", "?"), args["provider"])
+    return placement
+
+
+def default_feeds(session) -> dict:
+    """Zeros for every input of ``session`` (dynamic dims set to 1), in the input's element type."""
+    import numpy as np
+
+    types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+             "tensor(int32)": np.int32}
+    feeds = {}
+    for inp in session.get_inputs():
+        shape = [d if isinstance(d, int) and d > 0 else 1 for d in inp.shape]
+        if inp.type not in types:
+            raise SurgeryError(f"input {inp.name} has type {inp.type}; pass feeds for it")
+        feeds[inp.name] = np.zeros(shape, dtype=types[inp.type])
+    return feeds
 
 
 def read_metadata(path: str) -> dict[str, str]:

@@ -208,12 +208,14 @@ def resolve_backend(backend: str, ref: torch.Tensor) -> str:
     """``auto`` is ``triton`` on CUDA when Triton is importable, else ``sdpa``."""
     if backend != "auto":
         return backend
-    if ref.is_cuda and _triton_importable():
+    if ref.is_cuda and triton_importable():
         return "triton"
     return "sdpa"
 
 
-def _triton_importable() -> bool:
+def triton_importable() -> bool:
+    """The Triton kernels (triton_kernels) import here; they run on CUDA, or on the CPU under
+    ``TRITON_INTERPRET=1``."""
     try:
         import triton_kernels  # noqa: F401
     except ImportError:

@@ -75,10 +75,13 @@ def eot_mask(tokens: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def capture(model: nn.Module, site: Site, inputs: torch.Tensor) -> torch.Tensor:
     """Activations at ``site`` for one batch: residual (B, N, D) (text: padding zeroed out by
-    :func:`capture_rows`), embedding (B, D). ``inputs``: images (B, 3, H, W) or tokens (B, ctx)."""
+    :func:`capture_rows`), embedding (B, D), float32 on the CPU. ``inputs``: images (B, 3, H, W) or
+    tokens (B, ctx), on any device (moved to the model's)."""
     encode = model.encode_image if site.tower == "vision" else model.encode_text
+    device = next(model.parameters()).device  # the model may sit on a GPU; activations come back to the CPU
+    inputs = inputs.to(device)
     if site.site == "embedding":
-        return encode(inputs).float()
+        return encode(inputs).float().cpu()
     grabbed: list[torch.Tensor] = []
     norm = get_towers(model)[site.tower].final_norm
     handle = norm.register_forward_pre_hook(lambda _m, args: grabbed.append(args[0].detach()))
@@ -86,7 +89,7 @@ def capture(model: nn.Module, site: Site, inputs: torch.Tensor) -> torch.Tensor:
         encode(inputs)
     finally:
         handle.remove()
-    return grabbed[-1].float()
+    return grabbed[-1].float().cpu()
 
 
 @torch.no_grad()

@@ -229,7 +229,8 @@ def neurons_from_texts(model: nn.Module, sae: SparseAutoencoder, prompts: dict[s
         log.warning("searching a vision-embedding SAE with text prompts: image and text embeddings differ "
                     "(modality gap); prefer labelled images")
         with torch.no_grad():
-            emb = torch.cat([model.encode_text(t) for t in tokens.split(opt.batch_size)]).float()
+            device = next(model.parameters()).device
+            emb = torch.cat([model.encode_text(t.to(device)).float().cpu() for t in tokens.split(opt.batch_size)])
             latents = sae.encode(emb)
     else:
         raise SAEError("a vision residual-stream SAE cannot read text; pass labelled images (--images/--labels)")

@@ -58,6 +58,7 @@ class TrainOptions:
     checkpoint_dir: str | None = None  # where checkpoint.safetensors lives; None = no checkpoints
     resume: bool = True  # continue from checkpoint_dir's checkpoint when there is one
     threads: int | None = None  # torch intra-op threads during training (None: leave as is)
+    device: str = "cpu"  # where the SAE trains ("cpu", "cuda", "cuda:N"); fp32 either way, returned on the CPU
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "init_rows"):
@@ -173,7 +174,7 @@ def _sparse_step(sae: SparseAutoencoder, x: torch.Tensor, rows_since_fired: torc
         pre = xc @ sae.W_enc + sae.b_enc  # (B, F) selection only
         if cfg.kind == "topk":
             cols = pre.topk(cfg.k, dim=-1).indices.reshape(-1)  # (B k,)
-            rows = torch.arange(b).repeat_interleave(cfg.k)
+            rows = torch.arange(b, device=x.device).repeat_interleave(cfg.k)
         else:
             flat = F.relu(pre).reshape(-1)
             if batch_kth is None:
@@ -183,7 +184,7 @@ def _sparse_step(sae: SparseAutoencoder, x: torch.Tensor, rows_since_fired: torc
                 keep = ((flat >= kth) & (flat > 0)).nonzero().squeeze(1)
             rows, cols = keep // cfg.width, keep % cfg.width
     vals = _gathered(sae, xc, rows, cols)  # (n,)
-    offsets = torch.searchsorted(rows, torch.arange(b))  # (B,) start of each row's latents
+    offsets = torch.searchsorted(rows, torch.arange(b, device=x.device))  # (B,) start of each row's latents
     x_hat_n = F.embedding_bag(cols, sae.W_dec, offsets, mode="sum", per_sample_weights=vals) + sae.b_dec
     loss = reconstruction_loss(x_n, x_hat_n)
     if cfg.aux_coeff > 0:
@@ -194,15 +195,15 @@ def _sparse_step(sae: SparseAutoencoder, x: torch.Tensor, rows_since_fired: torc
             with torch.no_grad():
                 masked = torch.where(dead, pre, torch.full_like(pre, -math.inf))
                 a_cols = masked.topk(k_aux, dim=-1).indices.reshape(-1)
-            a_rows = torch.arange(b).repeat_interleave(k_aux)
+            a_rows = torch.arange(b, device=x.device).repeat_interleave(k_aux)
             a_vals = _gathered(sae, xc, a_rows, a_cols)
-            e_hat = F.embedding_bag(a_cols, sae.W_dec, torch.arange(0, b * k_aux, k_aux), mode="sum",
+            e_hat = F.embedding_bag(a_cols, sae.W_dec, torch.arange(0, b * k_aux, k_aux, device=x.device), mode="sum",
                                     per_sample_weights=a_vals)
             aux = (e_hat - (x_n - x_hat_n).detach()).pow(2).sum(-1).mean()
             loss = loss + cfg.aux_coeff * aux
     with torch.no_grad():
         active = vals.detach() > 0
-        fired = torch.zeros(cfg.width, dtype=torch.bool)
+        fired = torch.zeros(cfg.width, dtype=torch.bool, device=x.device)
         fired[cols[active]] = True
         min_active = None
         if cfg.kind == "batchtopk" and bool(active.any()):
@@ -276,17 +277,19 @@ def _all_reduce_grads(params: list[torch.nn.Parameter], ranks: Ranks) -> None:
 def _train(cache: ActivationCache, cfg: SAEConfig, opt: TrainOptions, progress: Progress | None, ranks: Ranks):
     torch.manual_seed(opt.seed)
     gen = torch.Generator().manual_seed(opt.seed)
+    device = torch.device(opt.device)
     sae = SparseAutoencoder(cfg)
-    sae.reset_parameters(gen)
+    sae.reset_parameters(gen)  # on the CPU (seeded the same on every device), then moved
+    sae.to(device)
     adam = torch.optim.Adam(sae.parameters(), lr=opt.lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
-    rows_since_fired = torch.zeros(cfg.width, dtype=torch.long)
+    rows_since_fired = torch.zeros(cfg.width, dtype=torch.long, device=device)
     step, losses = 0, []
     ckpt = os.path.join(opt.checkpoint_dir, CHECKPOINT_FILE) if opt.checkpoint_dir else None
     if ckpt and opt.resume and os.path.isfile(ckpt):
         step, losses = _load_checkpoint(ckpt, sae, adam, rows_since_fired, cfg, opt, cache)
         log.info("resumed from %s at step %d", ckpt, step)
     else:
-        sample = cache.sample_rows(opt.init_rows)
+        sample = cache.sample_rows(opt.init_rows).to(device)
         sae.fit_normalisation_(sample)
         sae.init_b_dec_(sample, opt.b_dec_init)
     if ranks.distributed:  # the same start everywhere (it is already, by the seed; DDP checks it this way too)
@@ -310,7 +313,7 @@ def _train(cache: ActivationCache, cfg: SAEConfig, opt: TrainOptions, progress: 
         if ranks.distributed:
             result, loss_value = _distributed_step(sae, cache, shard, a, b, rows_since_fired, params, ranks)
         else:
-            x = cache.read(shard, a, b)  # (B, D)
+            x = cache.read(shard, a, b).to(device)  # (B, D)
             result = training_step(sae, x, rows_since_fired)
             loss_value = result.loss.item()
         if not math.isfinite(loss_value):
@@ -333,6 +336,7 @@ def _train(cache: ActivationCache, cfg: SAEConfig, opt: TrainOptions, progress: 
                 _save_checkpoint(ckpt, sae, adam, rows_since_fired, step, losses, cfg, opt, cache)
             ranks.barrier()
     sae.eval()
+    sae.to("cpu")
     seconds = time.perf_counter() - start
     history = {
         "steps": opt.steps,
@@ -346,6 +350,7 @@ def _train(cache: ActivationCache, cfg: SAEConfig, opt: TrainOptions, progress: 
         "options": asdict(opt),
         "threads": torch.get_num_threads(),
         "ranks": ranks.world,
+        "device": str(device),
     }
     return sae, history
 
@@ -355,19 +360,23 @@ def _distributed_step(sae: SparseAutoencoder, cache: ActivationCache, shard: int
     """One step's forward and backward on this rank's share of rows [a, b); gradients, the fired
     latents, the threshold's minimum and the loss reduced over ranks. Returns (result, batch loss)."""
     lo, hi = _share(a, b, ranks)
+    device = sae.W_dec.device  # NCCL reduces CUDA tensors, gloo CPU ones: everything stays on the SAE's device
     weight = (hi - lo) / (b - a)  # this rank's share of the batch mean
     if hi > lo:
-        result = training_step(sae, cache.read(shard, lo, hi), rows_since_fired, batch_kth=_global_kth(ranks, b - a))
+        x = cache.read(shard, lo, hi).to(device)  # (B / ranks, D)
+        result = training_step(sae, x, rows_since_fired, batch_kth=_global_kth(ranks, b - a))
         (result.loss * weight).backward()
         loss = result.loss.detach() * weight
         fired, min_active = result.fired, result.min_active
     else:  # fewer rows than ranks: this rank contributes nothing, but joins every collective
         if sae.cfg.kind == "batchtopk":
-            _global_kth(ranks, b - a)(torch.empty(0), sae.cfg.k)
-        loss, fired, min_active = torch.zeros(()), torch.zeros(sae.cfg.width, dtype=torch.bool), None
+            _global_kth(ranks, b - a)(torch.empty(0, device=device), sae.cfg.k)
+        loss = torch.zeros((), device=device)
+        fired, min_active = torch.zeros(sae.cfg.width, dtype=torch.bool, device=device), None
     _all_reduce_grads(params, ranks)
     fired = ranks.all_reduce_(fired.to(torch.int32), "max").bool()
-    smallest = torch.full((1,), math.inf) if min_active is None else min_active.reshape(1).float().clone()
+    smallest = (torch.full((1,), math.inf, device=device) if min_active is None
+                else min_active.reshape(1).float().clone())
     smallest = ranks.all_reduce_(smallest, "min")
     loss = ranks.all_reduce_(loss.reshape(1).float().clone())
     min_active = smallest[0] if math.isfinite(float(smallest[0])) else None
@@ -376,14 +385,15 @@ def _distributed_step(sae: SparseAutoencoder, cache: ActivationCache, shard: int
 
 # ------------------------------------------------------------------------------------ checkpoints
 def _save_checkpoint(path, sae, adam, rows_since_fired, step, losses, cfg, opt, cache) -> None:
-    tensors = {f"sae.{k}": v for k, v in sae.state_dict().items()}
+    tensors = {f"sae.{k}": v.detach().cpu() for k, v in sae.state_dict().items()}
     params = list(sae.parameters())
     for i, p in enumerate(params):
         state = adam.state.get(p)
         if state:
             for key in ("step", "exp_avg", "exp_avg_sq"):
-                tensors[f"adam.{i}.{key}"] = torch.as_tensor(state[key]).reshape(-1) if key == "step" else state[key]
-    tensors["rows_since_fired"] = rows_since_fired
+                value = torch.as_tensor(state[key]).reshape(-1) if key == "step" else state[key]
+                tensors[f"adam.{i}.{key}"] = value.detach().cpu()
+    tensors["rows_since_fired"] = rows_since_fired.cpu()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     write_safetensors(tensors, path, {
         "step": step, "losses": losses, "config": cfg.to_dict(), "options": _resume_key(opt),
@@ -415,9 +425,11 @@ def _load_checkpoint(path, sae, adam, rows_since_fired, cfg, opt, cache) -> tupl
     sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")}, strict=True)
     for i, p in enumerate(sae.parameters()):
         if f"adam.{i}.step" in tensors:
-            adam.state[p] = {"step": tensors[f"adam.{i}.step"].reshape(()).clone(),
-                             "exp_avg": tensors[f"adam.{i}.exp_avg"].clone(),
-                             "exp_avg_sq": tensors[f"adam.{i}.exp_avg_sq"].clone()}
+            # step stays a CPU tensor on every device (as Adam keeps it unless capturable/fused on CUDA)
+            step_device = p.device if p.is_cuda else "cpu"
+            adam.state[p] = {"step": tensors[f"adam.{i}.step"].reshape(()).clone().to(step_device),
+                             "exp_avg": tensors[f"adam.{i}.exp_avg"].to(p.device),
+                             "exp_avg_sq": tensors[f"adam.{i}.exp_avg_sq"].to(p.device)}
     rows_since_fired.copy_(tensors["rows_since_fired"])
     return int(meta["step"]), list(json.loads(meta["losses"]))
 
