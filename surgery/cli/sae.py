@@ -17,6 +17,7 @@ from surgery.cli.launch import echo, join_job, launch_options, relaunch_if_asked
 from surgery.errors import SurgeryError
 from surgery.io.checkpoint import state_dict_hash
 from surgery.io.images import ImageFolderDataset, data_hash, resolve_images_dir
+from surgery.io.labels import load_labels
 from surgery.model.attention import head_masked
 from surgery.model.device import resolve_placement
 from surgery.model.loading import load
@@ -30,9 +31,11 @@ from surgery.sae import (
     evaluate_sae,
     group_prompt_texts,
     load_sae,
+    neurons_from_cache,
     neurons_from_images,
     neurons_from_texts,
     open_cache,
+    pooled_reduction,
     save_trained,
     site_width,
     train_sae,
@@ -234,6 +237,9 @@ def _train_from_cache(model, cache_dir, site, kind, expansion, k, l1_coeff, matr
 @click.option("--labels", "labels_path", default=None, type=click.Path(), help="Labels CSV (file,<attribute>,...).")
 @click.option("--groups", default=None,
               help="No labelled images: comma-separated group names, searched with prompts that name them.")
+@click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False),
+              help="A cache from 'clipsurgery embed' at the SAE's site: labels from its shards' JSON "
+                   "(or --labels, keyed by file/shard key); the model is not run.")
 @click.option("--attribute", required=True, help="Label column holding the groups, e.g. race or gender.")
 @click.option("--tau", type=float, default=0.5, show_default=True,
               help="A latent is effective for a group when non-zero on >= tau of its images.")
@@ -243,19 +249,36 @@ def _train_from_cache(model, cache_dir, site, kind, expansion, k, l1_coeff, matr
 @device_options
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="neurons.json to write.")
 @_user_errors
-def sae_neurons(sae_dir, model, images_dir, labels_path, groups, attribute, tau, top_n, token_reduce, device,
-                out_path):
+def sae_neurons(sae_dir, model, images_dir, labels_path, groups, cache_dir, attribute, tau, top_n, token_reduce,
+                device, out_path):
     """Find SAE_DIR's social neurons for each group of --attribute, on MODEL's labelled images
-    (--images/--labels) or, without labels, on prompts naming the groups (--groups)."""
+    (--images/--labels), on an embed cache (--cache, labels from its shards or --labels) or,
+    without labels, on prompts naming the groups (--groups)."""
 
-    if bool(groups) == bool(images_dir or labels_path) or bool(images_dir) != bool(labels_path):
-        raise click.UsageError("give either --images DIR --labels CSV, or --groups g1,g2,...")
+    if cache_dir:
+        if images_dir or groups:
+            raise click.UsageError("--cache replaces --images/--groups: give one of them")
+    elif bool(groups) == bool(images_dir or labels_path) or bool(images_dir) != bool(labels_path):
+        raise click.UsageError("give either --images DIR --labels CSV, --cache DIR [--labels CSV], or --groups g1,g2,...")
     images_dir = resolve_images_dir(images_dir) if images_dir else None
     placement = resolve_placement(device, autocast=False)
     loaded = load(model, device=placement.device)
     trained = load_sae(sae_dir)
     options = NeuronOptions(tau=tau, top_n=top_n, token_reduce=token_reduce)
-    if groups:
+    if cache_dir:
+        cache = open_cache(cache_dir)
+        cache.check_model(state_dict_hash(loaded.model))
+        labels = None
+        if labels_path:
+            table = load_labels(labels_path, required=[attribute])
+            labels = {}  # a folder's sample key is its file name; a shard's is the name without extension
+            for file, value in zip(table.files, table.attributes[attribute]):
+                labels[file] = value
+                labels.setdefault(os.path.splitext(file)[0], value)
+        pooled = pooled_reduction(loaded.model, Site(trained.cfg.tower, trained.cfg.site)) \
+            if trained.cfg.site == "residual" else "first"
+        report = neurons_from_cache(trained, cache, attribute, options, pooled_as=pooled, labels=labels)
+    elif groups:
         names = [g.strip() for g in groups.split(",") if g.strip()]
         report = neurons_from_texts(loaded.model, trained, group_prompt_texts(names), loaded.tokenizer, options,
                                     attribute=attribute)

@@ -105,6 +105,7 @@ def capture_rows(model: nn.Module, site: Site, inputs: torch.Tensor, first_index
     return acts[keep], sample[:, None].expand(acts.shape[:2])[keep]
 
 
+
 # ------------------------------------------------------------------------------------------- cache
 @dataclass
 class ActivationCache:
@@ -156,6 +157,16 @@ class ActivationCache:
 
         with safe_open(os.path.join(self.path, self.shards[shard]["file"]), framework="pt") as fh:
             return fh.get_tensor("sample") + int(self.shards[shard].get("first_sample", 0))
+
+    def read_tokens(self, shard: int) -> torch.Tensor:
+        """The ``token`` positions (n,) of one shard's rows (caches written by ``clipsurgery embed``)."""
+        from safetensors import safe_open
+
+        with safe_open(os.path.join(self.path, self.shards[shard]["file"]), framework="pt") as fh:
+            if "token" not in fh.keys():
+                raise CacheError(f"{self.path} does not record token positions (written by an older version or "
+                                 "by 'sae train'); rebuild it with 'clipsurgery embed', or reduce with max/mean")
+            return fh.get_tensor("token")
 
     def sample_rows(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """About ``n`` rows (n', D) spread over the shards (for normalisation and b_dec init)."""

@@ -4,7 +4,8 @@ The source (a folder or WebDataset shards, :mod:`surgery.io.shards`) is cut into
 are dealt to the ranks round-robin, and each unit becomes one cache part written by the rank that
 read it::
 
-    OUT/part-00007.safetensors   "acts" (n, D) float32, "sample" (n,) int64 (position in the unit)
+    OUT/part-00007.safetensors   "acts" (n, D) float32, "sample" (n,) int64 (position in the unit),
+                                 "token" (n,) int64 (token position; 0 = class token, and for embeddings)
     OUT/part-00007.json          the unit's keys, captions and shard metadata (labels), skipped images
     OUT/cache.json               the manifest (written last, by rank 0): model hash, site,
                                  preprocessing, data hash, rows per part, each part's first sample
@@ -38,7 +39,7 @@ from surgery.io.fs import write_text_atomic
 from surgery.io.images import DECODE_ERRORS, DEFAULT_MAX_PIXELS, decode_reason, open_image
 from surgery.io.shards import DEFAULT_UNIT_IMAGES, ImageSource, ShardError, Unit, iter_units, read_unit
 from surgery.runtime.distributed import Ranks, agree
-from surgery.sae.activations import CACHE_JSON, CACHE_SCHEMA, ActivationCache, Site, capture_rows, open_cache
+from surgery.sae.activations import CACHE_JSON, CACHE_SCHEMA, ActivationCache, Site, capture, open_cache
 
 log = logging.getLogger(__name__)
 
@@ -103,23 +104,27 @@ def extract(model: nn.Module, site: Site, source: ImageSource, out_dir: str, tra
     skipped: list[tuple[str, str]] = []
     failed: list[tuple[str, str]] = []
     total = sum(len(u.files) for u in units)  # known for folders; shards: 0 (unknown until read)
+
+    def advance(n: int) -> None:  # one bar on rank 0 counts every rank's images (a counter in the store)
+        seen = ranks.add_counter("embed/images", n)
+        if progress is not None and ranks.main:
+            progress(seen, total)
+
     for unit in iter_units(units, ranks.rank, ranks.world):
         part = _finished_part(out_dir, unit, stamp)
         if part is not None:
             reused += 1
-            n = int(part["samples"])
+            n = int(part["embedded"])
+            advance(n)
         else:
             try:
-                n, unit_skipped = _extract_unit(model, site, source, unit, out_dir, transform, opt, stamp)
+                n, unit_skipped = _extract_unit(model, site, source, unit, out_dir, transform, opt, stamp, advance)
             except ShardError as exc:
                 failed.append((unit.name, str(exc)))
                 log.warning("%s; skipped", exc)
                 continue
             skipped += unit_skipped
         done_images += n
-        seen = ranks.add_counter("embed/images", n)
-        if progress is not None and ranks.main:
-            progress(seen, total)
     gathered = ranks.all_gather_objects((done_images, reused, skipped, failed))
     ranks.barrier()
     images = sum(g[0] for g in gathered)
@@ -134,24 +139,33 @@ def extract(model: nn.Module, site: Site, source: ImageSource, out_dir: str, tra
 
 
 # ----------------------------------------------------------------------------------------- units
-def _extract_unit(model, site, source, unit, out_dir, transform, opt, stamp) -> tuple[int, list[tuple[str, str]]]:
-    """Embed one unit and write its part; returns (inputs embedded, skipped (key, reason))."""
+def _extract_unit(model, site, source, unit, out_dir, transform, opt, stamp,
+                  advance: Callable[[int], None]) -> tuple[int, list[tuple[str, str]]]:
+    """Embed one unit and write its part; returns (inputs embedded, skipped (key, reason)).
+    ``advance(n)`` after each forward pass of n images."""
     samples, content = read_unit(unit, source.root)
     skipped: list[tuple[str, str]] = []
     kept: list[int] = []  # positions in ``samples`` that were embedded
-    acts_parts, id_parts = [], []
+    acts_parts, id_parts, token_parts = [], [], []
     batch: list[torch.Tensor] = []
     positions: list[int] = []
 
     def flush() -> None:
         if not batch:
             return
-        acts, ids = capture_rows(model, site, torch.stack(batch))  # ids: 0..len(batch)-1 per row
+        acts = capture(model, site, torch.stack(batch))  # (B, D), or (B, N, D) at the residual site
+        b = acts.shape[0]
+        n = acts.shape[1] if acts.dim() == 3 else 1
+        ids = torch.arange(b).repeat_interleave(n)  # (B N,) input of each row, within the batch
+        tokens = torch.arange(n).repeat(b)  # (B N,) token position of each row (0 = class token)
+        acts = acts.reshape(b * n, -1)
         if not torch.isfinite(acts).all():
             raise CacheError(f"the model produced NaN or inf activations at {site.tower}/{site.site} on "
                              f"{unit.name}; check the weights and precision (use fp32)")
-        acts_parts.append(acts)
+        acts_parts.append(acts.cpu())
         id_parts.append(torch.tensor(positions, dtype=torch.int64)[ids])
+        token_parts.append(tokens)
+        advance(b)
         batch.clear()
         positions.clear()
 
@@ -168,9 +182,9 @@ def _extract_unit(model, site, source, unit, out_dir, transform, opt, stamp) -> 
             flush()
     flush()
     if acts_parts:
-        acts, ids = torch.cat(acts_parts), torch.cat(id_parts)
+        acts, ids, tokens = torch.cat(acts_parts), torch.cat(id_parts), torch.cat(token_parts)
     else:
-        acts, ids = torch.empty(0, 0), torch.empty(0, dtype=torch.int64)
+        acts, ids, tokens = torch.empty(0, 0), torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)
     order = torch.randperm(acts.shape[0], generator=torch.Generator().manual_seed(opt.seed * 1_000_003 + unit.index))
     name = part_name(unit)
     sidecar = {"schema": PART_SCHEMA, "unit": unit.name, "index": unit.index,
@@ -178,7 +192,8 @@ def _extract_unit(model, site, source, unit, out_dir, transform, opt, stamp) -> 
                "meta": [s.meta for s in samples], "embedded": kept, "skipped": skipped}
     write_text_atomic(os.path.join(out_dir, name + ".json"), json.dumps(sidecar))
     _fault_point(unit)
-    write_safetensors({"acts": acts[order].contiguous(), "sample": ids[order].contiguous()},
+    write_safetensors({"acts": acts[order].contiguous(), "sample": ids[order].contiguous(),
+                       "token": tokens[order].contiguous()},
                       os.path.join(out_dir, name + ".safetensors"),
                       {**stamp, "schema": PART_SCHEMA, "unit": unit.name, "rows": int(acts.shape[0]),
                        "samples": len(samples), "embedded": len(kept), "content": content,

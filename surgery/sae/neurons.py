@@ -31,7 +31,8 @@ from surgery.io.images import ImageFolderDataset
 from surgery.io.labels import load_labels
 from surgery.model.preprocess import tokenize
 from surgery.model.towers import get_towers
-from surgery.sae.activations import Site, capture, eot_mask
+from surgery.sae.activations import ActivationCache, Site, capture, eot_mask
+from surgery.sae.extract import read_part_sidecars
 from surgery.sae.model import SAEError, SparseAutoencoder
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def sample_latents(model: nn.Module, sae: SparseAutoencoder, batches: Iterable[t
         z = sae.encode(acts)  # (B, F) or (B, N, F)
         if z.dim() == 3:
             if token_reduce == "pooled":
-                token_reduce_here = _pooled_reduction(model, site)
+                token_reduce_here = pooled_reduction(model, site)
             else:
                 token_reduce_here = token_reduce
             if token_reduce_here == "first":
@@ -109,7 +110,7 @@ def sample_latents(model: nn.Module, sae: SparseAutoencoder, batches: Iterable[t
     return torch.cat(out)
 
 
-def _pooled_reduction(model: nn.Module, site: Site) -> str:
+def pooled_reduction(model: nn.Module, site: Site) -> str:
     """How the tower turns tokens into its embedding: "first" (class token), "eot", or "mean"."""
     pooling = get_towers(model)[site.tower].pooling
     if pooling in ("cls", "first"):
@@ -199,6 +200,65 @@ def neurons_from_images(model: nn.Module, sae: SparseAutoencoder, images_dir: st
     groups = torch.from_numpy(codes)[torch.cat(kept)]
     report = find_neurons(latents, groups, names, opt, attribute)
     report.sae = _sae_info(sae)
+    return report
+
+
+def neurons_from_cache(sae: SparseAutoencoder, cache: ActivationCache, attribute: str,
+                       options: NeuronOptions | None = None, *, pooled_as: str = "first",
+                       labels: dict[str, str] | None = None) -> NeuronReport:
+    """Search with a cache written by ``clipsurgery embed``, without running the model.
+
+    Groups come from each sample's shard JSON (key ``attribute``) or from ``labels`` ({sample key:
+    group}: a labels CSV's file column for folders, the shard key for shards); unlabelled samples
+    are left out. Residual rows are reduced per sample by ``options.token_reduce`` (``pooled`` means
+    ``pooled_as``: "first" for a class-token tower, "mean" for average pooling).
+    """
+    opt = options or NeuronOptions()
+    if (sae.cfg.tower, sae.cfg.site) != (cache.site.tower, cache.site.site):
+        raise SAEError(f"this SAE reads {sae.cfg.tower}/{sae.cfg.site} but the cache holds "
+                       f"{cache.site.tower}/{cache.site.site} activations; use a cache of the SAE's site")
+    if sae.cfg.model_hash and sae.cfg.model_hash != cache.model_hash:
+        raise SAEError("this SAE was trained on another model's activations than the cache's (weights hash differs)")
+    reduce = pooled_as if opt.token_reduce == "pooled" else opt.token_reduce
+    group_of: dict[int, str] = {}  # global sample id -> group
+    for info, sidecar in zip(cache.shards, read_part_sidecars(cache)):
+        first = int(info.get("first_sample", 0))
+        for pos, (key, meta) in enumerate(zip(sidecar["keys"], sidecar["meta"])):
+            value = labels.get(key) if labels is not None else (meta or {}).get(attribute)
+            if value not in (None, ""):
+                group_of[first + pos] = str(value)
+    if not group_of:
+        where = "the labels given" if labels is not None else f"the shards' JSON (key {attribute!r})"
+        raise SAEError(f"no sample of the cache has a {attribute!r} label in {where}; pass --labels CSV")
+    sae.eval()
+    order = sorted(group_of)  # labelled samples, in cache order
+    lookup = torch.full((max(order) + 1,), -1, dtype=torch.int64)
+    lookup[torch.tensor(order)] = torch.arange(len(order))
+    acc = torch.zeros(len(order), sae.cfg.width)  # (n, F) per-sample sum or max of codes (codes are >= 0)
+    counts = torch.zeros(len(order))
+    with torch.no_grad():
+        for shard in range(len(cache.shards)):
+            ids = cache.read_samples(shard)  # (m,)
+            j = torch.where(ids < len(lookup), lookup[ids.clamp(max=len(lookup) - 1)], -1)  # (m,) row in acc
+            keep = j >= 0
+            if reduce == "first" and cache.site.site == "residual":
+                keep &= cache.read_tokens(shard) == 0
+            if not keep.any():
+                continue
+            z = sae.encode(cache.read(shard)[keep]).float()  # (m', F)
+            if reduce == "max":
+                acc.scatter_reduce_(0, j[keep][:, None].expand_as(z), z, "amax")
+            else:
+                acc.index_add_(0, j[keep], z)
+            counts.index_add_(0, j[keep], torch.ones(int(keep.sum())))
+    present = counts > 0
+    latents = (acc / counts.clamp_min(1)[:, None] if reduce == "mean" else acc)[present]  # (n', F)
+    order = [i for i, p in zip(order, present.tolist()) if p]
+    names = sorted({group_of[i] for i in order})
+    groups = torch.tensor([names.index(group_of[i]) for i in order])
+    report = find_neurons(latents, groups, names, opt, attribute)
+    report.sae = _sae_info(sae)
+    report.source = "cache"
     return report
 
 
