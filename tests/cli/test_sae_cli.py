@@ -68,4 +68,4 @@ def test_neurons_from_group_prompts(tmp_path):
     assert all(report["selected"][g] for g in ("young", "old"))
     both = runner.invoke(sae, ["neurons", str(tmp_path / "t"), "builtin:tiny", "--groups", "a,b", "--images", "x",
                                "--labels", "y", "--attribute", "age", "--out", str(out)])
-    assert both.exit_code == 2 and "either --images DIR --labels CSV, or --groups" in both.output
+    assert both.exit_code == 2 and "either --images DIR --labels CSV, --cache DIR [--labels CSV], or --groups" in both.output
