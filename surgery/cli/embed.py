@@ -85,7 +85,8 @@ def embed(model, source, site, out_dir, batch_size, unit_images, seed, max_faile
             bar.close()
         echo(ranks, f"embedded {result.images} images into {result.cache.rows} rows of width {result.cache.d} "
                     f"({len(result.cache.shards)} parts, {result.reused_parts} kept from an earlier run, "
-                    f"{ranks.world} rank{'s' if ranks.world > 1 else ''}) in {out_dir}")
+                    f"{ranks.world} rank{'s' if ranks.world > 1 else ''}) in {out_dir}; "
+                    f"{result.seconds:.1f} s, {result.images / max(result.seconds, 1e-9):.1f} images/s")
         if result.skipped:
             echo(ranks, f"skipped {len(result.skipped)} unreadable images, e.g. {result.skipped[0][0]}: "
                         f"{result.skipped[0][1]}")

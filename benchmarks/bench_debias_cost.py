@@ -1,0 +1,114 @@
+"""What ``clipsurgery debias`` costs at real model size (issue 15): each stage's time and peak RSS,
+and the whole job / one forward pass over the probe images.
+
+    python benchmarks/bench_debias_cost.py                       # ViT-B/16 random weights, 2000 images
+    python benchmarks/bench_debias_cost.py --arch ViT-B-16 --images 96
+
+The model has random weights (no bias to find), so the edit search is run to its full budget: the
+targets are set out of reach (a bias ratio of 1e-6) and the search tries every head and latent it is
+allowed. Probe: a planted-bias world split drawn at 224 px (labels, captions and queries of the
+world). Stages are timed by wrapping the pipeline's named steps (surgery.debias.pipeline); peak RSS
+per stage comes from a sampler thread (every 50 ms). The forward pass is the image tower over the
+same probe images at the same batch size, timed alone after the job.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import threading
+import time
+
+import torch
+
+
+class Sampler:
+    """Peak RSS (MiB) of this process, per stage, sampled from /proc/self/statm."""
+
+    def __init__(self) -> None:
+        self.stage, self.peaks, self.stop = "start", {}, False
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def rss(self) -> float:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * self.page / 2 ** 20
+
+    def _run(self) -> None:
+        while not self.stop:
+            self.peaks[self.stage] = max(self.peaks.get(self.stage, 0.0), self.rss())
+            time.sleep(0.05)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", default="ViT-B-16")
+    ap.add_argument("--images", type=int, default=2000, help="probe images (a multiple of concepts x groups: 12)")
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args()
+    import open_clip
+    from safetensors.torch import save_file
+
+    from surgery.debias import pipeline
+    from surgery.debias.budget import Budget
+    from surgery.debias.pipeline import DebiasOptions, run_debias
+    from surgery.model.loading import load
+    from surgery.model.preprocess import image_transform
+    from surgery.io.images import ImageFolderDataset
+    from surgery.world.generator import generate, write_split
+    from surgery.world.params import WorldParams
+
+    work = args.workdir or tempfile.mkdtemp(prefix="bench-debias-")
+    os.makedirs(work, exist_ok=True)
+    model_path = os.path.join(work, f"{args.arch}.safetensors")
+    if not os.path.exists(model_path):
+        torch.manual_seed(0)
+        model = open_clip.create_model(args.arch, pretrained=None)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, model_path)
+    split = os.path.join(work, f"probe{args.images}")
+    if not os.path.isdir(split):
+        write_split(generate(WorldParams(image_size=224), "eval", args.images), split)
+
+    sampler = Sampler()
+    times: dict[str, float] = {}
+    steps = ["build_probes", "audit_vision", "embed_prompts", "train_neurons", "choose_edits", "make_plan",
+             "bake_and_export", "compare_before_after"]
+    for name in steps:
+        original = getattr(pipeline, name)
+
+        def timed(*a, _name=name, _fn=original, **kw):
+            sampler.stage = _name
+            t = time.perf_counter()
+            try:
+                return _fn(*a, **kw)
+            finally:
+                times[_name] = times.get(_name, 0.0) + time.perf_counter() - t
+                sampler.stage = "other"
+
+        setattr(pipeline, name, timed)
+    options = DebiasOptions(budget=Budget(max_bias_ratio=1e-6), force=True, k=min(50, args.images // 4))
+    start = time.perf_counter()
+    run_debias(model_path, os.path.join(work, "out.onnx"), options, images_dir=split,
+               labels_path=os.path.join(split, "labels.csv"), attribute="group")
+    total = time.perf_counter() - start
+
+    sampler.stage = "forward"
+    loaded = load(model_path)
+    data = ImageFolderDataset(os.path.join(split, "images"), None, image_transform(loaded.preprocess))
+    t = time.perf_counter()
+    with torch.inference_mode():
+        for images, _ in data.batches(64):
+            loaded.model.encode_image(images)
+    forward = time.perf_counter() - t
+    sampler.stop = True
+    print(f"{args.arch} (random weights), {args.images} probe images at 224 px, {torch.get_num_threads()} threads")
+    print("| stage | time | / one forward pass | peak RSS |\n| --- | --- | --- | --- |")
+    for name in steps:
+        if name in times:
+            print(f"| {name} | {times[name]:.1f} s | {times[name] / forward:.1f}x | {sampler.peaks.get(name, 0):.0f} MiB |")
+    print(f"| **whole job** | {total:.1f} s | **{total / forward:.1f}x** | {max(sampler.peaks.values()):.0f} MiB |")
+    print(f"| one forward pass (image tower, batch 64) | {forward:.1f} s | 1.0x | |")
+
+
+if __name__ == "__main__":
+    main()
