@@ -382,8 +382,10 @@ def compare_cmd(before, after, out_dir, **kwargs):
 
 
 from surgery.cli.sae import sae as _sae_group  # noqa: E402
+from surgery.cli.serve import serve as _serve_command  # noqa: E402
 
 main.add_command(_sae_group)
+main.add_command(_serve_command)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

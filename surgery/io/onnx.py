@@ -16,8 +16,9 @@ def onnx_paths(out: str, tower: str) -> dict[str, str]:
     return {"vision": f"{stem}.visual.onnx", "text": f"{stem}.text.onnx"}
 
 
-def ort_session(path: str, providers: list[str] | None = None, optimize: bool = True):
-    """An ONNX Runtime session (CPU provider unless ``providers``); ``optimize=False`` turns graph optimisations off."""
+def ort_session(path: str, providers: list[str] | None = None, optimize: bool = True, threads: int | None = None):
+    """An ONNX Runtime session (CPU provider unless ``providers``); ``optimize=False`` turns graph optimisations off;
+    ``threads``: intra-op threads (default: ONNX Runtime's, one per physical core)."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -25,6 +26,8 @@ def ort_session(path: str, providers: list[str] | None = None, optimize: bool = 
     options = ort.SessionOptions()
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
     return ort.InferenceSession(path, options, providers=providers or ["CPUExecutionProvider"])
 
 
