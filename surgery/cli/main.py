@@ -15,6 +15,7 @@ import click
 from surgery import __version__
 from surgery.audit.run import AuditRunOptions, run_audit
 from surgery.cli.errors import user_errors
+from surgery.cli.quantize import export_int8, quantize_options
 from surgery.debias.budget import Budget
 from surgery.debias.pipeline import DebiasOptions, run_debias
 from surgery.edit.bake import bake as bake_plan
@@ -124,9 +125,13 @@ def bake(model, plan_path, out, tower, precision, normalize, opset, graph, force
 @click.argument("model")
 @click.argument("out")
 @_export_options
+@quantize_options
 @_user_errors
-def export(model, out, tower, precision, normalize, opset, graph, force, arch):
+def export(model, out, tower, precision, normalize, opset, graph, force, arch, quantize, **int8):
     """Export MODEL (any checkpoint, or a patched .safetensors) as .safetensors or .onnx."""
+    if quantize:
+        return export_int8(model, out, tower=tower, precision=precision, normalize=normalize, opset=opset,
+                           graph=graph, force=force, arch=arch, **int8)
     loaded = load(model, arch=arch)
     plan = SurgeryPlan.from_dict(loaded.metadata["plan"]) if loaded.metadata.get("plan") else None
     _export(loaded, out, plan, tower, precision, normalize, opset, force, graph)
