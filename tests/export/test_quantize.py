@@ -122,3 +122,27 @@ def test_gate_options_are_checked():
         GateOptions(min_cosine=2.0)
     with pytest.raises(SurgeryError, match="go together"):
         GateData(images_dir="x")
+
+
+def test_the_server_serves_an_int8_pair_and_shows_its_gate(world, tmp_path):
+    import time
+
+    from starlette.testclient import TestClient
+
+    from surgery.eval.encoders import OnnxEncoder
+    from surgery.model.preprocess import tokenize
+    from surgery.serve.server import build_app
+
+    out = str(tmp_path / "w.onnx")
+    export_quantized(world, out, None, GateData.for_model(world))
+    with TestClient(build_app(out)) as client:
+        for _ in range(600):  # warm-up runs in the background: wait for readiness (no timing asserted)
+            if client.get("/readyz").status_code == 200:
+                break
+            time.sleep(0.05)
+        model = client.get("/v1/model").json()
+        got = client.post("/v1/embeddings", json={"input": ["a photo of a circle", "a red square"]}).json()
+    assert model["towers"]["vision"]["precision"] == "int8" and model["towers"]["text"]["gate"]["passed"] is True
+    enc = OnnxEncoder(out)
+    want = enc.encode_texts(tokenize(["a photo of a circle", "a red square"], enc.tokenizer)).numpy()
+    np.testing.assert_allclose(np.array([d["embedding"] for d in got["data"]]), want, atol=1e-5, rtol=0)
