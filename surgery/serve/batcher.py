@@ -1,8 +1,10 @@
 """Dynamic batching: rows from concurrent requests share one ONNX Runtime call.
 
 A request submits its rows (``(n, ...)``: n images or n token rows) and awaits its embeddings
-``(n, D)``. The batcher takes the oldest rows as soon as ``max_batch`` are waiting or the oldest
-has waited ``max_wait_s``, and runs them on a thread (``workers`` calls at once); a request's rows
+``(n, D)``. When a worker is free, the batcher takes the oldest rows as soon as ``max_batch`` are
+waiting or ``max_wait_s`` has passed since the batch could start (the oldest row's arrival, or the
+moment the worker freed up if rows were already waiting), and runs them on a thread (``workers``
+calls at once); a request's rows
 may span batches and every caller gets exactly its own rows back, in order. At most ``max_queue``
 rows wait: a request that does not fit is refused at once (:class:`QueueFull`) instead of
 growing the queue without bound.
@@ -103,23 +105,24 @@ class Batcher:
         loop = asyncio.get_running_loop()
         opt = self.options
         while True:
-            if not self._pending:
+            await self._slots.acquire()  # a free worker first: while all are busy, rows keep queueing
+            free_since = loop.time()
+            while not self._pending:
                 self._arrived.clear()
                 await self._arrived.wait()
-                continue
-            deadline = self._pending[0][3] + opt.max_wait_s
+            # Hold the batch open for max_wait from when it could start: from the oldest row's arrival, or
+            # from when a worker freed up if the rows were already waiting (under load, the callers just
+            # answered send their next rows within moments; without this they would form the next batch
+            # instead of this one, and batches would stay a fraction of the callers).
+            deadline = max(self._pending[0][3], free_since) + opt.max_wait_s
             while len(self._pending) < opt.max_batch and loop.time() < deadline:
                 self._arrived.clear()
                 try:
                     await asyncio.wait_for(self._arrived.wait(), deadline - loop.time())
                 except asyncio.TimeoutError:
                     break
-            await self._slots.acquire()  # while every worker is busy, more rows join this batch
             take = [self._pending.popleft() for _ in range(min(opt.max_batch, len(self._pending)))]
             self.on_queue(self.depth)
-            if not take:
-                self._slots.release()
-                continue
             task = loop.create_task(self._run_batch(take))
             self._running.add(task)
             task.add_done_callback(self._running.discard)

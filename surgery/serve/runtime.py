@@ -31,7 +31,7 @@ PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", 
 class EncoderPair:
     """``OUT.onnx`` (or one of its tower files) opened for serving: ``embed(tower, rows)``."""
 
-    def __init__(self, path: str, provider: str = "cpu", threads: int | None = None):
+    def __init__(self, path: str, provider: str = "cpu", threads: int | None = None, spinning: bool = True):
         if provider not in PROVIDERS:
             raise SurgeryError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
         self.path = path
@@ -47,7 +47,8 @@ class EncoderPair:
         for tower, file in self.files.items():
             # ORT 1.32's CPU graph optimizer crashes on the fp16 graphs; fp32 and int8 files are optimised
             optimize = self.metadata[tower].get(META_PRECISION, "fp32") != "fp16"
-            self.sessions[tower] = ort_session(file, PROVIDERS[provider], optimize=optimize, threads=threads)
+            self.sessions[tower] = ort_session(file, PROVIDERS[provider], optimize=optimize, threads=threads,
+                                               spinning=spinning, memory_pattern=False)
         self.input_names = {t: s.get_inputs()[0].name for t, s in self.sessions.items()}
         self.preprocess = json.loads(self.metadata["vision"][META_PREPROCESS]) if "vision" in self.files else None
         self.tokenizer = json.loads(self.metadata["text"][META_TOKENIZER]) if "text" in self.files else None

@@ -22,6 +22,13 @@ class ServeOptions:
     port: int = 8000
     provider: str = "cpu"  # "cpu" | "cuda"
     threads: int | None = None  # ONNX Runtime intra-op threads per call (default: one per core / workers)
+    # torch threads of this process: torch only runs the image transform's tiny tensor ops here, where a
+    # thread pool costs more than it gives and contends with ONNX Runtime (31 ms vs 0.7 ms per 224 px image
+    # with 2 threads vs 1 on a loaded 2-core machine)
+    torch_threads: int = 1
+    # ONNX Runtime's worker threads spin while idle between calls; that steals the cores the event loop
+    # and image decoding need between batches (see benchmarks/bench_serve.py)
+    spinning: bool = False
     batch: BatchOptions = field(default_factory=BatchOptions)
     limits: ServeLimits = field(default_factory=ServeLimits)
     graceful_timeout_s: float = 30.0  # in-flight requests still running after this are cancelled
@@ -44,7 +51,10 @@ def build_app(path: str, options: ServeOptions | None = None):
         import os
 
         threads = max(1, (os.cpu_count() or 1) // opt.batch.workers)
-    pair = EncoderPair(path, provider=opt.provider, threads=threads)
+    import torch
+
+    torch.set_num_threads(opt.torch_threads)
+    pair = EncoderPair(path, provider=opt.provider, threads=threads, spinning=opt.spinning)
     return create_app(pair, opt.batch, opt.limits)
 
 
