@@ -219,9 +219,12 @@ async def _multipart_files(request: Request, limits: ServeLimits) -> list[bytes]
         form = await Request(request.scope, replay).form(max_files=limits.max_items, max_fields=limits.max_items)
     except Exception as exc:  # noqa: BLE001 - python-multipart / Starlette parse errors vary by version
         raise RequestError(400, f"the multipart body cannot be parsed ({str(exc)[:200]})", "invalid_multipart") from None
-    files = [value for _, value in form.multi_items() if hasattr(value, "read")]
-    check_count(len(files), "image files", limits)
-    return [await f.read() for f in files]
+    try:
+        files = [value for _, value in form.multi_items() if hasattr(value, "read")]
+        check_count(len(files), "image files", limits)
+        return [await f.read() for f in files]
+    finally:
+        await form.close()  # the parser's spooled temporary files
 
 
 # ------------------------------------------------------------------------------------------ handlers
