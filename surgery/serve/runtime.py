@@ -48,7 +48,7 @@ class EncoderPair:
             # ORT 1.32's CPU graph optimizer crashes on the fp16 graphs; fp32 and int8 files are optimised
             optimize = self.metadata[tower].get(META_PRECISION, "fp32") != "fp16"
             self.sessions[tower] = ort_session(file, PROVIDERS[provider], optimize=optimize, threads=threads,
-                                               spinning=spinning, memory_pattern=False)
+                                               spinning=spinning, memory_pattern=False, arena=False)
         self.input_names = {t: s.get_inputs()[0].name for t, s in self.sessions.items()}
         self.preprocess = json.loads(self.metadata["vision"][META_PREPROCESS]) if "vision" in self.files else None
         self.tokenizer = json.loads(self.metadata["text"][META_TOKENIZER]) if "text" in self.files else None
