@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from surgery.io.onnx import resolve_pair
+from surgery.io.onnx import read_metadata, resolve_pair
 from surgery.model.preprocess import image_transform, tokenize
 
 TEXTS = ["a photo of a dog", "a red square", "two people talking in a park at night", "a diagram"]
@@ -33,7 +33,8 @@ def _png(seed: int, size=(48, 40)) -> bytes:
 def _direct(pair_path: str, images: list[bytes] = (), texts: list[str] = ()) -> dict[str, np.ndarray]:
     """ONNX Runtime on the files directly, preprocessing and tokenizer from the metadata."""
     files = resolve_pair(pair_path)
-    model = json.loads(httpx_get_model_free(files))
+    model = {"preprocess": json.loads(read_metadata(files["vision"])["clipsurgery.preprocess"]),
+             "tokenizer": json.loads(read_metadata(files["text"])["clipsurgery.tokenizer"])}
     out = {}
     if images:
         pixels = np.stack([image_transform(model["preprocess"])(Image.open(io.BytesIO(b))).numpy() for b in images])
@@ -42,13 +43,6 @@ def _direct(pair_path: str, images: list[bytes] = (), texts: list[str] = ()) -> 
         ids = tokenize(list(texts), model["tokenizer"]).numpy()
         out["text"] = ort.InferenceSession(files["text"]).run(None, {"input_ids": ids})[0]  # (n, D)
     return out
-
-
-def httpx_get_model_free(files: dict[str, str]) -> str:
-    from surgery.io.onnx import read_metadata
-
-    return json.dumps({"preprocess": json.loads(read_metadata(files["vision"])["clipsurgery.preprocess"]),
-                       "tokenizer": json.loads(read_metadata(files["text"])["clipsurgery.tokenizer"])})
 
 
 def _rows(response: httpx.Response) -> np.ndarray:
