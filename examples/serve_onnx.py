@@ -1,19 +1,19 @@
 """Serve exported clipsurgery encoders with ONNX Runtime, using only what the files carry.
 
     python examples/serve_onnx.py out.onnx --image cat.png --text "a photo of a cat" [--provider cuda]
-    python examples/serve_onnx.py out.onnx --triton-repo model_repository/
 
 Preprocessing (size, mean, std, interpolation, resize mode) and tokenisation (tokenizer name,
 context length) are read from each file's ``clipsurgery.*`` metadata_props; nothing else about
-the model is needed. ``--triton-repo`` writes an NVIDIA Triton Inference Server model repository
-(``clip_visual`` and ``clip_text``, ``onnxruntime_onnx`` backend, dynamic batching).
+the model is needed. This script shows the pieces with nothing but onnx, onnxruntime and PIL; for
+serving use ``clipsurgery serve out.onnx`` (HTTP, dynamic batching, limits, metrics), and for
+fleets ``clipsurgery serve out.onnx --triton-repo DIR`` (an NVIDIA Triton Inference Server
+repository with dynamic batching).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import shutil
 import sys
 
 import numpy as np
@@ -86,47 +86,14 @@ def embed(files: dict[str, str], images: list[str], texts: list[str], provider: 
     return out
 
 
-def write_triton_repository(files: dict[str, str], repo: str, max_batch_size: int = 64) -> list[str]:
-    """One model folder per tower: <repo>/clip_<tower>/1/model.onnx and config.pbtxt."""
-    written = []
-    for tower, path in files.items():
-        model = onnx.load(path, load_external_data=False)
-        inp, out = model.graph.input[0], model.graph.output[0]
-        in_dims = [d.dim_value for d in inp.type.tensor_type.shape.dim][1:]
-        out_dims = [d.dim_value for d in out.type.tensor_type.shape.dim][1:]
-        in_type = "TYPE_FP32" if tower == "vision" else "TYPE_INT64"
-        name = f"clip_{'visual' if tower == 'vision' else 'text'}"
-        folder = os.path.join(repo, name, "1")
-        os.makedirs(folder, exist_ok=True)
-        shutil.copyfile(path, os.path.join(folder, "model.onnx"))
-        if os.path.exists(path + ".data"):
-            shutil.copyfile(path + ".data", os.path.join(folder, os.path.basename(path) + ".data"))
-        config = (
-            f'name: "{name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: {max_batch_size}\n'
-            f'input [\n  {{ name: "{inp.name}", data_type: {in_type}, dims: {in_dims} }}\n]\n'
-            f'output [\n  {{ name: "{out.name}", data_type: TYPE_FP32, dims: {out_dims} }}\n]\n'
-            "dynamic_batching { }\n"
-            f'parameters {{ key: "clipsurgery.metadata", value: {{ string_value: {json.dumps(json.dumps(metadata(path)))} }} }}\n'
-        )
-        config_path = os.path.join(repo, name, "config.pbtxt")
-        with open(config_path, "w", encoding="utf-8") as fh:
-            fh.write(config)
-        written += [os.path.join(folder, "model.onnx"), config_path]
-    return written
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="OUT.onnx as given to clipsurgery export/debias")
     ap.add_argument("--image", action="append", default=[])
     ap.add_argument("--text", action="append", default=[])
     ap.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--triton-repo", default=None, help="write a Triton Inference Server model repository here")
     args = ap.parse_args()
     files = pair(args.model)
-    if args.triton_repo:
-        for path in write_triton_repository(files, args.triton_repo):
-            print(f"wrote {path}")
     result = embed(files, args.image, args.text, args.provider)
     if "image" in result and "text" in result:
         sims = result["image"] @ result["text"].T

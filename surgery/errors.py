@@ -53,6 +53,10 @@ class ExportParityError(SurgeryError):
     """ONNX Runtime's output differs from PyTorch's by more than the bound."""
 
 
+class QuantizationGateError(SurgeryError):
+    """A quantized export moved embeddings, accuracy or bias further from the fp32 export than allowed."""
+
+
 class UnfusableBlockError(SurgeryError):
     """A transformer block has a part the ORT-fused graph does not express (LayerScale aside)."""
 

@@ -16,6 +16,7 @@ from surgery import __version__
 from surgery.audit.run import AuditRunOptions, run_audit
 from surgery.cli.device import device_options as _device_options
 from surgery.cli.errors import user_errors
+from surgery.cli.quantize import export_int8, quantize_options
 from surgery.debias.budget import Budget
 from surgery.debias.pipeline import DebiasOptions, run_debias
 from surgery.edit.bake import bake as bake_plan
@@ -125,9 +126,13 @@ def bake(model, plan_path, out, tower, precision, normalize, opset, graph, force
 @click.argument("model")
 @click.argument("out")
 @_export_options
+@quantize_options
 @_user_errors
-def export(model, out, tower, precision, normalize, opset, graph, force, arch):
+def export(model, out, tower, precision, normalize, opset, graph, force, arch, quantize, **int8):
     """Export MODEL (any checkpoint, or a patched .safetensors) as .safetensors or .onnx."""
+    if quantize:
+        return export_int8(model, out, tower=tower, precision=precision, normalize=normalize, opset=opset,
+                           graph=graph, force=force, arch=arch, **int8)
     loaded = load(model, arch=arch)
     plan = SurgeryPlan.from_dict(loaded.metadata["plan"]) if loaded.metadata.get("plan") else None
     _export(loaded, out, plan, tower, precision, normalize, opset, force, graph)
@@ -391,9 +396,11 @@ def compare_cmd(before, after, out_dir, **kwargs):
 
 from surgery.cli.embed import embed as _embed_command  # noqa: E402
 from surgery.cli.sae import sae as _sae_group  # noqa: E402
+from surgery.cli.serve import serve as _serve_command  # noqa: E402
 
 main.add_command(_sae_group)
 main.add_command(_embed_command)
+main.add_command(_serve_command)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

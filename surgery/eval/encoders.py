@@ -96,7 +96,8 @@ class OnnxEncoder:
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else None
         self.sessions = {}
         for tower, file in self.files.items():
-            optimize = read_metadata(file).get(META_PRECISION, "fp32") == "fp32"
+            # ORT 1.32's CPU graph optimizer crashes on the fp16 graphs; fp32 and int8 files are optimised
+            optimize = read_metadata(file).get(META_PRECISION, "fp32") != "fp16"
             self.sessions[tower] = ort_session(file, providers, optimize=optimize)
         self.normalized = read_metadata(next(iter(self.files.values()))).get(META_NORMALIZED) == "true"
 

@@ -17,8 +17,10 @@ META_SOURCE = "clipsurgery.source_sha256"  # sha256 of the source weights file (
 # --- ONNX files only
 META_TOWER = "clipsurgery.tower"  # "vision" | "text"
 META_NORMALIZED = "clipsurgery.normalized"  # "true" when the output embedding is L2-normalised
-META_PRECISION = "clipsurgery.precision"  # "fp32" | "fp16"
+META_PRECISION = "clipsurgery.precision"  # "fp32" | "fp16" | "int8"
 META_GRAPH = "clipsurgery.graph"  # "ort" (ONNX Runtime contrib ops) | "plain" (standard ONNX ops)
+META_QUANTIZATION = "clipsurgery.quantization"  # int8 files: how they were quantized (JSON)
+META_GATE = "clipsurgery.gate"  # int8 files: the fairness gate's figures against the fp32 export (JSON)
 
 # --- world models
 META_WORLD = "clipsurgery.world"  # the world's parameters (JSON)

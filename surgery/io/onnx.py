@@ -23,8 +23,14 @@ def onnx_paths(out: str, tower: str) -> dict[str, str]:
     return {"vision": f"{stem}.visual.onnx", "text": f"{stem}.text.onnx"}
 
 
-def ort_session(path: str, providers: list[str] | None = None, optimize: bool = True):
-    """An ONNX Runtime session (CPU provider unless ``providers``); ``optimize=False`` turns graph optimisations off."""
+def ort_session(path: str, providers: list[str] | None = None, optimize: bool = True, threads: int | None = None,
+                spinning: bool = True, memory_pattern: bool = True, arena: bool = True):
+    """An ONNX Runtime session (CPU provider unless ``providers``); ``optimize=False`` turns graph optimisations off;
+    ``threads``: intra-op threads (default: ONNX Runtime's, one per physical core); ``spinning=False``: idle worker
+    threads sleep instead of spinning (for processes that do other work between calls, e.g. a server);
+    ``memory_pattern=False``: no memory plan cached per input shape (a server sees every batch size: the
+    cached plans would grow its memory with each new size); ``arena=False``: tensors are allocated and freed
+    with the system allocator instead of ONNX Runtime's CPU arena, which keeps what it grew to."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -32,6 +38,14 @@ def ort_session(path: str, providers: list[str] | None = None, optimize: bool = 
     options = ort.SessionOptions()
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    if not arena:
+        options.enable_cpu_mem_arena = False
+    if not memory_pattern:
+        options.enable_mem_pattern = False
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(path, options, providers=providers or ["CPUExecutionProvider"])
 
 

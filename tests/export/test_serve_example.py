@@ -36,14 +36,3 @@ def test_serving_from_metadata_alone(tmp_path):
     want_txt = enc.encode_texts(tokenize(["a photo of a dog", "a red square"], enc.tokenizer)).numpy()
     np.testing.assert_allclose(got["image"], want_img, atol=2e-3)  # PIL vs torchvision resize rounding
     np.testing.assert_allclose(got["text"], want_txt, atol=1e-6)
-
-
-def test_triton_repository(tmp_path):
-    serve = _example()
-    export_onnx(surgery.load("builtin:tiny"), str(tmp_path / "m.onnx"))
-    written = serve.write_triton_repository(serve.pair(str(tmp_path / "m.onnx")), str(tmp_path / "repo"))
-    config = (tmp_path / "repo" / "clip_visual" / "config.pbtxt").read_text()
-    assert 'platform: "onnxruntime_onnx"' in config and 'name: "pixel_values"' in config and "dims: [3, 32, 32]" in config
-    text_config = (tmp_path / "repo" / "clip_text" / "config.pbtxt").read_text()
-    assert "TYPE_INT64" in text_config and "dims: [16]" in text_config
-    assert len(written) == 4 and all(pathlib.Path(p).exists() for p in written)

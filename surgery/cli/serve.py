@@ -1,0 +1,64 @@
+"""``clipsurgery serve``: an HTTP server over an exported pair, or a Triton repository for fleets
+(a thin click layer over surgery.serve). Registered in surgery/cli/main.py with ``main.add_command(serve)``.
+"""
+from __future__ import annotations
+
+import click
+
+from surgery.cli.errors import user_errors as _user_errors
+from surgery.serve.batcher import BatchOptions
+from surgery.serve.limits import ServeLimits
+from surgery.serve.server import ServeOptions, build_app, run_app
+from surgery.serve.triton_repo import write_triton_repository
+
+
+@click.command()
+@click.argument("model", metavar="OUT.onnx")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--max-batch", type=click.IntRange(1), default=32, show_default=True,
+              help="Rows (images or texts) per ONNX Runtime call, from concurrent requests.")
+@click.option("--max-wait-ms", type=click.FloatRange(0), default=5.0, show_default=True,
+              help="How long the oldest waiting row waits for others before its batch runs.")
+@click.option("--max-queue", type=click.IntRange(1), default=1024, show_default=True,
+              help="Rows waiting per tower; a request that does not fit is answered 503 with Retry-After.")
+@click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
+              help="Batches run at once per tower (threads sharing one session, each with cores/N ORT threads).")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--max-body-mb", type=click.FloatRange(0, min_open=True), default=16.0, show_default=True,
+              help="Largest request body (413 above).")
+@click.option("--max-image-pixels", type=click.IntRange(1), default=40_000_000, show_default=True,
+              help="Largest image (width x height, read from its header: decompression bombs are refused).")
+@click.option("--max-text-chars", type=click.IntRange(1), default=4096, show_default=True)
+@click.option("--max-items", type=click.IntRange(1), default=256, show_default=True,
+              help="Images or texts in one request.")
+@click.option("--triton-repo", "triton_repo", default=None, type=click.Path(file_okay=False),
+              help="Instead of serving: write a Triton Inference Server model repository here (the path for fleets; "
+                   "dynamic batching with --max-batch / --max-wait-ms) and exit.")
+@click.option("--force", is_flag=True, help="--triton-repo: replace a repository folder that holds files.")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
+              show_default=True)
+@_user_errors
+def serve(model, host, port, max_batch, max_wait_ms, max_queue, workers, provider, max_body_mb, max_image_pixels,
+          max_text_chars, max_items, triton_repo, force, log_level):
+    """Serve OUT.onnx (the pair written by export/debias) over HTTP with dynamic batching.
+
+    POST /v1/embeddings/image (multipart files or JSON {"images": [base64]}), /v1/embeddings/text
+    (JSON {"texts": [...]}), /v1/embeddings (OpenAI: {"input": ...}); GET /healthz, /readyz, /metrics
+    (Prometheus), /v1/model. SIGTERM drains in-flight requests and exits 0.
+    """
+    if triton_repo:
+        for path in write_triton_repository(model, triton_repo, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                                            force=force):
+            click.echo(f"wrote {path}")
+        return
+    options = ServeOptions(host=host, port=port, provider=provider, log_level=log_level,
+                           batch=BatchOptions(max_batch=max_batch, max_wait_s=max_wait_ms / 1000, max_queue=max_queue,
+                                              workers=workers),
+                           limits=ServeLimits(max_body_bytes=int(max_body_mb * 1024 * 1024),
+                                              max_image_pixels=max_image_pixels, max_text_chars=max_text_chars,
+                                              max_items=max_items))
+    app = build_app(model, options)  # opens the pair: a bad file is refused before anything listens
+    click.echo(f"serving {model} on http://{host}:{port} (GET /readyz turns 200 after warm-up)", err=True)
+    run_app(app, options)
+    click.echo("drained and stopped", err=True)

@@ -1,0 +1,152 @@
+"""The fairness gate for quantized files: a quantized pair must stay close to the fp32 export in
+what a debiased encoder promises, not only in its numbers.
+
+On labelled probe images (a world model's own eval split, or ``--gate-images/--gate-labels``):
+
+* mean cosine between the quantized and the fp32 embeddings, of the images and of the text
+  queries (each >= ``min_cosine``, default 0.99);
+* zero-shot concept accuracy within ``max_accuracy_change`` (default 1 point) of the fp32 file's
+  (either way: a changed ranking is a changed model), when the probe set names a concept;
+* mean MaxSkew@K of the neutral queries within ``max_skew_change`` (default 0.02) of the fp32
+  file's, for every protected attribute.
+
+The accuracy and bias figures come from :func:`surgery.eval.evaluate.evaluate`, the same code as
+``clipsurgery eval`` and ``compare``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from surgery.errors import SurgeryError
+from surgery.eval.embedding import EmbedOptions, embed_images, embed_texts
+from surgery.eval.encoders import Encoder
+from surgery.eval.evaluate import EvalSpec, evaluate, spec_from_folder
+from surgery.metrics.bias import BiasConventions
+from surgery.model.loading import LoadedModel
+from surgery.world.checkpoint import world_params_of
+from surgery.world.generator import balanced_size, generate, write_split
+from surgery.world.params import WorldParams
+
+GATE_BATCH = 64  # images per ONNX Runtime call while gating
+
+
+@dataclass
+class GateOptions:
+    min_cosine: float = 0.99  # mean cosine of quantized to fp32 embeddings (images and texts), at least
+    max_accuracy_change: float = 0.01  # zero-shot accuracy change (fraction: 0.01 = 1 point), at most
+    max_skew_change: float = 0.02  # change of mean MaxSkew@K, per attribute, at most
+
+    def __post_init__(self) -> None:
+        if not -1.0 <= self.min_cosine <= 1.0:
+            raise SurgeryError(f"gate minimum cosine {self.min_cosine} is outside [-1, 1]")
+        if not 0.0 <= self.max_accuracy_change <= 1.0:
+            raise SurgeryError(f"gate accuracy change {self.max_accuracy_change} is outside [0, 1] (a fraction)")
+        if self.max_skew_change < 0:
+            raise SurgeryError(f"gate MaxSkew change {self.max_skew_change} is negative")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class GateData:
+    """The gate's labelled probe images: a folder + labels, or a world whose eval split is generated."""
+    images_dir: str | None = None  # image folder (with labels_path)
+    labels_path: str | None = None  # labels CSV for images_dir (a world split's labels.csv names the concept)
+    world: WorldParams | None = None  # used when no folder is given: its eval split is generated
+    k: int = 50  # MaxSkew@K
+
+    def __post_init__(self) -> None:
+        if (self.images_dir is None) != (self.labels_path is None):
+            raise SurgeryError("--gate-images and --gate-labels go together")
+        if self.images_dir is None and self.world is None:
+            raise SurgeryError("a quantized export is gated on labelled probe images and this model carries no "
+                               "world to generate them from: pass --gate-images DIR --gate-labels CSV (for example "
+                               "a split written by clipsurgery world generate)")
+
+    @classmethod
+    def for_model(cls, loaded: LoadedModel | None, images_dir: str | None = None, labels_path: str | None = None,
+                  k: int = 50) -> "GateData":
+        world = world_params_of(loaded) if loaded is not None and images_dir is None else None
+        return cls(images_dir=images_dir, labels_path=labels_path, world=world, k=k)
+
+    def spec(self, work: str) -> EvalSpec:
+        """The probe set as an EvalSpec (a world's eval split is written under ``work``)."""
+        if self.images_dir is not None:
+            return spec_from_folder(self.images_dir, self.labels_path, conventions=BiasConventions(k=self.k))
+        folder = write_split(generate(self.world, "eval", balanced_size(self.world)), os.path.join(work, "gate"),
+                             overwrite=True)
+        return spec_from_folder(str(folder / "images"), str(folder / "labels.csv"),
+                                conventions=BiasConventions(k=self.k))
+
+    def describe(self) -> dict:
+        if self.images_dir is not None:
+            return {"images": self.images_dir, "labels": self.labels_path, "k": self.k}
+        return {"world": self.world.hash()[:12], "split": "eval", "n": balanced_size(self.world), "k": self.k}
+
+
+def gate_figures(reference: Encoder, candidate: Encoder, spec: EvalSpec, cache_dir: str | None = None) -> dict:
+    """The gate's figures: the candidate (quantized) encoder against the reference (fp32) one."""
+    spec = dataclasses.replace(spec, captions=None)  # retrieval is not gated: skip its embeddings
+    opt = EmbedOptions(batch_size=GATE_BATCH, cache_dir=cache_dir)  # evaluate() below reads what this embeds
+    texts = list(dict.fromkeys([*spec.queries, *(spec.class_prompts or [])]))
+    cos = {}
+    ref_img = embed_images(reference, spec.images_dir, spec.labels.files, opt)
+    got_img = embed_images(candidate, spec.images_dir, spec.labels.files, opt)
+    if not torch.equal(ref_img.indices, got_img.indices):
+        raise SurgeryError("the gate's images were read differently by the two files; check the image folder")
+    cos["image"] = _mean_cosine(ref_img.embeddings, got_img.embeddings)  # (n, D) each
+    cos["text"] = _mean_cosine(embed_texts(reference, texts, opt), embed_texts(candidate, texts, opt))  # (T, D)
+    before, after = evaluate(reference, spec, opt), evaluate(candidate, spec, opt)
+    figures: dict = {"n_images": before["n_images"], "n_texts": len(texts), "k": spec.conventions.k,
+                     "mean_cosine": cos}
+    if "zero_shot_accuracy" in before:
+        figures["zero_shot_accuracy"] = _pair(before["zero_shot_accuracy"], after["zero_shot_accuracy"])
+    figures["max_skew"] = {name: _pair(before["bias"][name]["max_skew"], after["bias"][name]["max_skew"])
+                           for name in spec.attributes}
+    return figures
+
+
+def check_gate(figures: dict, options: GateOptions) -> list[str]:
+    """What failed, one phrase each (empty when the gate passes). NaN fails every check."""
+    failures = []
+    for what, value in figures["mean_cosine"].items():
+        if not value >= options.min_cosine:
+            failures.append(f"{what} mean cosine {value:.4f} < {options.min_cosine}")
+    acc = figures.get("zero_shot_accuracy")
+    if acc is not None and not abs(acc["change"]) <= options.max_accuracy_change + 1e-12:
+        failures.append(f"zero-shot accuracy moved {100 * acc['change']:+.2f} points "
+                        f"(limit {100 * options.max_accuracy_change:g})")
+    for name, skew in figures["max_skew"].items():
+        if not abs(skew["change"]) <= options.max_skew_change + 1e-12:
+            failures.append(f"mean MaxSkew@{figures['k']} ({name}) moved {skew['change']:+.4f} "
+                            f"(limit {options.max_skew_change:g})")
+    return failures
+
+
+def format_gate(figures: dict) -> str:
+    """One line: cosine, accuracy and MaxSkew, fp32 -> quantized."""
+    parts = [f"mean cosine image {figures['mean_cosine']['image']:.4f}, text {figures['mean_cosine']['text']:.4f}"]
+    acc = figures.get("zero_shot_accuracy")
+    if acc is not None:
+        parts.append(f"zero-shot accuracy {100 * acc['fp32']:.2f}% -> {100 * acc['quantized']:.2f}% "
+                     f"({100 * acc['change']:+.2f} points)")
+    else:
+        parts.append("zero-shot accuracy not measured (the probe labels name no concept)")
+    for name, skew in figures["max_skew"].items():
+        parts.append(f"mean MaxSkew@{figures['k']} ({name}) {skew['fp32']:.4f} -> {skew['quantized']:.4f} "
+                     f"({skew['change']:+.4f})")
+    return f"{'; '.join(parts)} on {figures['n_images']} images"
+
+
+def _pair(fp32: float, quantized: float) -> dict:
+    return {"fp32": float(fp32), "quantized": float(quantized), "change": float(quantized) - float(fp32)}
+
+
+def _mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((F.normalize(a.float(), dim=-1) * F.normalize(b.float(), dim=-1)).sum(-1).mean())
