@@ -52,9 +52,9 @@ def main() -> None:
     from surgery.debias import pipeline
     from surgery.debias.budget import Budget
     from surgery.debias.pipeline import DebiasOptions, run_debias
+    from surgery.io.images import ImageFolderDataset
     from surgery.model.loading import load
     from surgery.model.preprocess import image_transform
-    from surgery.io.images import ImageFolderDataset
     from surgery.world.generator import generate, write_split
     from surgery.world.params import WorldParams
 

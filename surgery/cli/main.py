@@ -22,7 +22,7 @@ from surgery.debias.pipeline import DebiasOptions, run_debias
 from surgery.edit.bake import bake as bake_plan
 from surgery.edit.plan import SurgeryPlan
 from surgery.eval.compare import Row, compare, format_query_cuts, format_table, summary_rows, write_report
-from surgery.eval.embedding import EmbedOptions
+from surgery.eval.embedding import EmbedOptions, image_embeddings_from_cache
 from surgery.eval.encoders import open_encoder
 from surgery.eval.evaluate import evaluate, spec_from_folder
 from surgery.export.onnx import OnnxOptions, export_onnx
@@ -364,11 +364,15 @@ class _Bar:
 @main.command("eval")
 @click.argument("model")
 @_eval_options
+@click.option("--embed-cache", "embed_cache", default=None, type=click.Path(file_okay=False),
+              help="Image embeddings from 'clipsurgery embed MODEL --site embedding' instead of running the model.")
 @_user_errors
-def eval_cmd(model, out_dir, **kwargs):
+def eval_cmd(model, out_dir, embed_cache, **kwargs):
     """Bias, zero-shot accuracy and retrieval of one MODEL on a labelled image set."""
     spec, options = _spec_and_options(out_dir=out_dir, **kwargs)
-    report = evaluate(open_encoder(model), spec, options, _Bar([model]))
+    encoder = open_encoder(model)
+    images = image_embeddings_from_cache(embed_cache, spec.labels.files, encoder) if embed_cache else None
+    report = evaluate(encoder, spec, options, _Bar([model]), images=images)
     rows = summary_rows(report, None, spec.conventions.k)
     result = {"spec": spec.describe(), "before": report, "after": None,
               "rows": [{**vars(r), "change": None} for r in rows]}

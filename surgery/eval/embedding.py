@@ -15,10 +15,13 @@ from typing import Callable, Sequence
 
 import torch
 
+from surgery.errors import SurgeryError
 from surgery.eval.encoders import Encoder
 from surgery.io.checkpoint import write_safetensors
 from surgery.io.images import ImageFolderDataset, SkippedImage, data_hash
 from surgery.model.preprocess import image_transform, preprocess_key, tokenize
+from surgery.sae.activations import open_cache
+from surgery.sae.extract import read_part_sidecars
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,39 @@ class ImageEmbeddings:
     indices: torch.Tensor  # (n_kept,) int64: position of each row in the requested file list
     skipped: list[SkippedImage] = field(default_factory=list)
     from_cache: bool = False
+
+
+def image_embeddings_from_cache(cache_dir: str, files: Sequence[str], encoder: Encoder) -> ImageEmbeddings:
+    """The embeddings of ``files`` from a ``clipsurgery embed`` cache at the vision embedding site,
+    instead of running the encoder. The cache must come from ``encoder``'s weights and preprocessing;
+    a file is found by its sample key (a folder's file name, or a shard's key: the name without its
+    extension); files the cache lacks are listed as skipped."""
+    cache = open_cache(cache_dir)
+    if (cache.site.tower, cache.site.site) != ("vision", "embedding"):
+        raise SurgeryError(f"cache {cache_dir} holds {cache.site.tower}/{cache.site.site} activations; eval needs "
+                           "image embeddings: build it with 'clipsurgery embed MODEL --site embedding'")
+    if cache.model_hash != encoder.identity:
+        raise SurgeryError(f"cache {cache_dir} was made from another model (weights hash {cache.model_hash[:12]}, "
+                           f"this model {encoder.identity[:12]}); embed with this model or drop --cache")
+    if cache.source.get("preprocess") not in (None, preprocess_key(encoder.preprocess)):
+        raise SurgeryError(f"cache {cache_dir} was made with other preprocessing than this model's; rebuild it")
+    row_of: dict[str, tuple[int, int]] = {}  # sample key -> (shard, row)
+    for shard, (info, sidecar) in enumerate(zip(cache.shards, read_part_sidecars(cache))):
+        first = int(info.get("first_sample", 0))
+        for row, sample in enumerate(cache.read_samples(shard).tolist()):
+            row_of[sidecar["keys"][sample - first]] = (shard, row)
+    rows, kept, skipped = [], [], []
+    for i, name in enumerate(files):
+        where = row_of.get(name) or row_of.get(os.path.splitext(name)[0])
+        if where is None:
+            skipped.append(SkippedImage(name, "not in the embedding cache"))
+            continue
+        rows.append(cache.read(where[0], where[1], where[1] + 1))
+        kept.append(i)
+    if not rows:
+        raise SurgeryError(f"none of the {len(files)} labelled images is in the cache {cache_dir}; "
+                           "check that it was embedded from the same images")
+    return ImageEmbeddings(torch.cat(rows), torch.tensor(kept, dtype=torch.int64), skipped, from_cache=True)
 
 
 def embed_images(encoder: Encoder, images_dir: str, files: Sequence[str], options: EmbedOptions | None = None,

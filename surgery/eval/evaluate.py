@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from surgery import metrics
 from surgery.errors import DataError
-from surgery.eval.embedding import EmbedOptions, Progress, embed_images, embed_texts
+from surgery.eval.embedding import EmbedOptions, ImageEmbeddings, Progress, embed_images, embed_texts
 from surgery.eval.encoders import Encoder
 from surgery.io.captions import caption_pairs, load_captions
 from surgery.io.images import resolve_images_dir
@@ -105,11 +105,12 @@ def spec_from_folder(images_dir: str, labels_path: str, *, captions_path: str | 
 
 
 def evaluate(encoder: Encoder, spec: EvalSpec, options: EmbedOptions | None = None,
-             progress: Progress | None = None) -> dict:
-    """All metrics of one encoder on ``spec``; JSON-able."""
+             progress: Progress | None = None, images: ImageEmbeddings | None = None) -> dict:
+    """All metrics of one encoder on ``spec``; JSON-able. ``images``: the labelled images'
+    embeddings when they are already computed (an embed cache); otherwise the encoder embeds them."""
     opt = options or EmbedOptions()
     identity = encoder.identity  # hashes the weights: once per evaluation
-    imgs = embed_images(encoder, spec.images_dir, spec.labels.files, opt, progress)
+    imgs = images if images is not None else embed_images(encoder, spec.images_dir, spec.labels.files, opt, progress)
     kept = imgs.indices.tolist()
     image_emb = F.normalize(imgs.embeddings, dim=-1)  # (n, D)
     query_emb = F.normalize(embed_texts(encoder, spec.queries, opt, identity), dim=-1)  # (Q, D)

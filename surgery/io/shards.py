@@ -25,7 +25,7 @@ from pathlib import Path
 from braceexpand import braceexpand
 
 from surgery.errors import DataError
-from surgery.io.images import IMAGE_EXTENSIONS, data_hash, list_images
+from surgery.io.images import IMAGE_EXTENSIONS, data_hash, list_images, resolve_images_dir
 
 #: Images per unit of an image folder (a cache file each).
 DEFAULT_UNIT_IMAGES = 1024
@@ -87,6 +87,7 @@ def open_source(spec: str) -> ImageSource:
     """An image folder, one shard, a brace pattern of shards, a folder of shards, or ``A::B``."""
     spec = str(spec)
     if os.path.isdir(spec):
+        spec = resolve_images_dir(spec)  # a split folder (images/ + labels.csv) stands for its images/
         tars = sorted(str(p) for p in Path(spec).iterdir() if p.name.endswith(TAR_SUFFIXES))
         images = [p for p in Path(spec).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS]
         if tars and not images:

@@ -120,3 +120,34 @@ def test_sae_neurons_cli_reads_an_embed_cache(world, tmp_path):
     both = runner.invoke(main, ["sae", "neurons", str(tmp_path / "sae"), "builtin:world", "--cache",
                                 str(tmp_path / "cache"), "--images", images, "--attribute", "colour", "--out", str(out)])
     assert both.exit_code == 2 and "--cache replaces --images" in both.output
+
+
+def test_eval_reads_image_embeddings_from_an_embed_cache(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from surgery.cli.main import main
+
+    runner = CliRunner()
+    split = tmp_path / "split"
+    assert runner.invoke(main, ["world", "generate", "--out", str(split), "--n", "120", "--like",
+                                "builtin:world"]).exit_code == 0
+    result = runner.invoke(main, ["embed", "builtin:world", "--images", str(split), "--site", "embedding",
+                                  "--unit-images", "50", "--out", str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+    common = ["--images", str(split), "--labels", str(split / "labels.csv"), "--k", "20"]
+    ran = runner.invoke(main, ["eval", "builtin:world", *common, "--out", str(tmp_path / "ran")])
+    cached = runner.invoke(main, ["eval", "builtin:world", *common, "--embed-cache", str(tmp_path / "cache"),
+                                  "--out", str(tmp_path / "cached")])
+    assert ran.exit_code == 0 and cached.exit_code == 0, ran.output + cached.output
+    a = json.loads((tmp_path / "ran" / "report.json").read_text())["before"]
+    b = json.loads((tmp_path / "cached" / "report.json").read_text())["before"]
+    assert a["n_images"] == b["n_images"] == 120
+    assert a["zero_shot_accuracy"] == pytest.approx(b["zero_shot_accuracy"], abs=1e-9)
+    for attribute in a["bias"]:
+        for key in ("max_skew", "ndkl"):
+            assert a["bias"][attribute][key] == pytest.approx(b["bias"][attribute][key], abs=1e-6), key
+    other = runner.invoke(main, ["eval", "builtin:tiny", *common, "--embed-cache", str(tmp_path / "cache"),
+                                 "--out", str(tmp_path / "other")])
+    assert other.exit_code == 1 and "made from another model" in other.output
