@@ -112,9 +112,11 @@ def extract(model: nn.Module, site: Site, source: ImageSource, out_dir: str, tra
 
     for unit in iter_units(units, ranks.rank, ranks.world):
         part = _finished_part(out_dir, unit, stamp)
-        if part is not None:
+        if part is not None:  # finished by an earlier run: its images and its skipped ones count as before
             reused += 1
             n = int(part["embedded"])
+            sidecar = json.loads(Path(out_dir, part_name(unit) + ".json").read_text(encoding="utf-8"))
+            skipped += [tuple(s) for s in sidecar.get("skipped", [])]
             advance(n)
         else:
             try:
