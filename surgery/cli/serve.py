@@ -6,9 +6,9 @@ from __future__ import annotations
 import click
 
 from surgery.cli.errors import user_errors as _user_errors
+from surgery.errors import SurgeryError
 from surgery.serve.batcher import BatchOptions
 from surgery.serve.limits import ServeLimits
-from surgery.serve.server import ServeOptions, build_app, run_app
 from surgery.serve.triton_repo import write_triton_repository
 
 
@@ -52,6 +52,11 @@ def serve(model, host, port, max_batch, max_wait_ms, max_queue, workers, provide
                                             force=force):
             click.echo(f"wrote {path}")
         return
+    try:  # the serve extra is optional: every other command works without it
+        from surgery.serve.server import ServeOptions, build_app, run_app
+    except ImportError as exc:
+        raise SurgeryError(f"clipsurgery serve needs the serve extra (missing: {(exc.name or '?').split('.')[0]}); "
+                           "pip install 'clipsurgery[serve]' (from a checkout: pip install -e '.[cpu,serve]')") from None
     options = ServeOptions(host=host, port=port, provider=provider, log_level=log_level,
                            batch=BatchOptions(max_batch=max_batch, max_wait_s=max_wait_ms / 1000, max_queue=max_queue,
                                               workers=workers),
