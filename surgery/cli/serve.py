@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import click
 
+import surgery.serve as serving
 from surgery.cli.errors import user_errors as _user_errors
 from surgery.errors import SurgeryError
 from surgery.serve.batcher import BatchOptions
@@ -52,8 +53,8 @@ def serve(model, host, port, max_batch, max_wait_ms, max_queue, workers, provide
                                             force=force):
             click.echo(f"wrote {path}")
         return
-    try:  # the serve extra is optional: every other command works without it
-        from surgery.serve.server import ServeOptions, build_app, run_app
+    try:  # the serve extra is optional (surgery.serve imports its HTTP parts on first use)
+        ServeOptions, build_app, run_app = serving.ServeOptions, serving.build_app, serving.run_app
     except ImportError as exc:
         raise SurgeryError(f"clipsurgery serve needs the serve extra (missing: {(exc.name or '?').split('.')[0]}); "
                            "pip install 'clipsurgery[serve]' (from a checkout: pip install -e '.[cpu,serve]')") from None
