@@ -2,6 +2,7 @@
 does), and a command running as one rank of a job finds its place in it."""
 from __future__ import annotations
 
+import codecs
 import functools
 import logging
 import os
@@ -74,8 +75,9 @@ def relaunch_if_asked(launch: dict) -> None:
         sys.exit(subprocess.call(cmd))
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
     quiet = LauncherFilter()
+    decode = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span two reads
     for chunk in iter(lambda: os.read(proc.stderr.fileno(), 65536), b""):
-        sys.stderr.write(quiet.feed(chunk.decode("utf-8", errors="replace")))
+        sys.stderr.write(quiet.feed(decode.decode(chunk)))
         sys.stderr.flush()
     sys.stderr.write(quiet.feed("", final=True))
     rc = proc.wait()
