@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from dist_jobs import ENV
+from helpers import IdentityImageEncoder
 from safetensors.torch import load_file
 
 from surgery.sae import SAEConfig, Site, TrainOptions, build_cache, train_sae
@@ -34,15 +35,7 @@ def _cache(path, d: int, n: int = 1500, shard_rows: int = 250):
     dictionary = torch.randn(3 * d, d, generator=gen)
     codes = torch.rand(n, 3 * d, generator=gen) * (torch.rand(n, 3 * d, generator=gen) < 0.05)
 
-    class Identity(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.ones(1))
-
-        def encode_image(self, x):
-            return x
-
-    return build_cache(Identity(), Site("vision", "embedding"), (codes @ dictionary + 0.3).split(100), str(path),
+    return build_cache(IdentityImageEncoder(), Site("vision", "embedding"), (codes @ dictionary + 0.3).split(100), str(path),
                        shard_rows=shard_rows)
 
 

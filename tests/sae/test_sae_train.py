@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from helpers import IdentityImageEncoder
 
 from surgery.io.checkpoint import state_dict_hash
 from surgery.sae import (
@@ -32,15 +33,7 @@ def _synthetic_cache(tmp_path, n=600, d=8, shard_rows=128, name="cache"):
     codes = torch.rand(n, 24, generator=gen) * (torch.rand(n, 24, generator=gen) < 0.12)
     data = codes @ dictionary + 0.5
 
-    class Identity(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.ones(1))
-
-        def encode_image(self, x):
-            return x
-
-    return build_cache(Identity(), Site("vision", "embedding"), data.split(100), str(tmp_path / name),
+    return build_cache(IdentityImageEncoder(), Site("vision", "embedding"), data.split(100), str(tmp_path / name),
                        shard_rows=shard_rows), data
 
 
