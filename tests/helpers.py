@@ -45,3 +45,22 @@ class IdentityImageEncoder(torch.nn.Module):
 
     def encode_image(self, x):
         return x
+
+
+def random_probe(n: int = 40):
+    """A ProbeSet of n random 32 px images: 2 groups, 4 concepts, 3 neutral queries (the audit tests' probe)."""
+    from surgery.audit.probe import ProbeSet
+
+    gen = torch.Generator().manual_seed(0)
+    return ProbeSet(
+        images=torch.randn(n, 3, 32, 32, generator=gen),
+        groups=torch.arange(n) % 2, group_names=["a", "b"],
+        queries=["q1", "q2", "q3"], group_prompts=["ga", "gb"],
+        concepts=torch.arange(n) % 4, class_prompts=["c0", "c1", "c2", "c3"],
+    )
+
+
+def unit_texts(dim: int, count: int, seed: int) -> torch.Tensor:
+    """(count, dim) random unit vectors standing in for text embeddings."""
+    return torch.nn.functional.normalize(torch.randn(count, dim, generator=torch.Generator().manual_seed(seed)),
+                                         dim=-1)

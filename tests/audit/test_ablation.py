@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import random_probe, unit_texts
 
 import surgery
 from surgery import metrics
@@ -18,24 +19,16 @@ from surgery.audit.ablation import (
     soft_max_skew,
     soft_topk_params,
 )
-from surgery.audit.probe import ProbeSet
 from surgery.model.tiny import build_tiny_clip
 
 
 @pytest.fixture
 def probe():
-    gen = torch.Generator().manual_seed(0)
-    n = 40
-    return ProbeSet(
-        images=torch.randn(n, 3, 32, 32, generator=gen),
-        groups=torch.arange(n) % 2, group_names=["a", "b"],
-        queries=["q1", "q2", "q3"], group_prompts=["ga", "gb"],
-        concepts=torch.arange(n) % 4, class_prompts=["c0", "c1", "c2", "c3"],
-    )
+    return random_probe(40)
 
 
 def _texts(dim, count, seed):
-    return F.normalize(torch.randn(count, dim, generator=torch.Generator().manual_seed(seed)), dim=-1)
+    return unit_texts(dim, count, seed)
 
 
 def _naive(model, probe, queries, classes, means, ablation, k):

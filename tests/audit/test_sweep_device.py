@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import random_probe, unit_texts
 
 from surgery.audit.ablation import SweepOptions, ablation_sweep, head_means
-from surgery.audit.probe import ProbeSet
 from surgery.model.tiny import build_tiny_clip
 
 CUDA = torch.cuda.is_available()
@@ -16,18 +15,11 @@ CUDA = torch.cuda.is_available()
 
 @pytest.fixture
 def probe():
-    gen = torch.Generator().manual_seed(0)
-    n = 40  # batches of 16, 16, 8: full batches take the graph path, the last one runs eagerly
-    return ProbeSet(
-        images=torch.randn(n, 3, 32, 32, generator=gen),
-        groups=torch.arange(n) % 2, group_names=["a", "b"],
-        queries=["q1", "q2", "q3"], group_prompts=["ga", "gb"],
-        concepts=torch.arange(n) % 4, class_prompts=["c0", "c1", "c2", "c3"],
-    )
+    return random_probe(40)  # batches of 16, 16, 8: full batches take the graph path, the last one runs eagerly
 
 
 def _texts(dim, count, seed):
-    return F.normalize(torch.randn(count, dim, generator=torch.Generator().manual_seed(seed)), dim=-1)
+    return unit_texts(dim, count, seed)
 
 
 def _sweep(model, probe, backend, device="cpu", **options):
