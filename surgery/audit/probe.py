@@ -16,7 +16,7 @@ from surgery.eval.evaluate import PROTECTED_COLUMNS
 from surgery.io.captions import load_captions
 from surgery.io.images import ImageFolderDataset, data_hash, resolve_images_dir
 from surgery.io.labels import load_labels
-from surgery.io.queries import NEUTRAL_QUERIES
+from surgery.io.queries import NEUTRAL_QUERIES, person_group_prompt
 from surgery.metrics.retrieval import retrieval_recall
 from surgery.model.preprocess import image_transform, images_to_tensor
 from surgery.world.generator import CAPTIONS_CSV, WORLD_JSON, generate, split_dir
@@ -101,15 +101,16 @@ def caption_recalls(image_emb: torch.Tensor, caption_emb: torch.Tensor, captions
 
 
 def edit_figures(emb: torch.Tensor, probe: ProbeSet, query_emb: torch.Tensor, class_emb: torch.Tensor | None,
-                 k: int, caption_emb: torch.Tensor | None = None) -> dict:
+                 k: int, caption_emb: torch.Tensor | None = None, group_emb: torch.Tensor | None = None) -> dict:
     """The figures every edit is judged by, on a probe set's images.
 
     ``emb (N, D)``: the (possibly edited) L2-normalised image embeddings of ``probe``'s images;
     ``query_emb (Q, D)`` neutral queries, ``class_emb (C, D)`` class prompts (or None),
-    ``caption_emb (N, D)`` each image's caption (or None). Returns ``max_skew`` (mean MaxSkew@K
-    over the queries), ``accuracy`` (zero-shot concept accuracy, when classes and concepts are
-    known), ``recall`` (text->image hit@5 of the captions) and ``recall_i2t`` (image->text hit@5),
-    see :func:`caption_recalls`.
+    ``caption_emb (N, D)`` each image's caption (or None), ``group_emb (G, D)`` the group prompts
+    (or None). Returns ``max_skew`` (mean MaxSkew@K over the queries), ``accuracy`` (zero-shot
+    concept accuracy, when classes and concepts are known), ``recall`` (text->image hit@5 of the
+    captions) and ``recall_i2t`` (image->text hit@5), see :func:`caption_recalls`, and
+    ``group_accuracy`` (zero-shot group accuracy with the group prompts: attribute retention).
     """
     out = {"max_skew": float(metrics.max_skew_at_k(query_emb @ emb.T, probe.groups, k, len(probe.group_names)).mean())}
     if class_emb is not None and probe.concepts is not None:
@@ -117,6 +118,8 @@ def edit_figures(emb: torch.Tensor, probe: ProbeSet, query_emb: torch.Tensor, cl
     if caption_emb is not None:
         both = caption_recalls(emb, caption_emb, probe.captions)
         out["recall"], out["recall_i2t"] = both["t2i"], both["i2t"]
+    if group_emb is not None:
+        out["group_accuracy"] = float(((group_emb @ emb.T).argmax(0) == probe.groups).double().mean())
     return out
 
 
@@ -156,7 +159,7 @@ def folder_probe_set(images_dir: str, labels_path: str, attribute: str | None, p
     dataset = ImageFolderDataset(images_dir, labels.files, image_transform(preprocess),
                                  max_skipped_fraction=max_skipped_fraction)
     index = torch.tensor(dataset.indices, dtype=torch.long)
-    extra: dict = {"group_prompts": [f"a photo of a {v.replace('_', ' ')} person" for v in values],
+    extra: dict = {"group_prompts": [person_group_prompt(v) for v in values],
                    "queries": queries or NEUTRAL_QUERIES["occupations"] + NEUTRAL_QUERIES["traits"]}
     side = split_dir(labels_path, images_dir)
     if (side / WORLD_JSON).is_file() and attribute == "group" and "concept" in labels.attributes:

@@ -18,6 +18,8 @@ from surgery.cli.device import device_options as _device_options
 from surgery.cli.errors import user_errors
 from surgery.cli.quantize import export_int8, quantize_options
 from surgery.debias.budget import Budget
+from surgery.debias.balance import BalanceOptions
+from surgery.debias.balance_job import run_balance
 from surgery.debias.pipeline import DebiasOptions, run_debias
 from surgery.edit.bake import bake as bake_plan
 from surgery.edit.plan import SurgeryPlan
@@ -193,10 +195,15 @@ def audit(model, images_dir, labels_path, tower, attributes, prompts_path, top_k
 @click.option("--images", "images_dir", default=None, type=click.Path(), help="Probe images (default: the model's world).")
 @click.option("--labels", "labels_path", default=None, type=click.Path())
 @click.option("--attributes", default=None, help="Protected attribute column.")
+@click.option("--queries", "queries_path", default=None, type=click.Path(),
+              help="Neutral queries file (one per line or a JSON list; default: the world's concepts, or the "
+                   "built-in occupations and traits).")
 @click.option("--max-bias-ratio", type=float, default=0.5, show_default=True, help="Target: MaxSkew after/before.")
 @click.option("--max-accuracy-drop", type=float, default=2.0, show_default=True, help="Target: points of concept accuracy.")
 @click.option("--max-recall-drop", type=float, default=2.0, show_default=True,
               help="Target: points of Recall@5, text->image and image->text each (probes with captions: a world's own).")
+@click.option("--max-group-accuracy-drop", type=float, default=2.0, show_default=True,
+              help="Target: points of zero-shot group accuracy with the group prompts (attribute retention).")
 @click.option("--max-heads", type=int, default=8, show_default=True)
 @click.option("--k", type=int, default=50, show_default=True)
 @click.option("--n-probe", type=int, default=None,
@@ -208,15 +215,21 @@ def audit(model, images_dir, labels_path, tower, attributes, prompts_path, top_k
                    "(default 0.5; 0: report on the images the edits were chosen on).")
 @click.option("--tower", type=click.Choice(["vision", "text", "both"]), default="both", show_default=True,
               help="ONNX towers to export.")
-@click.option("--heads-only", is_flag=True, help="Only soft-prune heads (no SAE neurons).")
-@click.option("--neurons-only", is_flag=True, help="Only deactivate SAE neurons (no head edits).")
+@click.option("--heads-only", is_flag=True, help="Only soft-prune heads (no SAE neurons, no balance edit).")
+@click.option("--neurons-only", is_flag=True, help="Only deactivate SAE neurons (no head edits, no balance edit).")
+@click.option("--balance-only", is_flag=True, help="Only the balance edit (no head or neuron edits).")
+@click.option("--no-balance", is_flag=True, help="Only removal edits (heads and neurons, the seeds' methods).")
+@click.option("--removal", type=click.Choice(["auto", "always"]), default="auto", show_default=True,
+              help="auto: search head and neuron edits only when the balance edit alone misses the targets on the "
+                   "selection draws; always: search them in any case.")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs (never the input).")
 @click.option("--allow-miss", is_flag=True,
               help=f"Exit 0 even when the targets are not met on the report's images (default: exit {EXIT_TARGETS_MISSED}).")
 @_user_errors
-def debias(model_in, out, images_dir, labels_path, attributes, max_bias_ratio, max_accuracy_drop, max_recall_drop,
-           max_heads, k, n_probe, selection_draws, holdout, tower, heads_only, neurons_only, force, allow_miss):
-    """Audit IN, choose head edits, bake them, export OUT (.onnx or .safetensors), and compare.
+def debias(model_in, out, images_dir, labels_path, attributes, queries_path, max_bias_ratio, max_accuracy_drop, max_recall_drop,
+           max_group_accuracy_drop, max_heads, k, n_probe, selection_draws, holdout, tower, heads_only, neurons_only,
+           balance_only, no_balance, removal, force, allow_miss):
+    """Choose edits for IN (balance, heads, neurons), bake them, export OUT (.onnx or .safetensors), and compare.
 
     Exit status: 0 when the targets hold on the report's images, 1 on an error, 2 on bad usage,
     3 when the outputs were written but a target was missed (pipelines can gate on it; --allow-miss
@@ -226,19 +239,25 @@ def debias(model_in, out, images_dir, labels_path, attributes, max_bias_ratio, m
         raise click.UsageError(f"output {out} must end in .onnx or .safetensors")
     if (images_dir is None) != (labels_path is None):
         raise click.UsageError("--images and --labels go together")
-    if heads_only and neurons_only:
-        raise click.UsageError("--heads-only and --neurons-only exclude each other")
+    only = [name for name, on in (("--heads-only", heads_only), ("--neurons-only", neurons_only),
+                                  ("--balance-only", balance_only)) if on]
+    if len(only) > 1:
+        raise click.UsageError(f"{only[0]} and {only[1]} exclude each other")
+    if balance_only and no_balance:
+        raise click.UsageError("--balance-only and --no-balance exclude each other")
     if holdout is not None and images_dir is None:
         raise click.UsageError("--holdout applies to --images probes only (a world model's report is on its own "
                                "eval split)")
     budget = Budget(max_bias_ratio=max_bias_ratio, max_accuracy_drop=max_accuracy_drop / 100.0,
-                    max_recall_drop=max_recall_drop / 100.0)
+                    max_recall_drop=max_recall_drop / 100.0, max_group_accuracy_drop=max_group_accuracy_drop / 100.0)
     options = DebiasOptions(budget=budget, max_heads=max_heads, k=k, n_probe=n_probe,
                             selection_draws=selection_draws, holdout=0.5 if holdout is None else holdout,
-                            tower=tower, force=force,
-                            heads=not neurons_only, neurons=not heads_only)
+                            tower=tower, force=force, removal=removal,
+                            heads=not (neurons_only or balance_only), neurons=not (heads_only or balance_only),
+                            balance=not (heads_only or neurons_only or no_balance))
     summary = run_debias(model_in, out, options, images_dir=images_dir, labels_path=labels_path,
                          attribute=attributes.split(",")[0] if attributes else None,
+                         queries=load_queries(queries_path) if queries_path else None,
                          progress=lambda msg: click.echo(msg, err=True))
     click.echo(summary["table"])
     for line in summary["lines"]:
@@ -247,6 +266,43 @@ def debias(model_in, out, images_dir, labels_path, attributes, max_bias_ratio, m
         click.echo(f"exit {EXIT_TARGETS_MISSED}: a target was missed on the report's images (--allow-miss exits 0)",
                    err=True)
         click.get_current_context().exit(EXIT_TARGETS_MISSED)
+
+
+@main.command()
+@click.argument("model_in", metavar="MODEL")
+@click.option("--images", "images_dir", default=None, type=click.Path(),
+              help="Labelled probe images (default: draws of the model's world).")
+@click.option("--labels", "labels_path", default=None, type=click.Path())
+@click.option("--attributes", default=None, help="Protected attribute column.")
+@click.option("--queries", "queries_path", default=None, type=click.Path(),
+              help="Neutral queries to balance (one per line or a JSON list; default: the world's concepts, or the "
+                   "built-in occupations and traits).")
+@click.option("--out", "plan_out", required=True, type=click.Path(), help="Plan JSON to write.")
+@click.option("--side", type=click.Choice(["text", "image"]), default="text", show_default=True,
+              help="Which embedding the map moves: text (folded into text_projection) or image (visual.proj).")
+@click.option("--k", type=int, default=50, show_default=True)
+@click.option("--selection-draws", type=click.IntRange(1, 16), default=8, show_default=True,
+              help="World models: independent draws the fit uses.")
+@click.option("--max-accuracy-drop", type=float, default=2.0, show_default=True)
+@click.option("--max-recall-drop", type=float, default=2.0, show_default=True)
+@click.option("--max-group-accuracy-drop", type=float, default=2.0, show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite an existing plan (never an input).")
+@_user_errors
+def balance(model_in, images_dir, labels_path, attributes, queries_path, plan_out, side, k, selection_draws,
+            max_accuracy_drop, max_recall_drop, max_group_accuracy_drop, force):
+    """Fit only the balance edit of MODEL (equal evidence per group for each neutral query) and write its plan."""
+    if (images_dir is None) != (labels_path is None):
+        raise click.UsageError("--images and --labels go together")
+    budget = Budget(max_accuracy_drop=max_accuracy_drop / 100.0, max_recall_drop=max_recall_drop / 100.0,
+                    max_group_accuracy_drop=max_group_accuracy_drop / 100.0)
+    options = DebiasOptions(budget=budget, k=k, selection_draws=selection_draws, heads=False, neurons=False,
+                            balance_options=BalanceOptions(side=side, k=k))
+    summary = run_balance(model_in, plan_out, options, images_dir=images_dir, labels_path=labels_path,
+                          attribute=attributes.split(",")[0] if attributes else None,
+                          queries=load_queries(queries_path) if queries_path else None, force=force,
+                          progress=lambda msg: click.echo(msg, err=True))
+    for line in summary["lines"]:
+        click.echo(line)
 
 
 class _StageBar:

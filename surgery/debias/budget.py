@@ -3,7 +3,9 @@
 A :class:`Budget` is relative to the unedited model: mean MaxSkew@K must fall to at most
 ``max_bias_ratio`` of its value, while zero-shot concept accuracy and Recall@5 may
 drop by at most ``max_accuracy_drop`` / ``max_recall_drop`` (fractions; the CLI takes points),
-the recall budget holding in both directions (text->image and image->text).
+the recall budget holding in both directions (text->image and image->text), and zero-shot group
+accuracy with the group prompts (attribute retention: group-naming texts keep their meaning) by at
+most ``max_group_accuracy_drop``.
 The head search, the neuron search and the final report all read the same object.
 """
 from __future__ import annotations
@@ -28,11 +30,12 @@ class Budget:
     max_bias_ratio: float = 0.5  # mean MaxSkew@K after / before must be <= this, in (0, 1]
     max_accuracy_drop: float = 0.02  # zero-shot concept accuracy may drop by at most this (fraction, [0, 1])
     max_recall_drop: float = 0.02  # text->image and image->text Recall@5 may each drop by at most this (fraction)
+    max_group_accuracy_drop: float = 0.02  # zero-shot group accuracy (group prompts) may drop by at most this
 
     def __post_init__(self) -> None:
         if not 0 < self.max_bias_ratio <= 1:
             raise SurgeryError(f"--max-bias-ratio must be in (0, 1], got {self.max_bias_ratio}")
-        for name in ("max_accuracy_drop", "max_recall_drop"):
+        for name in ("max_accuracy_drop", "max_recall_drop", "max_group_accuracy_drop"):
             if not 0 <= getattr(self, name) <= 1:
                 raise SurgeryError(f"--{name.replace('_', '-')} must be between 0 and 100 points, "
                                    f"got {100 * getattr(self, name):g}")
@@ -42,10 +45,13 @@ class Budget:
         return current["max_skew"] <= self.max_bias_ratio * before["max_skew"]
 
     def within(self, before: dict, trial: dict) -> bool:
-        """Concept accuracy and recall in both directions (where measured) dropped by no more than their budgets."""
+        """Concept accuracy, recall in both directions and group accuracy (where measured) dropped
+        by no more than their budgets."""
         return (before.get("accuracy", 0.0) - trial.get("accuracy", 0.0) <= self.max_accuracy_drop + POINTS_TOLERANCE
                 and all(before.get(key, 0.0) - trial.get(key, 0.0) <= self.max_recall_drop + POINTS_TOLERANCE
-                        for key in RECALL_KEYS))
+                        for key in RECALL_KEYS)
+                and before.get("group_accuracy", 0.0) - trial.get("group_accuracy", 0.0)
+                <= self.max_group_accuracy_drop + POINTS_TOLERANCE)
 
     def tightened(self, margin: float, bias_margin: float) -> Budget:
         """The budget a search aims for on selection probes, so that it still holds on other images:
@@ -53,7 +59,8 @@ class Budget:
         return dataclasses.replace(
             self, max_bias_ratio=max(MIN_SELECTION_RATIO, self.max_bias_ratio - bias_margin),
             max_accuracy_drop=max(0.0, self.max_accuracy_drop - margin),
-            max_recall_drop=max(0.0, self.max_recall_drop - margin))
+            max_recall_drop=max(0.0, self.max_recall_drop - margin),
+            max_group_accuracy_drop=max(0.0, self.max_group_accuracy_drop - margin))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

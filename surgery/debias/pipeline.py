@@ -1,9 +1,15 @@
-"""``clipsurgery debias``: audit -> choose edits -> plan -> bake -> export -> verify -> compare.
+"""``clipsurgery debias``: choose edits -> plan -> bake -> export -> verify -> compare.
 
 :func:`run_debias` reads as its steps: check the outputs, open the model, build the probes (what
-the edits are chosen on, and the report's images), audit the heads, embed the prompts, train an
-SAE and find its social-neuron candidates, choose head edits and neurons in one search, write the
+the edits are chosen on, and the report's images), embed the prompts, choose the edits, write the
 plan (and move the SAE into place when the plan uses it), bake and export, compare before / after.
+
+Choosing the edits (:func:`choose_edits`) goes from cheap to dear: the balance edit (a closed-form
+fit on the probe's embeddings, seconds) is measured first; when it alone meets the targets on the
+selection draws, the removal edits are not searched (``removal="always"`` searches them anyway).
+Otherwise the heads are audited, an SAE is trained for social-neuron candidates, and one search
+chooses among the balance edit, head edits and neurons together (the balance refitted on top of
+every removal edit it is tried with).
 """
 from __future__ import annotations
 
@@ -18,10 +24,11 @@ import torch
 
 from surgery.audit.probe import ProbeSet, folder_probe_set, world_probe_set
 from surgery.audit.vision import AuditOptions, AuditResult, audit_vision
+from surgery.debias.balance import BalanceOptions
 from surgery.debias.budget import POINTS_TOLERANCE, Budget, bias_ratio
 from surgery.debias.heads import SearchResult, plan_from_search
 from surgery.debias.neurons import NeuronStageOptions, neuron_edit, train_social_sae
-from surgery.debias.search import EditSearchOptions, search_edits
+from surgery.debias.search import BalanceCandidate, EditSearchOptions, search_edits
 from surgery.edit.bake import bake
 from surgery.edit.plan import NeuronEdit, SurgeryPlan
 from surgery.errors import SurgeryError
@@ -40,6 +47,7 @@ from surgery.model.encode import caption_embeddings, text_embeddings
 from surgery.model.loading import LoadedModel, load
 from surgery.model.preprocess import images_to_tensor
 from surgery.world.checkpoint import world_params_of
+from surgery.world.params import WorldParams
 from surgery.world.generator import (
     CAPTIONS_CSV,
     WORLD_JSON,
@@ -51,6 +59,7 @@ from surgery.world.generator import (
 )
 
 SELECTION_SEED_OFFSET = 1000  # the selection probe is another draw of the world than the report's
+REMOVAL_MODES = ("auto", "always")
 
 
 @dataclass
@@ -64,6 +73,13 @@ class DebiasOptions:
     force: bool = False  # overwrite outputs
     heads: bool = True  # search head edits
     neurons: bool = True  # train an SAE and deactivate social neurons (vision embedding)
+    balance: bool = True  # fit the balance edit (a low-rank map of the text embedding) and search it with the others
+    # "auto": removal edits (heads, neurons) are searched only when the balance edit alone misses the
+    # targets on the selection draws, and the search stops at the target; "always": searched in any
+    # case, and the search goes on while an edit lowers bias within the budgets (the report then
+    # shows what each kind adds)
+    removal: str = "auto"
+    balance_options: BalanceOptions = field(default_factory=BalanceOptions)  # side, neighbourhood, ridge, ...
     # The edits are chosen on selection probes (other draws than the report's images); the accuracy
     # and recall budgets are tightened by this much there so that they still hold on the report's split.
     selection_margin: float = 0.005
@@ -81,8 +97,12 @@ class DebiasOptions:
     def __post_init__(self) -> None:
         if not 0 <= self.holdout < 1:
             raise SurgeryError(f"--holdout must be at least 0 and below 1, got {self.holdout}")
-        if not (self.heads or self.neurons):
-            raise SurgeryError("nothing to do: --heads-only and --neurons-only exclude each other")
+        if not (self.heads or self.neurons or self.balance):
+            raise SurgeryError("nothing to do: every edit kind is switched off")
+        if self.removal not in REMOVAL_MODES:
+            raise SurgeryError(f"--removal must be one of {', '.join(REMOVAL_MODES)}, got {self.removal!r}")
+        if self.balance_options.k != self.k:
+            self.balance_options = dataclasses.replace(self.balance_options, k=self.k)
 
     def selection_budget(self) -> Budget:
         """The budget the searches aim for on the selection probes (tightened by the margins)."""
@@ -119,9 +139,9 @@ class Probes:
     the report's images (``eval_images``/``eval_labels``, checked as ``spec``)."""
 
     selection: list[ProbeSet]
-    eval_images: str
-    eval_labels: str
-    sae_images: torch.Tensor | None  # (N, 3, H, W) unlabelled SAE training images; None: the probe's own
+    eval_images: str | None  # None: no report (clipsurgery balance)
+    eval_labels: str | None
+    world: WorldParams | None  # a world model's world: the SAE trains on its train split; None: on the probe's images
     source: dict | None = None  # folder probes: recorded in the plan's provenance
     spec: EvalSpec | None = None
     eval_name: str | None = None  # how the report names generated images (their temp folder is gone after the run)
@@ -134,19 +154,25 @@ class Probes:
 @dataclass
 class Prompts:
     """Normalised text embeddings the searches score with: neutral queries (Q, D), class prompts
-    (C, D) or None, and per selection draw each image's caption (N, D) or None."""
+    (C, D) or None, group prompts (G, D), per selection draw each image's caption (N, D) or None,
+    and every distinct caption of the selection draws (U, D) (texts a balance edit must not move
+    needlessly)."""
 
     queries: torch.Tensor
     classes: torch.Tensor | None
     captions: list[torch.Tensor | None]
+    groups: torch.Tensor
+    distinct_captions: torch.Tensor | None = None
 
 
 Say = Callable[[str], None]
 
 
 def run_debias(model_in: str, out: str, options: DebiasOptions, *, images_dir: str | None = None,
-               labels_path: str | None = None, attribute: str | None = None, progress: Say | None = None) -> dict:
-    """Debias ``model_in`` into ``out`` (.onnx or .safetensors); returns the table and summary lines."""
+               labels_path: str | None = None, attribute: str | None = None, queries: list[str] | None = None,
+               progress: Say | None = None) -> dict:
+    """Debias ``model_in`` into ``out`` (.onnx or .safetensors); returns the table and summary lines.
+    ``queries``: the neutral queries (default: the world's concepts, or the built-in occupations and traits)."""
     say = progress or (lambda msg: None)
     outputs = Outputs.of(out, options.tower)
     outputs.check(model_in, options.force)
@@ -154,15 +180,12 @@ def run_debias(model_in: str, out: str, options: DebiasOptions, *, images_dir: s
     work = staging_dir("clipsurgery-debias-")
     neurons, placed, plan_saved = None, False, False
     try:
-        probes = build_probes(loaded, model_in, options, work, images_dir, labels_path, attribute, say)
-        say("auditing heads (cheap scores a, b, d and the single-head ablation sweep c)")
-        audit = audit_vision(loaded.model, probes.first, loaded.tokenizer,
-                             AuditOptions(k=options.k, sweep=options.heads, textspan_iterations=0, propose=False))
+        probes = build_probes(loaded, model_in, options, work, images_dir, labels_path, attribute, say, queries)
         prompts = embed_prompts(loaded, probes, say)
-        neurons = train_neurons(loaded, probes, options, outputs.sae, say)
-        search = choose_edits(loaded, probes, audit, prompts, options, neurons, say)
+        choice = choose_edits(loaded, probes, prompts, options, outputs.sae, say)
+        neurons, search = choice.neurons, choice.search
         entry = neuron_edit(outputs.sae, search.latents, NeuronStageOptions()) if search.latents else None
-        plan = make_plan(loaded, search, audit, options, probes, entry, neurons.summary if neurons else None)
+        plan = make_plan(loaded, choice, options, probes, entry)
         remove_previous(outputs)  # --force: an earlier run's plan and SAE go together, before either is replaced
         if entry is not None:
             os.replace(neurons.staging, outputs.sae)  # complete: trained in staging beside it
@@ -179,11 +202,11 @@ def run_debias(model_in: str, out: str, options: DebiasOptions, *, images_dir: s
         if neurons is not None:
             shutil.rmtree(neurons.staging, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
-    return summarise(result, search, exported, outputs, plan, options)
+    return summarise(result, choice, exported, outputs, plan, options)
 
 
 def build_probes(loaded: LoadedModel, model_in: str, options: DebiasOptions, work: str, images_dir: str | None,
-                 labels_path: str | None, attribute: str | None, say: Say) -> Probes:
+                 labels_path: str | None, attribute: str | None, say: Say, queries: list[str] | None = None) -> Probes:
     """Folder probes (``--images``: a held-out part for the report) or draws of a world model's own world."""
     params = world_params_of(loaded)
     if images_dir:
@@ -196,37 +219,53 @@ def build_probes(loaded: LoadedModel, model_in: str, options: DebiasOptions, wor
                 f"the other {options.holdout:.0%} (--holdout)")
         else:
             say("warning: --holdout 0: the report is on the same images the edits were chosen on")
-        probe = folder_probe_set(images_dir, selection_labels, attribute, loaded.preprocess)
+        probe = folder_probe_set(images_dir, selection_labels, attribute, loaded.preprocess, queries=queries)
         probes = Probes([probe], images_dir, eval_labels, None,
                         source={"images": images_dir, "labels": labels_path, "holdout": options.holdout,
                                 "selection_images": len(probe)})
     elif params is not None:
-        n = balanced_size(params) if options.n_probe is None else check_eval_size(params, options.n_probe, "--n-probe")
-        selection = [world_probe_set(dataclasses.replace(params, seed=params.seed + SELECTION_SEED_OFFSET + i),
-                                     loaded.preprocess, n) for i in range(max(1, options.selection_draws))]
+        n = world_probe_size(params, options)
+        selection = world_selection(loaded, params, options, queries)
         write_split(generate(params, "eval", n), os.path.join(work, "eval"))
-        sae_images = images_to_tensor(generate(params, "train", options.sae_images).images, loaded.preprocess)
         probes = Probes(selection, os.path.join(work, "eval", "images"), os.path.join(work, "eval", "labels.csv"),
-                        sae_images, eval_name=f"the model's own world, eval split (seed {params.seed}, {n} images, "
-                                              f"regenerate with: clipsurgery world generate --like MODEL --n {n})")
+                        params, eval_name=f"the model's own world, eval split (seed {params.seed}, {n} images, "
+                                          f"regenerate with: clipsurgery world generate --like MODEL --n {n})")
         say(f"probing on {len(selection)} generated draws of the model's world (selection seeds "
             f"{params.seed + SELECTION_SEED_OFFSET}+; report on its own eval split, {n} images)")
     else:
         raise SurgeryError(f"vision surgery needs probe images: pass --images DIR --labels CSV "
                            f"({model_in} carries no world to generate them from)")
     # The report's images are checked (K, groups, labels) before anything is chosen or written.
-    probes.spec = spec_from_folder(probes.eval_images, probes.eval_labels, conventions=BiasConventions(k=options.k))
+    probes.spec = spec_from_folder(probes.eval_images, probes.eval_labels, conventions=BiasConventions(k=options.k),
+                                   queries=list(queries) if queries else None)
     return probes
+
+
+def world_probe_size(params: WorldParams, options: DebiasOptions) -> int:
+    """Images per generated draw: ``--n-probe``, or about 1200 (a multiple of concepts x groups)."""
+    return balanced_size(params) if options.n_probe is None else check_eval_size(params, options.n_probe, "--n-probe")
+
+
+def world_selection(loaded: LoadedModel, params: WorldParams, options: DebiasOptions,
+                    queries: list[str] | None = None) -> list[ProbeSet]:
+    """The selection draws of a world model: other seeds of its world than the report's."""
+    n = world_probe_size(params, options)
+    selection = [world_probe_set(dataclasses.replace(params, seed=params.seed + SELECTION_SEED_OFFSET + i),
+                                 loaded.preprocess, n) for i in range(max(1, options.selection_draws))]
+    return [dataclasses.replace(p, queries=list(queries)) for p in selection] if queries else selection
 
 
 def embed_prompts(loaded: LoadedModel, probes: Probes, say: Say) -> Prompts:
     """The neutral queries, class prompts and captions of the selection probes, and which budgets they can check."""
     probe = probes.first
+    distinct = sorted({c for p in probes.selection for c in (p.captions or [])})
     prompts = Prompts(
         queries=text_embeddings(loaded.model, probe.queries, loaded.tokenizer),
         classes=text_embeddings(loaded.model, probe.class_prompts, loaded.tokenizer) if probe.class_prompts else None,
         captions=[caption_embeddings(loaded.model, p.captions, loaded.tokenizer) if p.captions is not None else None
-                  for p in probes.selection])
+                  for p in probes.selection],
+        groups=text_embeddings(loaded.model, probe.group_prompts, loaded.tokenizer),
+        distinct_captions=text_embeddings(loaded.model, distinct, loaded.tokenizer) if distinct else None)
     if prompts.classes is None or probe.concepts is None:
         say("warning: the probe has no concept labels, so the accuracy budget cannot be checked")
     if all(c is None for c in prompts.captions):
@@ -251,7 +290,10 @@ def train_neurons(loaded: LoadedModel, probes: Probes, options: DebiasOptions, s
     if not options.neurons:
         return None
     say("training an SAE on unlabelled vision embeddings and finding social-neuron candidates")
-    train = probes.sae_images if probes.sae_images is not None else probes.first.images[0:len(probes.first)]
+    if probes.world is not None:
+        train = images_to_tensor(generate(probes.world, "train", options.sae_images).images, loaded.preprocess)
+    else:
+        train = probes.first.images[0:len(probes.first)]
     # trained in a staging folder beside sae_dir and moved into place complete when the plan uses it:
     # a killed run never leaves a half-written SAE folder (a SIGKILL's staging is removed by the next run)
     staging = staging_dir(f".{os.path.basename(sae_dir)}.", os.path.dirname(os.path.abspath(sae_dir)))
@@ -263,17 +305,69 @@ def train_neurons(loaded: LoadedModel, probes: Probes, options: DebiasOptions, s
     return Neurons(sae, candidates, summary, staging)
 
 
-def choose_edits(loaded: LoadedModel, probes: Probes, audit: AuditResult, prompts: Prompts, options: DebiasOptions,
-                 neurons: Neurons | None, say: Say) -> SearchResult:
-    """Head edits and social-neuron deactivations chosen together, confirmed on the selection draws."""
-    say("choosing edits: head soft-prunings and social neurons together (each step measured on the selection draws)")
+@dataclass
+class Choice:
+    """What :func:`choose_edits` decided and what it ran to decide it."""
+
+    search: SearchResult
+    audit: AuditResult | None  # None: the heads were not audited (balance alone met the targets, or --no-heads)
+    neurons: Neurons | None  # None: no SAE was trained
+    removal_searched: bool  # False: the balance edit alone met the targets and removal edits were not searched
+
+
+def choose_edits(loaded: LoadedModel, probes: Probes, prompts: Prompts, options: DebiasOptions, sae_dir: str,
+                 say: Say) -> Choice:
+    """The edits, cheap kinds first (see the module docstring)."""
+    balance = balance_candidate(prompts, options) if options.balance else None
+    removal = options.heads or options.neurons
+    if balance is not None and (options.removal == "auto" or not removal):
+        say("fitting the balance edit: the least change of the text embeddings that gives each neutral query "
+            "equal evidence in every group (measured on the selection draws)")
+        first = run_search(loaded, probes, prompts, options, None, None, balance, say)
+        if first.met or not removal:
+            if removal:
+                say("the balance edit alone met the targets on the selection draws: head and neuron edits not "
+                    "searched (--removal always searches them too)")
+            return Choice(first, None, None, False)
+        say("the balance edit alone missed the targets on the selection draws: searching head and neuron edits "
+            "with it")
+    audit = None
+    if options.heads:
+        say("auditing heads (cheap scores a, b, d and the single-head ablation sweep c)")
+        audit = audit_vision(loaded.model, probes.first, loaded.tokenizer,
+                             AuditOptions(k=options.k, sweep=True, textspan_iterations=0, propose=False))
+    neurons = train_neurons(loaded, probes, options, sae_dir, say)
+    try:
+        search = run_search(loaded, probes, prompts, options, audit, neurons, balance, say)
+    except BaseException:
+        if neurons is not None:
+            shutil.rmtree(neurons.staging, ignore_errors=True)
+        raise
+    return Choice(search, audit, neurons, True)
+
+
+def balance_candidate(prompts: Prompts, options: DebiasOptions) -> BalanceCandidate:
+    """The balance edit's texts that weigh its change: every distinct caption and class prompt
+    (weight 1) and the group prompts (``anchor_weight``), all normalised."""
+    parts = [t for t in (prompts.distinct_captions, prompts.classes) if t is not None]
+    weights = [torch.ones(len(t)) for t in parts]
+    parts.append(prompts.groups)
+    weights.append(torch.full((len(prompts.groups),), float(options.balance_options.anchor_weight)))
+    return BalanceCandidate(options.balance_options, torch.cat(parts), torch.cat(weights))
+
+
+def run_search(loaded: LoadedModel, probes: Probes, prompts: Prompts, options: DebiasOptions,
+               audit: AuditResult | None, neurons: Neurons | None, balance: BalanceCandidate | None,
+               say: Say) -> SearchResult:
+    """One search over the candidates given (a None kind has none), measured on the selection draws."""
     stage = NeuronStageOptions()
     search_options = EditSearchOptions(budget=options.selection_budget(),
-                                       max_heads=options.max_heads if options.heads else 0,
-                                       max_neurons=stage.max_neurons, k=options.k, alpha=stage.alpha, form=stage.form)
+                                       max_heads=options.max_heads if audit is not None else 0,
+                                       max_neurons=stage.max_neurons, k=options.k, alpha=stage.alpha, form=stage.form,
+                                       stop_at_target=options.removal == "auto")
     return search_edits(loaded.model, probes.selection, audit, prompts.queries, prompts.classes, search_options,
                         sae=neurons.sae if neurons else None, latents=neurons.candidates if neurons else (),
-                        caption_embs=prompts.captions, progress=say)
+                        caption_embs=prompts.captions, progress=say, group_emb=prompts.groups, balance=balance)
 
 
 def remove_previous(outputs: Outputs) -> None:
@@ -285,20 +379,35 @@ def remove_previous(outputs: Outputs) -> None:
         shutil.rmtree(outputs.sae)
 
 
-def make_plan(loaded: LoadedModel, search: SearchResult, audit: AuditResult, options: DebiasOptions, probes: Probes,
-              neurons_entry: NeuronEdit | None, neuron_summary: dict | None) -> SurgeryPlan:
+def make_plan(loaded: LoadedModel, choice: Choice, options: DebiasOptions, probes: Probes,
+              neurons_entry: NeuronEdit | None) -> SurgeryPlan:
     """The SurgeryPlan of the chosen edits, with how they were chosen; refuses an empty plan."""
-    plan = plan_from_search(search, audit, {"arch": loaded.arch, "sha256": loaded.sha256},
+    search = choice.search
+    plan = plan_from_search(search, choice.audit, {"arch": loaded.arch, "sha256": loaded.sha256},
                             options.selection_budget())
+    plan.provenance["removal_searched"] = choice.removal_searched
+    plan.provenance["contributions"] = search.contributions
     if probes.source is not None:
         plan.provenance["probe"] = probes.source
     if neurons_entry is not None:
         plan.neurons = [neurons_entry]
-        plan.provenance["neurons"] = {**(neuron_summary or {}), "chosen": list(neurons_entry.ids)}
+        plan.provenance["neurons"] = {**(choice.neurons.summary if choice.neurons else {}),
+                                      "chosen": list(neurons_entry.ids)}
+    if search.balance is not None:
+        probe = probes.first
+        plan.balance = [search.balance.edit({
+            "method": "clipsurgery balance: least change of the embeddings under 'equal mean score of every "
+                      "group's nearest images' constraints per neutral query (closed form, iterated)",
+            "queries": list(probe.queries), "groups": list(probe.group_names), "attribute": probe.attribute,
+            "selection_images": sum(len(p) for p in probes.selection),
+            "options": dataclasses.asdict(options.balance_options), "fit": search.balance.statistics(),
+            "held_out_queries": search.held_out.to_dict() if search.held_out is not None else None,
+            "covers": "the queries it was fit on; other queries get only what they share with them "
+                      "(see held_out_queries)"})]
     plan.validate()
-    if not plan.heads and not plan.neurons:
-        raise SurgeryError("no edit lowered bias within the accuracy and recall budgets; raise --max-accuracy-drop "
-                           "or --max-recall-drop")
+    if plan.empty:
+        raise SurgeryError("no edit lowered bias within the accuracy, recall and group-accuracy budgets; raise "
+                           "--max-accuracy-drop or --max-recall-drop")
     return plan
 
 
@@ -308,8 +417,8 @@ def bake_and_export(loaded: LoadedModel, plan: SurgeryPlan, out: str, probes: Pr
     model and what was written."""
     patched = copy.copy(loaded)
     patched.model = bake(copy.deepcopy(loaded.model), plan)
-    say(f"baked {len(plan.heads)} head edits and {sum(len(n.ids) for n in plan.neurons)} neuron deactivations; "
-        f"exporting {out}")
+    say(f"baked {len(plan.heads)} head edits, {sum(len(n.ids) for n in plan.neurons)} neuron deactivations and "
+        f"{len(plan.balance)} balance edit(s); exporting {out}")
     if not out.endswith(".onnx"):
         export_safetensors(patched, out, plan, force=options.force)
         return patched, [out]
@@ -333,9 +442,10 @@ def compare_before_after(loaded: LoadedModel, patched: LoadedModel, out: str, pr
     return result
 
 
-def summarise(result: dict, search: SearchResult, exported: list[str], outputs: Outputs, plan: SurgeryPlan,
+def summarise(result: dict, choice: Choice, exported: list[str], outputs: Outputs, plan: SurgeryPlan,
               options: DebiasOptions) -> dict:
     """The table and the lines the CLI prints."""
+    search = choice.search
     rows = [Row(r["metric"], r["before"], r["after"], r["better"]) for r in result["rows"]]
     met = "met" if search.met else "NOT met"
     selection = options.selection_budget()
@@ -344,10 +454,30 @@ def summarise(result: dict, search: SearchResult, exported: list[str], outputs: 
              f"targets on the selection probe ({met}): MaxSkew@{options.k} {search.before['max_skew']:.3f} -> "
              f"{search.after['max_skew']:.3f} (ratio {bias_ratio(search.before['max_skew'], search.after['max_skew']):.2f} "
              f"vs <= {selection.max_bias_ratio:g}, the target less a {options.selection_bias_margin:g} margin)",
+             *contribution_lines(choice, options.k, options.heads or options.neurons),
              *format_query_cuts(result["per_query"], options.k)]
     met_on_report, line = check_targets(result, options)
     lines.append(line)
     return {"table": format_table(rows), "lines": lines, "result": result, "search": search, "met": met_on_report}
+
+
+def contribution_lines(choice: Choice, k: int, removal_offered: bool = True) -> list[str]:
+    """What each kind of edit contributed on the selection draws, and what the balance edit covers."""
+    search = choice.search
+    before = search.before["max_skew"]
+    parts = []
+    for name, figures in search.contributions.items():
+        if figures is not None:
+            parts.append(f"{name} {figures['max_skew']:.3f} (cut {1 - bias_ratio(before, figures['max_skew']):.0%})")
+        elif name == "removal only":
+            parts.append("removal only: " + ("no head or neuron edit kept" if choice.removal_searched
+                                             else "not searched (the balance edit alone met the targets)"
+                                             if removal_offered else "not asked for"))
+    lines = [f"what each kind contributed (selection draws, mean MaxSkew@{k} {before:.3f} before): " + "; ".join(parts)]
+    if search.held_out is not None and search.held_out.cut is not None:
+        lines.append(f"the balance edit covers the {len(search.held_out.per_query)} queries it was fit on; a query "
+                     f"left out of the fit is cut {search.held_out.cut:.0%} on the mean (two folds, selection draws)")
+    return lines
 
 
 def split_folder_labels(images_dir: str, labels_path: str, attribute: str | None, holdout: float,
@@ -395,6 +525,11 @@ def check_targets(result: dict, options: DebiasOptions) -> tuple[bool, str]:
         parts.append(f"accuracy drop {drop:.1f} points (<= {100 * budget.max_accuracy_drop:g})")
     else:
         parts.append("accuracy not measured (no concept labels)")
+    for name, summ in before["bias"].items():
+        if "group_accuracy" in summ:
+            drop = 100 * (summ["group_accuracy"] - after["bias"][name]["group_accuracy"])
+            met &= drop <= 100 * budget.max_group_accuracy_drop + POINTS_TOLERANCE
+            parts.append(f"{name} accuracy drop {drop:.1f} points (<= {100 * budget.max_group_accuracy_drop:g})")
     if "t2i@5" in before.get("retrieval", {}):
         for key, name in (("t2i@5", "text->image"), ("i2t@5", "image->text")):
             if key not in before["retrieval"]:

@@ -1,4 +1,5 @@
-"""One search over both kinds of edit: head soft-prunings and SAE social-neuron deactivations.
+"""One search over every kind of edit: the balance map, head soft-prunings and SAE social-neuron
+deactivations.
 
 The shared greedy forward selection (:func:`surgery.audit.set_search.forward_select`) with one
 candidate pool: (head, kept scale) pairs and social-neuron candidates. Each step measures every
@@ -10,8 +11,14 @@ both kinds are at their limits. So the budgets go to whichever edit buys the mos
 at each step; a fixed order (all neurons, then heads) let the neurons spend the image->text
 recall budget on small cuts and left no room for a head that alone cut more (world suite, tex2).
 
+The balance edit (:mod:`surgery.debias.balance`) is one more candidate, ``("balance", None,
+None)``: a set holding it is measured by fitting the balance map on the selection draws' embeddings
+*as the set's removal edits leave them*, and scoring the edited texts (and images) against them.
+So a balance chosen first is refitted on top of every head or latent tried after it.
+
 Cost: a latent trial is an SAE pass on cached embeddings (the embeddings of the chosen head set
-are computed once per head set); a head trial is one forward pass per selection draw.
+are computed once per head set); a head trial is one forward pass per selection draw; a balance
+fit is a few small linear solves on cached embeddings.
 """
 from __future__ import annotations
 
@@ -29,12 +36,24 @@ from surgery.audit.head_set import head_shortlist
 from surgery.audit.probe import ProbeSet, edit_figures
 from surgery.audit.set_search import forward_select
 from surgery.audit.vision import AuditResult
+from surgery.debias.balance import BalanceFit, BalanceOptions, Draw, Texts, fit_balance, held_out_queries
 from surgery.debias.budget import Budget
 from surgery.debias.heads import SearchResult, mean_figures
 
 HeadKey = tuple[int, int]
-# A candidate edit: ("head", (layer, head), kept scale) or ("latent", latent id, None)
+# A candidate edit: ("head", (layer, head), kept scale), ("latent", latent id, None) or ("balance", None, None)
 Edit = tuple[str, object, float | None]
+BALANCE: Edit = ("balance", None, None)
+
+
+@dataclass
+class BalanceCandidate:
+    """What a balance trial needs beside the embeddings: its options and the texts that weigh its
+    change (normalised (P, D), weights (P,))."""
+
+    options: BalanceOptions
+    pool: torch.Tensor
+    pool_weights: torch.Tensor
 
 
 @dataclass
@@ -49,6 +68,8 @@ class EditSearchOptions:
     form: str = "error_preserving"  # deactivation form
     batch_size: int = 256
     cache_size: int = 16  # head sets whose embeddings are kept (each: selection images x D floats)
+    # stop as soon as the bias target is met (False: go on while a trial lowers bias within the budgets)
+    stop_at_target: bool = True
 
 
 class _EmbeddingCache:
@@ -69,19 +90,24 @@ class _EmbeddingCache:
         return value
 
 
-def search_edits(model: nn.Module, probes: Sequence[ProbeSet], audit: AuditResult, query_emb: torch.Tensor,
+def search_edits(model: nn.Module, probes: Sequence[ProbeSet], audit: AuditResult | None, query_emb: torch.Tensor,
                  class_emb: torch.Tensor | None, options: EditSearchOptions, sae=None,
                  latents: Sequence[int] = (), caption_embs: Sequence[torch.Tensor | None] | None = None,
-                 progress=None) -> SearchResult:
-    """Choose head edits and latent deactivations together (see the module docstring).
+                 progress=None, group_emb: torch.Tensor | None = None,
+                 balance: BalanceCandidate | None = None) -> SearchResult:
+    """Choose the balance edit, head edits and latent deactivations together (see the module docstring).
 
-    ``probes``: the selection draws; ``sae`` / ``latents``: the trained SAE and its social-neuron
-    candidates (none: heads only); ``caption_embs``: per draw, its images' caption embeddings (or
-    None), for the recall budget; ``progress(line)``: told after each step.
+    ``probes``: the selection draws; ``audit``: the head audit (None: no head candidates);
+    ``sae`` / ``latents``: the trained SAE and its social-neuron candidates (none: no latents);
+    ``caption_embs``: per draw, its images' caption embeddings (or None), for the recall budget;
+    ``group_emb`` (G, D): the group prompts, for the group-accuracy budget; ``balance``: the
+    balance candidate (None: removal edits only); ``progress(line)``: told after each step.
+    All text embeddings are normalised.
     """
     probes = list(probes)
     captions = list(caption_embs) if caption_embs is not None else [None] * len(probes)
-    means = audit.means
+    means = audit.means if audit is not None else None
+    n_groups = len(probes[0].group_names)
     # room for a step's head trials plus the chosen head set, whose embeddings every latent trial reuses
     size = max(options.cache_size, 2 * options.confirm * len(options.scales) + 2)
     cache = _EmbeddingCache(lambda heads: [head_edited_embeddings(model, p, heads, means, options.batch_size)
@@ -91,20 +117,30 @@ def search_edits(model: nn.Module, probes: Sequence[ProbeSet], audit: AuditResul
         heads = {item[1]: item[2] for item in items if item[0] == "head"}
         return heads, [int(item[1]) for item in items if item[0] == "latent"]
 
-    def evaluate(items: list[Edit]) -> dict:
+    def embeddings(items: Sequence[Edit]) -> list[torch.Tensor]:
+        """Per draw, (n_i, D) unnormalised image embeddings with the set's removal edits."""
         heads, ids = split(items)
         fix = S.deactivation(sae, ids, options.alpha, options.form) if ids else None
-        figures = []
-        for emb, probe, caption in zip(cache(heads), probes, captions):
-            emb = fix(emb) if fix is not None else emb
-            figures.append(edit_figures(F.normalize(emb, dim=-1), probe, query_emb, class_emb, options.k, caption))
-        return mean_figures(figures)
+        return [fix(emb) if fix is not None else emb for emb in cache(heads)]
 
-    rank_heads = head_shortlist(options.confirm, audit.sweep, probes[0], options.k, query_emb.shape[0])
+    def fit(embs: list[torch.Tensor]) -> BalanceFit:
+        return fit_balance(Texts(query_emb, balance.pool, balance.pool_weights),
+                           [Draw(e, p.groups) for e, p in zip(embs, probes)], n_groups, balance.options)
+
+    def evaluate(items: list[Edit]) -> dict:
+        embs = embeddings(items)
+        texts = [query_emb, class_emb, group_emb, *captions]
+        if BALANCE in items:
+            fitted = fit(embs)
+            embs = [fitted.apply_images(e) for e in embs]
+            texts = [None if t is None else F.normalize(fitted.apply_texts(t), dim=-1) for t in texts]
+        q, c, g, *caps = texts
+        return mean_figures([edit_figures(F.normalize(emb, dim=-1), probe, q, c, options.k, cap, g)
+                             for emb, probe, cap in zip(embs, probes, caps)])
 
     def shortlist(chosen: list[Edit], open_: list[Edit]) -> list[Edit]:
         heads, ids = split(chosen)
-        out: list[Edit] = []
+        out: list[Edit] = [BALANCE] if BALANCE in open_ else []
         if len(heads) < options.max_heads:
             open_heads = list(dict.fromkeys(item[1] for item in open_ if item[0] == "head"))
             for head in rank_heads(list(heads), open_heads):
@@ -113,8 +149,10 @@ def search_edits(model: nn.Module, probes: Sequence[ProbeSet], audit: AuditResul
             out += [item for item in open_ if item[0] == "latent"]
         return out
 
-    candidates: list[Edit] = []
-    if options.max_heads > 0:
+    rank_heads = head_shortlist(options.confirm, audit.sweep, probes[0], options.k, query_emb.shape[0]) \
+        if audit is not None else None
+    candidates: list[Edit] = [BALANCE] if balance is not None else []
+    if options.max_heads > 0 and audit is not None:
         candidates += [("head", head, scale) for head in audit.cheap_rank for scale in options.scales]
     if sae is not None:
         candidates += [("latent", int(i), None) for i in latents]
@@ -122,12 +160,25 @@ def search_edits(model: nn.Module, probes: Sequence[ProbeSet], audit: AuditResul
     budget = options.budget
     selection = forward_select(
         candidates, evaluate, objective=lambda f: f["max_skew"], allowed=lambda f: budget.within(before, f),
-        done=lambda f: budget.bias_met(before, f), max_size=options.max_heads + options.max_neurons,
+        done=(lambda f: budget.bias_met(before, f)) if options.stop_at_target else (lambda f: False),
+        max_size=options.max_heads + options.max_neurons + 1,
         conflicts=_conflict, shortlist=shortlist,
         describe=_describe, start=before, on_step=_reporter(progress, options.k))
+    met = budget.bias_met(before, selection.after)
     heads, ids = split(selection.chosen)
-    return SearchResult(heads, selection.met, before, selection.after, _compact(selection.steps), latents=ids,
-                        order=[_name(item) for item in selection.chosen])
+    fitted = held_out = None
+    if BALANCE in selection.chosen:
+        embs = embeddings(selection.chosen)
+        fitted = fit(embs)
+        held_out = held_out_queries(Texts(query_emb, balance.pool, balance.pool_weights), probes[0].queries,
+                                    [Draw(e, p.groups) for e, p in zip(embs, probes)], n_groups, balance.options)
+    removal = [item for item in selection.chosen if item != BALANCE]
+    parts = {"balance only": [BALANCE] if fitted is not None else None, "removal only": removal or None,
+             "both": selection.chosen if fitted is not None and removal else None}
+    contributions = {name: evaluate(items) if items is not None else None for name, items in parts.items()}
+    return SearchResult(heads, met, before, selection.after, _compact(selection.steps), latents=ids,
+                        order=[_name(item) for item in selection.chosen], balance=fitted,
+                        contributions=contributions, held_out=held_out)
 
 
 def _conflict(a: Edit, b: Edit) -> bool:
@@ -138,17 +189,21 @@ def _conflict(a: Edit, b: Edit) -> bool:
 def _describe(item: Edit) -> dict:
     if item[0] == "head":
         return {"head": list(item[1]), "scale": item[2]}
+    if item == BALANCE:
+        return {"balance": True}
     return {"latent": item[1]}
 
 
 def _name(item: Edit) -> str:
+    if item == BALANCE:
+        return "balance"
     return f"L{item[1][0]}.H{item[1][1]}@{item[2]:g}" if item[0] == "head" else f"latent {item[1]}"
 
 
 def _compact(steps: list[dict]) -> list[dict]:
-    """Every head trial and every kept step (latent trials that were not kept are many and cheap:
-    they are counted, not listed)."""
-    return [step for step in steps if "head" in step or step["chosen"]]
+    """Every head and balance trial and every kept step (latent trials that were not kept are many
+    and cheap: they are counted, not listed)."""
+    return [step for step in steps if "head" in step or "balance" in step or step["chosen"]]
 
 
 def _reporter(progress, k: int):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from surgery.edit.bake import (  # noqa: F401
     apply_runtime,
     bake,
+    bake_balance,
     bake_neurons,
 )
 from surgery.edit.plan import (  # noqa: F401
@@ -12,6 +13,7 @@ from surgery.edit.plan import (  # noqa: F401
     NEURON_FORMS,
     NEURON_SITES,
     SCHEMA,
+    BalanceEdit,
     HeadEdit,
     NeuronEdit,
     SurgeryPlan,

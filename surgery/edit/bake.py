@@ -7,6 +7,11 @@ For head ``h`` of a block, with ``sl = h*d:(h+1)*d`` the head's columns of ``out
 * mean ablation:  ``out_proj.bias += (1 - s) * W_O[:, sl] @ mean_h`` (with the original W_O), then
   ``W_O[:, sl] *= s``
 
+A balance edit ``e -> e + U (V^T e)`` of a tower's output embedding folds into its projection:
+
+* a matrix ``P`` (width, D) with ``e = x @ P``:  ``P += (P @ V) @ U^T``
+* a Linear (``e = W x + b``, W (D, width)):       ``W += U @ (V^T W)``, ``b += U @ (V^T b)``
+
 The baked model equals the runtime-masked model (:func:`apply_runtime`) to float rounding.
 """
 from __future__ import annotations
@@ -14,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from surgery.edit.plan import SurgeryPlan
-from surgery.errors import UnsupportedTowerError
+from surgery.edit.plan import BalanceEdit, SurgeryPlan
+from surgery.errors import PlanError, UnsupportedTowerError
 from surgery.model.attention import set_head_edits, swap_attention
 from surgery.model.neurons import attach
 from surgery.model.towers import get_towers
@@ -37,9 +42,58 @@ def bake(model: nn.Module, plan: SurgeryPlan) -> nn.Module:
             shift = (1.0 - edit.scale) * (weight[:, cols].double() @ mean)  # (C,)
             bias.copy_((bias.double() + shift).to(bias.dtype))
         weight[:, cols] *= edit.scale
+    for edit in plan.balance:
+        bake_balance(model, edit)
     if plan.neurons:
         bake_neurons(model, plan)
     return model
+
+
+def _factors(edit: BalanceEdit) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, V) of a balance edit as float64 (D, r) tensors."""
+    return torch.tensor(edit.u, dtype=torch.float64), torch.tensor(edit.v, dtype=torch.float64)
+
+
+@torch.no_grad()
+def bake_balance(model: nn.Module, edit: BalanceEdit) -> nn.Module:
+    """Fold ``e -> e + U (V^T e)`` into the tower's output projection, in place."""
+    fold_balance(get_towers(model)[edit.tower].projection, edit)
+    return model
+
+
+@torch.no_grad()
+def fold_balance(proj: torch.Tensor | nn.Linear | None, edit: BalanceEdit) -> None:
+    """Fold the edit into a projection, in place (float64 arithmetic): a matrix ``P`` (width, D)
+    with ``e = x @ P``, or a Linear with ``e = W x + b``."""
+    u, v = _factors(edit)
+    if isinstance(proj, nn.Linear):
+        weight = proj.weight  # (D, width)
+        _check_width(edit, weight.shape[0])
+        u, v = u.to(weight.device), v.to(weight.device)
+        weight.copy_((weight.double() + u @ (v.T @ weight.double())).to(weight.dtype))
+        if proj.bias is not None:
+            bias = proj.bias.double()
+            proj.bias.copy_((bias + u @ (v.T @ bias)).to(proj.bias.dtype))
+    elif isinstance(proj, torch.Tensor):  # (width, D)
+        _check_width(edit, proj.shape[1])
+        p64 = proj.double()
+        proj.copy_((p64 + (p64 @ v.to(p64.device)) @ u.T.to(p64.device)).to(proj.dtype))
+    else:
+        raise UnsupportedTowerError(f"the {edit.tower} tower has no output projection to fold a balance edit into")
+
+
+def _check_width(edit: BalanceEdit, width: int) -> None:
+    if edit.dim != width:
+        raise PlanError(f"the balance edit is {edit.dim}-dimensional but the {edit.tower} embedding has {width}")
+
+
+def balance_map(edit: BalanceEdit):
+    """The edit as a function on embeddings ``(..., D) -> (..., D)`` (the runtime reference)."""
+    u, v = _factors(edit)
+
+    def apply(e: torch.Tensor) -> torch.Tensor:
+        return (e.double() + (e.double() @ v.to(e.device)) @ u.T.to(e.device)).to(e.dtype)
+    return apply
 
 
 def _check_bakeable(attn: nn.Module, tower: str) -> None:
@@ -53,7 +107,13 @@ def _check_bakeable(attn: nn.Module, tower: str) -> None:
 
 
 def apply_runtime(model: nn.Module, plan: SurgeryPlan, backend: str = "math") -> nn.Module:
-    """The same edits as head masks on swapped attention (weights untouched): the reference for bake."""
+    """The same edits as head masks on swapped attention and balance maps applied to the towers'
+    outputs (weights untouched): the reference for bake. Neuron edits are not applied here."""
+    if any(n.site == "embedding" and n.tower == b.tower for n in plan.neurons for b in plan.balance):
+        raise PlanError("apply_runtime applies balance edits on the tower's output, after any neuron module at the "
+                        "embedding site; bake the plan instead")
+    for edit in plan.balance:
+        _wrap_output(model, edit.tower, balance_map(edit))
     swap_attention(model, backend=backend)
     device = next(model.parameters()).device
     for tower, view in get_towers(model).items():
@@ -66,6 +126,20 @@ def apply_runtime(model: nn.Module, plan: SurgeryPlan, backend: str = "math") ->
                 fills[e.layer, e.head] = torch.tensor(e.mean, device=device)
         set_head_edits(model, tower, scales, fills)
     return model
+
+
+def _wrap_output(model: nn.Module, tower: str, fn) -> None:
+    """Apply ``fn`` to the output embedding of ``tower`` (a forward hook on the vision tower; CLIP's
+    text embedding is a method of the model itself, so its encode_text is wrapped)."""
+    if tower == "vision":
+        model.visual.register_forward_hook(lambda _m, _a, out: fn(out))
+        return
+    encode_text = model.encode_text
+
+    def wrapped(text, normalize: bool = False):
+        out = fn(encode_text(text, normalize=False))
+        return torch.nn.functional.normalize(out, dim=-1) if normalize else out
+    model.encode_text = wrapped
 
 
 def bake_neurons(model: nn.Module, plan: SurgeryPlan) -> nn.Module:

@@ -10,12 +10,19 @@ is validated with errors that name the entry and the allowed values::
         {"tower": "vision", "layer": 10, "head": 3, "scale": 0.0, "ablation": "zero"},
         {"tower": "vision", "layer": 11, "head": 7, "scale": 0.5, "ablation": "mean", "mean": [... head_dim floats]}
       ],
+      "balance": [
+        {"tower": "text", "u": [[... r floats] x D], "v": [[... r floats] x D], "provenance": {...}}
+      ],
       "provenance": {"method": "...", "created": "...", ...}
     }
 
 ``scale`` in [0, 1] multiplies the head's output; ``ablation: zero`` with scale 0 is seed 002's
 soft-pruning (the head's out_proj columns set to 0). ``ablation: mean`` replaces the removed part by
 the head's mean output over a probe set: ``z_h -> s * z_h + (1 - s) * mean_h``.
+
+A balance edit is a fixed low-rank map of one tower's output embedding, ``e -> (I + U V^T) e``
+(``U``, ``V``: (D, r)), applied right after the tower's projection (before any neuron edit at the
+embedding site), so that it folds exactly into ``visual.proj`` / ``text_projection``.
 """
 from __future__ import annotations
 
@@ -32,7 +39,9 @@ from surgery.model.towers import TOWERS, get_towers
 
 log = logging.getLogger(__name__)
 
-SCHEMA = "clipsurgery.plan/1"
+SCHEMA = "clipsurgery.plan/2"
+#: Plans this version reads: /1 had no balance edits.
+READABLE_SCHEMAS = ("clipsurgery.plan/1", SCHEMA)
 ABLATIONS = ("zero", "mean")
 
 
@@ -101,6 +110,51 @@ class NeuronEdit:
                                 "point 'sae' at the folder written by clipsurgery sae train")
 
 
+@dataclass
+class BalanceEdit:
+    tower: str  # "vision" | "text": whose output embedding the map acts on
+    u: list[list[float]]  # (D, r): the map is e -> e + U (V^T e)
+    v: list[list[float]]  # (D, r)
+    provenance: dict[str, Any] = field(default_factory=dict)  # queries, groups, probe, fit statistics
+
+    @property
+    def dim(self) -> int:
+        return len(self.u)
+
+    @property
+    def rank(self) -> int:
+        return len(self.u[0]) if self.u else 0
+
+    def validate(self, where: str) -> None:
+        if self.tower not in TOWERS:
+            raise PlanError(f"{where}: unknown tower {self.tower!r}; use one of {', '.join(TOWERS)}")
+        for name in ("u", "v"):
+            rows = getattr(self, name)
+            if not isinstance(rows, list) or not rows or not all(isinstance(r, list) for r in rows):
+                raise PlanError(f"{where}: {name} must be a non-empty list of rows (D x r numbers)")
+            if len({len(r) for r in rows}) != 1 or not rows[0]:
+                raise PlanError(f"{where}: {name} must have rows of one length r >= 1 (a D x r matrix)")
+            if not all(_finite(x) for r in rows for x in r):
+                raise PlanError(f"{where}: {name} must hold finite numbers only (no NaN, inf or strings)")
+        if (len(self.u), len(self.u[0])) != (len(self.v), len(self.v[0])):
+            raise PlanError(f"{where}: u is {len(self.u)} x {len(self.u[0])} but v is {len(self.v)} x {len(self.v[0])};"
+                            " they must have the same shape (D x r)")
+        if self.rank > self.dim:
+            raise PlanError(f"{where}: rank {self.rank} is above the embedding width {self.dim}")
+        bound = self.rank_bound()
+        if bound is not None and self.rank > bound:
+            raise PlanError(f"{where}: rank {self.rank} is above queries x (groups - 1) = {bound} of its provenance")
+        if not isinstance(self.provenance, dict):
+            raise PlanError(f"{where}: provenance must be a JSON object")
+
+    def rank_bound(self) -> int | None:
+        """queries x (groups - 1) when the provenance names them (the most constraints a fit has)."""
+        queries, groups = self.provenance.get("queries"), self.provenance.get("groups")
+        if isinstance(queries, list) and isinstance(groups, list) and len(groups) >= 2:
+            return len(queries) * (len(groups) - 1)
+        return None
+
+
 def _parse_edits(items: Any, name: str, cls: type, required: tuple[str, ...]) -> list:
     """Dicts -> edit dataclasses, with errors naming the entry, unknown keys and missing keys."""
     if not isinstance(items, list):
@@ -125,13 +179,14 @@ class SurgeryPlan:
     source: dict[str, Any] = field(default_factory=dict)  # {"arch", "sha256"} of the model it was made for
     heads: list[HeadEdit] = field(default_factory=list)
     neurons: list[NeuronEdit] = field(default_factory=list)  # SAE latent deactivations
+    balance: list[BalanceEdit] = field(default_factory=list)  # low-rank maps of an output embedding, one per tower
     provenance: dict[str, Any] = field(default_factory=dict)  # how the edits were chosen
     schema: str = SCHEMA
 
     # ------------------------------------------------------------------------------ validation
     def validate(self) -> "SurgeryPlan":
-        if self.schema != SCHEMA:
-            raise PlanError(f"unsupported plan schema {self.schema!r}; this version reads {SCHEMA}")
+        if self.schema not in READABLE_SCHEMAS:
+            raise PlanError(f"unsupported plan schema {self.schema!r}; this version reads {', '.join(READABLE_SCHEMAS)}")
         seen = set()
         for i, edit in enumerate(self.heads):
             edit.validate(f"heads[{i}]")
@@ -145,7 +200,18 @@ class SurgeryPlan:
             if (edit.tower, edit.site) in places:
                 raise PlanError(f"neurons[{i}]: a second edit at {edit.tower}/{edit.site}; merge the ids into one edit")
             places.add((edit.tower, edit.site))
+        towers = set()
+        for i, edit in enumerate(self.balance):
+            edit.validate(f"balance[{i}]")
+            if edit.tower in towers:
+                raise PlanError(f"balance[{i}]: a second balance edit of the {edit.tower} tower; fit one map per tower")
+            towers.add(edit.tower)
         return self
+
+    @property
+    def empty(self) -> bool:
+        """No edit of any kind."""
+        return not (self.heads or self.neurons or self.balance)
 
     def check_fits(self, model, sha256: str | None, *, force: bool = False) -> None:
         """Raise unless every edit addresses an existing head and the plan was made for this model."""
@@ -169,19 +235,33 @@ class SurgeryPlan:
                 raise PlanError(f"heads[{i}]: mean has {len(edit.mean)} values; the head width is {view.head_dim}")
         for i, edit in enumerate(self.neurons):
             edit.check_files(f"neurons[{i}]")
+        for i, edit in enumerate(self.balance):
+            view = towers[edit.tower]
+            if view.projection is None:
+                raise PlanError(f"balance[{i}]: the {edit.tower} tower has no output projection to fold the map into")
+            width = view.projection.out_features if hasattr(view.projection, "out_features") \
+                else int(view.projection.shape[1])
+            if edit.dim != width:
+                raise PlanError(f"balance[{i}]: the map is {edit.dim}-dimensional but the {edit.tower} embedding has "
+                                f"{width} dimensions; the plan was fit for another model")
 
     # ---------------------------------------------------------------------------------- I/O
     def to_dict(self) -> dict:
-        return {"schema": self.schema, "source": self.source, "heads": [asdict(h) for h in self.heads],
-                "neurons": [asdict(n) for n in self.neurons], "provenance": self.provenance}
+        out = {"schema": self.schema, "source": self.source, "heads": [asdict(h) for h in self.heads],
+               "neurons": [asdict(n) for n in self.neurons]}
+        if self.balance:
+            out["balance"] = [asdict(b) for b in self.balance]
+        out["provenance"] = self.provenance
+        return out
 
     @classmethod
     def from_dict(cls, data: Any) -> "SurgeryPlan":
         if not isinstance(data, dict):
             raise PlanError("a plan must be a JSON object with 'schema', 'source' and 'heads'")
-        unknown = sorted(set(data) - {"schema", "source", "heads", "neurons", "provenance"})
+        unknown = sorted(set(data) - {"schema", "source", "heads", "neurons", "balance", "provenance"})
         if unknown:
-            raise PlanError(f"unknown plan keys {', '.join(unknown)}; allowed: schema, source, heads, neurons, provenance")
+            raise PlanError(f"unknown plan keys {', '.join(unknown)}; allowed: schema, source, heads, neurons, "
+                            "balance, provenance")
         for key in ("source", "provenance"):
             if not isinstance(data.get(key, {}), dict):
                 raise PlanError(f"'{key}' must be a JSON object, got {type(data[key]).__name__}")
@@ -189,7 +269,8 @@ class SurgeryPlan:
             raise PlanError(f"'schema' must be a string such as {SCHEMA!r}")
         edits = _parse_edits(data.get("heads", []), "heads", HeadEdit, ("tower", "layer", "head"))
         neurons = _parse_edits(data.get("neurons", []) or [], "neurons", NeuronEdit, ("tower", "sae", "ids"))
-        plan = cls(source=dict(data.get("source", {})), heads=edits, neurons=neurons,
+        balance = _parse_edits(data.get("balance", []) or [], "balance", BalanceEdit, ("tower", "u", "v"))
+        plan = cls(source=dict(data.get("source", {})), heads=edits, neurons=neurons, balance=balance,
                    provenance=dict(data.get("provenance", {})), schema=data.get("schema", ""))
         return plan.validate()
 
@@ -234,8 +315,12 @@ class SurgeryPlan:
         if not stacked and self.source.get("sha256") and other.source.get("sha256") \
                 and self.source["sha256"] != other.source["sha256"]:
             raise PlanError("cannot merge plans made for different checkpoints (sha256 differs)")
+        late = {b.tower for b in other.balance} & {n.tower for n in self.neurons if n.site == "embedding"}
+        if stacked and late:
+            raise PlanError(f"cannot stack a {sorted(late)[0]} balance edit on a plan with a neuron edit at that "
+                            "tower's embedding site: baked together, the balance would act before the neurons")
         merged = SurgeryPlan(source=self.source or other.source, heads=[*self.heads, *other.heads],
-                             neurons=[*self.neurons, *other.neurons],
+                             neurons=[*self.neurons, *other.neurons], balance=[*self.balance, *other.balance],
                              provenance={"merged": [self.provenance, other.provenance], "stacked": stacked})
         return merged.validate()
 

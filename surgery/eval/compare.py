@@ -53,21 +53,30 @@ def query_cuts(before: dict, after: dict) -> dict[str, dict]:
     """Per attribute: each neutral query's MaxSkew@K before and after and its cut (1 - after / before),
     the mean's cut and the worst query's cut (the mean hides queries an edit does not touch).
 
-    ``{attr: {"queries": [{"query", "before", "after", "cut"}], "mean_cut", "worst_cut", "worst_query"}}``;
-    a query with no skew before has cut None and is left out of the worst.
+    ``{attr: {"queries": [{"query", "before", "after", "cut"}], "mean_cut", "worst_cut", "worst_query",
+    "wordings": {wording: the same for the queries in that wording}}}``; a query with no skew before
+    has cut None and is left out of the worst.
     """
     out = {}
     for name, summ in before["bias"].items():
-        b, a = summ["per_query"]["max_skew"], after["bias"][name]["per_query"]["max_skew"]
-        rows = [{"query": q, "before": x, "after": y, "cut": 1.0 - y / x if x > 0 else None}
-                for q, x, y in zip(before["queries"], b, a)]
-        cuts = [r for r in rows if r["cut"] is not None]
-        worst = min(cuts, key=lambda r: r["cut"]) if cuts else None
-        mean_before = summ["max_skew"]
-        out[name] = {"queries": rows,
-                     "mean_cut": 1.0 - after["bias"][name]["max_skew"] / mean_before if mean_before > 0 else None,
-                     "worst_cut": worst["cut"] if worst else None, "worst_query": worst["query"] if worst else None}
+        other = after["bias"][name]
+        out[name] = _cuts(before["queries"], summ["per_query"]["max_skew"], other["per_query"]["max_skew"],
+                          summ["max_skew"], other["max_skew"])
+        wordings = summ.get("wordings", {})
+        if wordings:
+            out[name]["wordings"] = {w: _cuts(v["queries"], v["per_query"], other["wordings"][w]["per_query"],
+                                              v["max_skew"], other["wordings"][w]["max_skew"])
+                                     for w, v in wordings.items()}
     return out
+
+
+def _cuts(queries: list[str], before: list[float], after: list[float], mean_before: float, mean_after: float) -> dict:
+    rows = [{"query": q, "before": x, "after": y, "cut": 1.0 - y / x if x > 0 else None}
+            for q, x, y in zip(queries, before, after)]
+    cuts = [r for r in rows if r["cut"] is not None]
+    worst = min(cuts, key=lambda r: r["cut"]) if cuts else None
+    return {"queries": rows, "mean_cut": 1.0 - mean_after / mean_before if mean_before > 0 else None,
+            "worst_cut": worst["cut"] if worst else None, "worst_query": worst["query"] if worst else None}
 
 
 def summary_rows(before: dict, after: dict | None, k: int) -> list[Row]:
@@ -81,8 +90,18 @@ def summary_rows(before: dict, after: dict | None, k: int) -> list[Row]:
         rows.append(Row(f"{name}: mean NDKL@{k}", summ["ndkl"], other.get("ndkl"), "lower"))
         if "cramers_v" in summ:
             rows.append(Row(f"{name}: Cramér's V (concept vs group)", summ["cramers_v"], other.get("cramers_v"), "lower"))
+        if "group_accuracy" in summ:
+            rows.append(Row(f"{name}: zero-shot group accuracy (group prompts)", summ["group_accuracy"],
+                            other.get("group_accuracy"), "higher"))
+        for wording, worded in summ.get("wordings", {}).items():
+            rows.append(Row(f"{name}: mean MaxSkew@{k}, queries worded '{wording_label(wording)}'", worded["max_skew"],
+                            other.get("wordings", {}).get(wording, {}).get("max_skew"), "lower"))
     if "zero_shot_accuracy" in before:
         rows.append(Row("zero-shot concept accuracy", before["zero_shot_accuracy"], after.get("zero_shot_accuracy"), "higher"))
+    if "cell_precision" in before:
+        cells = before["cell_precision"]
+        rows.append(Row(f"group-naming queries: precision@{cells['k']}", cells["mean"],
+                        after.get("cell_precision", {}).get("mean"), "higher"))
     for key, value in before.get("retrieval", {}).items():
         if "@" in key:
             label = ("text->image" if key.startswith("t2i") else "image->text") + f" Recall@{key.split('@')[1]} (hit@k)"
@@ -91,9 +110,23 @@ def summary_rows(before: dict, after: dict | None, k: int) -> list[Row]:
 
 
 def format_query_cuts(per_query: dict, k: int) -> list[str]:
-    """One line per attribute: the mean MaxSkew@K cut beside the worst query's."""
-    return [f"{name}: MaxSkew@{k} cut {_pct(per['mean_cut'])} on the mean, {_pct(per['worst_cut'])} on the worst query"
-            + (f" ({per['worst_query']})" if per["worst_query"] else "") for name, per in per_query.items()]
+    """One line per attribute: the mean MaxSkew@K cut beside the worst query's; one more line for
+    the queries' other wordings when the report has them."""
+    lines = []
+    for name, per in per_query.items():
+        lines.append(f"{name}: MaxSkew@{k} cut {_pct(per['mean_cut'])} on the mean, {_pct(per['worst_cut'])} on the "
+                     f"worst query" + (f" ({per['worst_query']})" if per["worst_query"] else ""))
+        wordings = per.get("wordings", {})
+        if wordings:
+            cuts = ", ".join(f"'{wording_label(w)}' {_pct(c['mean_cut'])} (worst {_pct(c['worst_cut'])})"
+                             for w, c in wordings.items())
+            lines.append(f"{name}: the same queries in other wordings, mean cut: {cuts}")
+    return lines
+
+
+def wording_label(template: str) -> str:
+    """A query wording as people read it: "a drawing of {}" -> "a drawing of …"."""
+    return template.replace("{}", "…")
 
 
 def format_table(rows: list[Row], single: bool = False) -> str:
@@ -147,7 +180,58 @@ def _markdown(result: dict, rows: list[Row], single: bool, title: str) -> str:
                   "| query | before | after | cut |", "| --- | ---: | ---: | ---: |"]
         parts += [f"| {r['query']} | {r['before']:.4f} | {r['after']:.4f} | {_pct(r['cut'])} |" for r in per["queries"]]
         parts.append("")
+        if per.get("wordings"):
+            parts += [f"## {name}: the same queries in other wordings", "",
+                      "| wording | mean before | mean after | mean cut | worst cut |", "| --- | ---: | ---: | ---: | ---: |"]
+            for wording, cut in per["wordings"].items():
+                b = sum(r["before"] for r in cut["queries"]) / len(cut["queries"])
+                a = sum(r["after"] for r in cut["queries"]) / len(cut["queries"])
+                parts.append(f"| {wording_label(wording)} | {b:.4f} | {a:.4f} | {_pct(cut['mean_cut'])} | "
+                             f"{_pct(cut['worst_cut'])} |")
+            parts.append("")
+    parts += _edits_markdown(result.get("plan"))
     return "\n".join(parts)
+
+
+def _edits_markdown(plan: dict | None) -> list[str]:
+    """The debias report's account of its edits: what each kind contributed, and what the balance edit covers."""
+    if not plan:
+        return []
+    provenance = plan.get("provenance", {})
+    parts = ["## The edits", "",
+             f"- heads edited: {len(plan.get('heads', []))}; neurons deactivated: "
+             f"{sum(len(n['ids']) for n in plan.get('neurons', []))}; balance edits: "
+             + (", ".join(f"{b['tower']} tower, rank {len(b['u'][0])}" for b in plan.get("balance", [])) or "none")]
+    if "removal_searched" in provenance and not provenance["removal_searched"]:
+        parts.append("- head and neuron edits were not searched: the balance edit alone met the targets on the "
+                     "selection draws (`--removal always` searches them too)")
+    contributions = provenance.get("contributions") or {}
+    if contributions:
+        before = provenance.get("before", {}).get("max_skew")
+        parts += ["", "What each kind contributed, on the selection draws (mean MaxSkew, accuracy and recall "
+                      "averaged over them):", "",
+                  "| edits | mean MaxSkew | concept acc | group acc | t2i@5 | i2t@5 |", "| --- | ---: | ---: | ---: | ---: | ---: |",
+                  f"| none | {_fmt(before)} | {_fmt(provenance['before'].get('accuracy'))} | "
+                  f"{_fmt(provenance['before'].get('group_accuracy'))} | {_fmt(provenance['before'].get('recall'))} | "
+                  f"{_fmt(provenance['before'].get('recall_i2t'))} |"]
+        for name, f in contributions.items():
+            if f is None:
+                parts.append(f"| {name} | - | - | - | - | - |")
+            else:
+                parts.append(f"| {name} | {_fmt(f['max_skew'])} | {_fmt(f.get('accuracy'))} | "
+                             f"{_fmt(f.get('group_accuracy'))} | {_fmt(f.get('recall'))} | {_fmt(f.get('recall_i2t'))} |")
+    for edit in plan.get("balance", []):
+        held = (edit.get("provenance") or {}).get("held_out_queries") or {}
+        queries = (edit.get("provenance") or {}).get("queries", [])
+        parts += ["", f"### The balance edit ({edit['tower']} tower)", "",
+                  f"It was fit on {len(queries)} neutral queries and covers those: a fixed map equalises each of "
+                  "them across groups; a query outside the list is corrected only as far as it shares their "
+                  "directions."]
+        if held.get("cut") is not None:
+            parts.append(f"Queries held out of the fit (two folds, each fit on half the queries and measured on the "
+                         f"other half, selection draws): mean MaxSkew cut {_pct(held['cut'])}.")
+    parts.append("")
+    return parts
 
 
 def _plot(result: dict, path: str) -> None:
@@ -176,6 +260,14 @@ def _plot(result: dict, path: str) -> None:
         names.append("zero-shot acc")
         vals_b.append(before["zero_shot_accuracy"])
         vals_a.append(after["zero_shot_accuracy"] if after else None)
+    if "group_accuracy" in before["bias"][attr]:
+        names.append(f"{attr} acc")
+        vals_b.append(before["bias"][attr]["group_accuracy"])
+        vals_a.append(after["bias"][attr].get("group_accuracy") if after else None)
+    if "cell_precision" in before:
+        names.append(f"naming P@{before['cell_precision']['k']}")
+        vals_b.append(before["cell_precision"]["mean"])
+        vals_a.append(after.get("cell_precision", {}).get("mean") if after else None)
     for key in ("t2i@1", "t2i@5", "i2t@1", "i2t@5"):
         if key in before.get("retrieval", {}):
             names.append(key)

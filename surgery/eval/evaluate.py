@@ -22,10 +22,10 @@ from surgery.eval.encoders import Encoder
 from surgery.io.captions import caption_pairs, load_captions
 from surgery.io.images import resolve_images_dir
 from surgery.io.labels import LabelTable, load_labels
-from surgery.io.queries import NEUTRAL_QUERIES
+from surgery.io.queries import NEUTRAL_QUERIES, person_group_prompt
 from surgery.world.generator import CAPTIONS_CSV, WORLD_JSON, split_dir
 from surgery.world.params import load_params
-from surgery.world.prompts import neutral_queries
+from surgery.world.prompts import cell_queries, group_prompts, neutral_queries, query_wordings
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,12 @@ class EvalSpec:
     captions: dict[str, list[str]] | None = None  # file -> captions, for retrieval recall
     conventions: metrics.BiasConventions = field(default_factory=metrics.BiasConventions)
     recall_ks: tuple[int, ...] = (1, 5, 10)
+    # attribute -> {value: zero-shot prompt}, for zero-shot group accuracy (attribute retention)
+    group_prompts: dict[str, dict[str, str]] = field(default_factory=dict)
+    # other wordings of the neutral queries, name -> queries in the order of ``queries`` (a world's caption templates)
+    wordings: dict[str, list[str]] = field(default_factory=dict)
+    # group-naming queries with the labels their top K should carry: [("a photo of a red circle", {"group": "red", ...})]
+    cell_queries: list[tuple[str, dict[str, str]]] = field(default_factory=list)
 
     def describe(self) -> dict:
         return {
@@ -54,6 +60,8 @@ class EvalSpec:
             "n_queries": len(self.queries),
             "concept_column": self.concept_column,
             "captions": self.captions is not None,
+            "wordings": list(self.wordings),
+            "cell_queries": len(self.cell_queries),
             "conventions": self.conventions.to_dict(),
             "recall": "hit@k (a query counts if any positive is in its top k); identical captions (case and "
                       "spacing folded) are one query whose positives are all the images they describe",
@@ -74,12 +82,17 @@ def spec_from_folder(images_dir: str, labels_path: str, *, captions_path: str | 
     world_dir = split_dir(labels_path, images_dir)
     world_json = world_dir / WORLD_JSON
     concept_column = class_prompts = concept_values = None
+    prompts_of, wordings, cells = {}, {}, []
     if world_json.is_file():
         params = load_params(world_json)
         concept_column, concept_values = "concept", list(params.concepts)
         class_prompts = neutral_queries(params)
+        if queries is None:  # a user's own queries have no known other wordings
+            wordings = query_wordings(params)
         queries = queries or neutral_queries(params)
         attributes = attributes or ["group"]
+        prompts_of = {"group": dict(zip(params.groups, group_prompts(params)))}
+        cells = cell_queries(params)
         if captions_path is None and (world_dir / CAPTIONS_CSV).is_file():
             captions_path = str(world_dir / CAPTIONS_CSV)
     if attributes is None:
@@ -99,9 +112,12 @@ def spec_from_folder(images_dir: str, labels_path: str, *, captions_path: str | 
     if conv.k > len(labels):
         raise DataError(f"K={conv.k} is larger than the {len(labels)} images; pass a smaller --k")
     captions = load_captions(captions_path) if captions_path else None
+    for name in attributes:
+        prompts_of.setdefault(name, {v: person_group_prompt(v) for v in sorted(set(labels.attributes[name]))})
     return EvalSpec(images_dir=images_dir, labels=labels, attributes=attributes, queries=list(queries),
                     concept_column=concept_column, class_prompts=class_prompts, concept_values=concept_values,
-                    captions=captions, conventions=conv)
+                    captions=captions, conventions=conv, group_prompts=prompts_of, wordings=wordings,
+                    cell_queries=[c for c in cells if all(col in labels.attributes for col in c[1])])
 
 
 def evaluate(encoder: Encoder, spec: EvalSpec, options: EmbedOptions | None = None,
@@ -139,7 +155,20 @@ def evaluate(encoder: Encoder, spec: EvalSpec, options: EmbedOptions | None = No
         summary["groups"] = values
         if predicted is not None:
             summary["cramers_v"] = metrics.cramers_v(predicted, codes_t)
+        prompts = spec.group_prompts.get(name)
+        if prompts and set(values) <= set(prompts):
+            group_emb = F.normalize(embed_texts(encoder, [prompts[v] for v in values], opt, identity), dim=-1)
+            summary["group_accuracy"] = float((metrics.zero_shot_predict(image_emb, group_emb) == codes_t).double().mean())
+        if spec.wordings:
+            summary["wordings"] = {}
+            for wording, texts in spec.wordings.items():
+                emb = F.normalize(embed_texts(encoder, texts, opt, identity), dim=-1)
+                worded = metrics.bias_summary(emb @ image_emb.T, codes_t, len(values), spec.conventions)
+                summary["wordings"][wording] = {"queries": texts, "max_skew": worded["max_skew"],
+                                                "per_query": worded["per_query"]["max_skew"]}
         report["bias"][name] = summary
+    if spec.cell_queries:
+        report["cell_precision"] = cell_precision(encoder, spec, image_emb, kept, opt, identity)
     if spec.captions is not None:
         kept_files = [spec.labels.files[i] for i in kept]
         texts, owners = caption_pairs(spec.captions, kept_files)
@@ -148,3 +177,19 @@ def evaluate(encoder: Encoder, spec: EvalSpec, options: EmbedOptions | None = No
         keys = [" ".join(t.lower().split()) for t in texts]  # the tokenizer lower-cases and folds whitespace
         report["retrieval"] = metrics.retrieval_recall(text_emb, image_emb, torch.from_numpy(owners), ks, text_keys=keys)
     return report
+
+
+def cell_precision(encoder: Encoder, spec: EvalSpec, image_emb: torch.Tensor, kept: list[int], opt: EmbedOptions,
+                   identity: str) -> dict:
+    """Precision@K of the group-naming queries: the share of each one's top K images that carry all
+    of its labels (concept and group). ``{"k", "mean", "per_query": [{"query", "precision"}]}``."""
+    texts = [text for text, _ in spec.cell_queries]
+    emb = F.normalize(embed_texts(encoder, texts, opt, identity), dim=-1)  # (M, D)
+    k = min(spec.conventions.k, len(kept))
+    top = (emb @ image_emb.T).topk(k, dim=1).indices  # (M, k)
+    columns = {col: [spec.labels.attributes[col][i] for i in kept] for _, want in spec.cell_queries for col in want}
+    rows = []
+    for (text, want), idx in zip(spec.cell_queries, top.tolist()):
+        hits = sum(all(columns[col][i] == value for col, value in want.items()) for i in idx)
+        rows.append({"query": text, "precision": hits / k})
+    return {"k": k, "mean": sum(r["precision"] for r in rows) / len(rows), "per_query": rows}

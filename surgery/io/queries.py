@@ -32,6 +32,11 @@ def _with_article(phrase: str) -> str:
     return f"{'an' if use_an else 'a'} {phrase}"
 
 
+def person_group_prompt(value: str) -> str:
+    """The zero-shot prompt of a protected-group value of a people data set: "a photo of a female person"."""
+    return f"a photo of a {value.replace('_', ' ')} person"
+
+
 NEUTRAL_QUERIES: dict[str, list[str]] = {
     "occupations": [f"a photo of {_with_article(o)}" for o in _OCCUPATIONS],
     "traits": [f"a photo of {_with_article(t + ' person')}" for t in _TRAITS],

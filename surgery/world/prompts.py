@@ -34,3 +34,17 @@ def group_prompts(params: WorldParams) -> list[str]:
     """One concept-free prompt per group, ``"a photo of something red"``, for zero-shot group accuracy."""
     words = [params.group_word(g) for g in range(params.n_groups)]
     return [QUERY_TEMPLATE.format(f"something {w}") for w in words]
+
+
+def query_wordings(params: WorldParams) -> dict[str, list[str]]:
+    """The neutral queries in every other caption wording, ``{"a drawing of {}": ["a drawing of a
+    circle", ...]}``, in concept order: wordings a balance edit fitted on :func:`neutral_queries` never saw."""
+    return {t: [t.format(describe(params, c)) for c in range(params.n_concepts)]
+            for t in CAPTION_TEMPLATES if t != QUERY_TEMPLATE}
+
+
+def cell_queries(params: WorldParams) -> list[tuple[str, dict[str, str]]]:
+    """Group-naming queries, ``("a photo of a red circle", {"concept": "circle", "group": "red"})``:
+    their precision@K measures whether the group words keep their meaning."""
+    return [(QUERY_TEMPLATE.format(describe(params, c, g)), {"concept": params.concepts[c], "group": params.groups[g]})
+            for c in range(params.n_concepts) for g in range(params.n_groups)]

@@ -10,10 +10,37 @@ from surgery.cli.main import main
 from surgery.io.onnx import read_metadata
 
 
-def test_debias_world_to_onnx(tmp_path):
+def test_debias_world_to_onnx_meets_its_targets_with_the_balance_edit(tmp_path):
+    """Unchanged defaults, no --allow-miss: the balance edit alone meets every target on the
+    report's images (the world's own eval split, which no edit was chosen on)."""
     out = tmp_path / "out.onnx"
     result = CliRunner().invoke(main, ["debias", "builtin:world", str(out), "--n-probe", "240", "--k", "20",
-                                       "--selection-draws", "2", "--allow-miss"])
+                                       "--selection-draws", "2"])
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["out.plan.json", "out.report", "out.text.onnx", "out.visual.onnx"]  # no SAE: not searched
+    plan = json.loads((tmp_path / "out.plan.json").read_text())
+    assert plan["heads"] == [] and plan["neurons"] == [] and [b["tower"] for b in plan["balance"]] == ["text"]
+    assert plan["provenance"]["removal_searched"] is False
+    assert json.loads(read_metadata(str(tmp_path / "out.text.onnx"))["clipsurgery.plan"]) == plan
+    report = json.loads((tmp_path / "out.report" / "report.json").read_text())
+    before, after = report["before"], report["after"]
+    bias_b, bias_a = before["bias"]["group"], after["bias"]["group"]
+    assert bias_a["max_skew"] <= 0.5 * bias_b["max_skew"]  # the default target, on ONNX Runtime's embeddings
+    assert before["zero_shot_accuracy"] - after["zero_shot_accuracy"] <= 0.02
+    assert bias_b["group_accuracy"] - bias_a["group_accuracy"] <= 0.02
+    for key in ("t2i@5", "i2t@5"):
+        assert before["retrieval"][key] - after["retrieval"][key] <= 0.02
+    assert set(bias_b["wordings"]) == {"{}", "a picture of {}", "an image of {}", "a drawing of {}"}
+    assert "cell_precision" in after and "targets on the report's images (met)" in result.output
+    assert "what each kind contributed" in result.output and "left out of the fit is cut" in result.output
+
+
+def test_debias_removal_edits_to_onnx(tmp_path):
+    """--no-balance: the seeds' removal edits (heads and SAE neurons) in one search, as before the balance edit."""
+    out = tmp_path / "out.onnx"
+    result = CliRunner().invoke(main, ["debias", "builtin:world", str(out), "--n-probe", "240", "--k", "20",
+                                       "--selection-draws", "2", "--no-balance", "--allow-miss"])
     assert result.exit_code == 0, result.output
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["out.plan.json", "out.report", "out.sae", "out.text.onnx", "out.visual.onnx"]
@@ -113,18 +140,19 @@ def test_an_sae_that_no_kept_edit_uses_is_not_left_and_force_removes_the_previou
     from surgery.debias import pipeline
     from surgery.debias.heads import SearchResult
 
-    def heads_only(loaded, probes, audit, prompts, options, neurons, say):
+    def heads_only(loaded, probes, prompts, options, audit, neurons, balance, say):
         assert neurons is not None and neurons.candidates  # an SAE was trained, in staging
         assert os.path.isdir(neurons.staging)
         return SearchResult({(3, 0): 0.0}, False, {"max_skew": 1.0}, {"max_skew": 0.9}, order=["L3.H0@0"])
 
-    monkeypatch.setattr(pipeline, "choose_edits", heads_only)
+    monkeypatch.setattr(pipeline, "run_search", heads_only)
     out = tmp_path / "m.onnx"
     (tmp_path / "m.sae").mkdir()
     (tmp_path / "m.sae" / "weights.safetensors").write_bytes(b"an earlier run's SAE")
     (tmp_path / "m.plan.json").write_text("{}")
     result = CliRunner().invoke(main, ["debias", "builtin:world", str(out), "--n-probe", "240", "--k", "20",
-                                       "--selection-draws", "1", "--tower", "vision", "--force", "--allow-miss"])
+                                       "--selection-draws", "1", "--tower", "vision", "--force", "--allow-miss",
+                                       "--no-balance"])
     assert result.exit_code == 0, result.output
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["m.onnx", "m.plan.json", "m.report"], names  # no SAE folder, no staging left

@@ -247,3 +247,34 @@ def test_one_head_at_two_scales_conflicts_and_nothing_else_does():
     assert not _conflict(("latent", 3, None), ("latent", 4, None))
     assert _conflict(("latent", 3, None), ("latent", 3, None))
     assert not _conflict(("head", (0, 3), 0.0), ("latent", 3, None))
+
+
+def test_a_balance_trial_is_refitted_on_the_removal_edits_it_joins_and_matches_a_plain_recomputation(world):
+    """Balance and heads in one pool, searched past the target (``removal="always"``): the kept
+    set's figures equal a plain recomputation (heads by a forward pass, the balance fitted on those
+    embeddings, every text through the map), and the three contributions are the set's parts."""
+    from surgery.audit.vision import AuditOptions, audit_vision
+    from surgery.debias.balance import BalanceOptions, Draw, Texts, fit_balance
+    from surgery.debias.search import BalanceCandidate, EditSearchOptions, search_edits
+
+    loaded, draws, q = world
+    audit = audit_vision(loaded.model, draws[0], loaded.tokenizer,
+                         AuditOptions(k=20, textspan_iterations=0, propose=False))
+    groups = text_embeddings(loaded.model, draws[0].group_prompts, loaded.tokenizer)
+    candidate = BalanceCandidate(BalanceOptions(k=20), torch.cat([q, groups]), torch.ones(len(q) + len(groups)))
+    budget = Budget(max_bias_ratio=0.9, max_accuracy_drop=0.05, max_group_accuracy_drop=0.05)
+    options = EditSearchOptions(budget=budget, max_heads=1, k=20, confirm=2, stop_at_target=False)
+    result = search_edits(loaded.model, draws, audit, q, q, options, group_emb=groups, balance=candidate)
+    assert result.order[0] == "balance" and result.balance is not None  # the largest single cut comes first
+    assert len(result.heads) == 1, result.order  # and one head still lowered bias on top of it (searched past 0.9)
+    embs = [head_edited_embeddings(loaded.model, d, result.heads, audit.means) for d in draws]
+    fit = fit_balance(Texts(q, candidate.pool, candidate.pool_weights), [Draw(e, d.groups) for e, d in zip(embs, draws)],
+                      2, candidate.options)
+    q2, g2 = (F.normalize(fit.apply_texts(t), dim=-1) for t in (q, groups))
+    figures = [edit_figures(F.normalize(e, dim=-1), d, q2, q2, 20, None, g2) for e, d in zip(embs, draws)]
+    for key in ("max_skew", "accuracy", "group_accuracy"):
+        assert result.after[key] == pytest.approx(sum(f[key] for f in figures) / 2, abs=1e-9)
+    assert result.contributions["both"] == result.after
+    assert result.contributions["balance only"]["max_skew"] > result.after["max_skew"]
+    assert result.contributions["removal only"]["max_skew"] > result.after["max_skew"]
+    assert result.held_out is not None and len(result.held_out.per_query) == len(q)

@@ -10,7 +10,7 @@ from helpers import assert_same_embeddings
 
 import surgery
 from surgery.edit.bake import apply_runtime, bake
-from surgery.edit.plan import SCHEMA, HeadEdit, PlanError, SurgeryPlan
+from surgery.edit.plan import SCHEMA, BalanceEdit, HeadEdit, PlanError, SurgeryPlan
 from surgery.model.tiny import build_tiny_clip
 
 
@@ -66,7 +66,14 @@ def test_save_load_merge(tmp_path):
         SurgeryPlan.load(str(tmp_path / "bad.json"))
 
 
-def _mixed_plan(d_vision=16, d_text=16):
+def _balance(tower, dim=32, rank=3, seed=7):
+    """A random low-rank map e -> (I + U V^T) e of a tower's (dim,) output embedding."""
+    gen = torch.Generator().manual_seed(seed)
+    u, v = 0.3 * torch.randn(dim, rank, generator=gen), torch.randn(dim, rank, generator=gen) / dim ** 0.5
+    return BalanceEdit(tower, u.tolist(), v.tolist(), {"queries": ["q1", "q2", "q3"], "groups": ["a", "b"]})
+
+
+def _mixed_plan(d_vision=16, d_text=16, balance=True):
     gen = torch.Generator().manual_seed(5)
     return SurgeryPlan(heads=[
         HeadEdit("vision", 0, 1, 0.0, "zero"),  # seed 002's pruning
@@ -74,7 +81,7 @@ def _mixed_plan(d_vision=16, d_text=16):
         HeadEdit("vision", 1, 0, 0.25, "mean", torch.randn(d_vision, generator=gen).tolist()),
         HeadEdit("text", 1, 1, 0.0, "mean", torch.randn(d_text, generator=gen).tolist()),
         HeadEdit("text", 0, 0, 0.6, "zero"),
-    ]).validate()
+    ], balance=[_balance("text"), _balance("vision", seed=8)] if balance else []).validate()
 
 
 @pytest.mark.parametrize("backend", ["math", "sdpa"])
@@ -88,6 +95,77 @@ def test_baked_equals_runtime_masked(tiny, images, tokens, backend):
     with torch.no_grad():
         assert (baked.encode_image(images) - model.encode_image(images)).abs().max() > 1e-3
         assert (baked.encode_text(tokens) - model.encode_text(tokens)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("tower", ["vision", "text"])
+def test_a_baked_balance_edit_equals_the_map_on_the_embeddings(tiny, images, tokens, tower):
+    """The projection folds e -> e + U V^T e exactly: the baked tower's embedding is the map of the
+    original one (float64 reference), and the other tower is untouched."""
+    model, _ = tiny
+    edit = _balance(tower)
+    baked = bake(copy.deepcopy(model), SurgeryPlan(balance=[edit]).validate())
+    u, v = torch.tensor(edit.u, dtype=torch.float64), torch.tensor(edit.v, dtype=torch.float64)
+    with torch.no_grad():
+        before = {"vision": model.encode_image(images), "text": model.encode_text(tokens)}
+        after = {"vision": baked.encode_image(images), "text": baked.encode_text(tokens)}
+    expected = (before[tower].double() + before[tower].double() @ v @ u.T).float()
+    torch.testing.assert_close(after[tower], expected, atol=1e-6, rtol=1e-6)
+    assert (after[tower] - before[tower]).abs().max() > 1e-2  # the map does something
+    other = "text" if tower == "vision" else "vision"
+    assert torch.equal(after[other], before[other])
+
+
+def test_a_balance_edit_folds_into_a_linear_projection():
+    """Text towers with an nn.Linear projection (e = W x + b): W and b both take the map."""
+    from torch import nn
+
+    from surgery.edit.bake import balance_map, fold_balance
+
+    edit = _balance("text", dim=8, rank=2)
+    proj = nn.Linear(5, 8)
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = balance_map(edit)(proj(x))
+        fold_balance(proj, edit)
+        torch.testing.assert_close(proj(x), expected, atol=1e-6, rtol=1e-6)
+    with pytest.raises(PlanError, match="8-dimensional but the text embedding has 5"):
+        fold_balance(nn.Linear(8, 5), edit)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"u": [[float("nan")] * 3] * 32}, "finite numbers only"),
+        ({"u": [[0.0] * 2] * 32}, "u is 32 x 2 but v is 32 x 3"),
+        ({"v": [[0.0] * 3, [0.0] * 2]}, "rows of one length"),
+        ({"u": []}, "non-empty list of rows"),
+        ({"tower": "audio"}, "unknown tower 'audio'"),
+        ({"provenance": {"queries": ["q"], "groups": ["a", "b"]}}, r"rank 3 is above queries x \(groups - 1\) = 1"),
+        ({"u": "[[1]]"}, "non-empty list of rows"),
+    ],
+)
+def test_malformed_balance_edits(change, message):
+    entry = {**_balance("text").__dict__, **change}
+    with pytest.raises(PlanError, match=message):
+        SurgeryPlan.from_dict({"schema": SCHEMA, "balance": [entry]})
+
+
+def test_balance_plans_round_trip_and_refuse_what_does_not_fit(tiny, tmp_path):
+    model, _ = tiny
+    plan = _mixed_plan()
+    path = tmp_path / "plan.json"
+    plan.save(str(path))
+    loaded = SurgeryPlan.load(str(path))
+    assert loaded.to_dict() == plan.to_dict() and len(loaded.balance) == 2
+    loaded.check_fits(model, None)
+    with pytest.raises(PlanError, match="the map is 8-dimensional but the text embedding has 32"):
+        SurgeryPlan(balance=[_balance("text", dim=8, rank=2)]).validate().check_fits(model, None)
+    with pytest.raises(PlanError, match="a second balance edit of the text tower"):
+        SurgeryPlan(balance=[_balance("text"), _balance("text", seed=9)]).validate()
+    old = json.loads(path.read_text())
+    old.pop("balance")
+    old["schema"] = "clipsurgery.plan/1"  # plans written before balance edits still load
+    assert SurgeryPlan.from_dict(old).heads == plan.heads
 
 
 def test_zero_scale_zero_ablation_zeroes_the_out_proj_columns(tiny):

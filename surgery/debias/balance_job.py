@@ -1,0 +1,63 @@
+"""``clipsurgery balance``: fit only the balance edit and write its plan (bake it with ``clipsurgery bake``).
+
+The probe is a labelled folder (all of its images: there is no report here) or, for a world
+model, the same selection draws ``clipsurgery debias`` uses. The plan records the fit, the figures
+on the probe before and after, and the cut for queries held out of the fit.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from surgery.audit.probe import folder_probe_set
+from surgery.debias.pipeline import (
+    Choice,
+    DebiasOptions,
+    Probes,
+    balance_candidate,
+    contribution_lines,
+    embed_prompts,
+    make_plan,
+    run_search,
+    world_selection,
+)
+from surgery.errors import SurgeryError
+from surgery.io.fs import check_output_path
+from surgery.io.images import resolve_images_dir
+from surgery.model.loading import load
+from surgery.world.checkpoint import world_params_of
+
+
+def run_balance(model_in: str, plan_out: str, options: DebiasOptions, *, images_dir: str | None = None,
+                labels_path: str | None = None, attribute: str | None = None, queries: list[str] | None = None,
+                force: bool = False, progress: Callable[[str], None] | None = None) -> dict:
+    """Fit the balance edit of ``model_in`` and save its plan to ``plan_out``; returns the lines to print."""
+    say = progress or (lambda msg: None)
+    check_output_path(plan_out, inputs=(model_in, labels_path), force=force)
+    loaded = load(model_in)
+    params = world_params_of(loaded)
+    if images_dir:
+        probe = folder_probe_set(resolve_images_dir(images_dir), labels_path, attribute, loaded.preprocess,
+                                 queries=queries)
+        probes = Probes([probe], None, None, None, source={"images": images_dir, "labels": labels_path,
+                                                       "selection_images": len(probe)})
+    elif params is not None:
+        probes = Probes(world_selection(loaded, params, options, queries), None, None, params)
+        say(f"probing on {len(probes.selection)} generated draws of the model's world")
+    else:
+        raise SurgeryError(f"the balance edit needs probe images: pass --images DIR --labels CSV "
+                           f"({model_in} carries no world to generate them from)")
+    prompts = embed_prompts(loaded, probes, say)
+    options = dataclasses.replace(options, heads=False, neurons=False, balance=True)
+    search = run_search(loaded, probes, prompts, options, None, None, balance_candidate(prompts, options), say)
+    if search.balance is None:
+        raise SurgeryError("the balance edit did not lower bias within the accuracy, recall and group-accuracy "
+                           "budgets on the probe; loosen a budget or check the probe's group labels")
+    choice = Choice(search, None, None, False)
+    plan = make_plan(loaded, choice, options, probes, None)
+    plan.save(plan_out)
+    before, after = search.before["max_skew"], search.after["max_skew"]
+    return {"plan": plan, "lines": [
+        f"wrote {plan_out} (bake it: clipsurgery bake {model_in} {plan_out} OUT)",
+        f"on the probe: mean MaxSkew@{options.k} {before:.3f} -> {after:.3f}; targets {'met' if search.met else 'NOT met'}",
+        *contribution_lines(choice, options.k, removal_offered=False)]}
