@@ -12,16 +12,25 @@ cached outside git ($CLIPSURGERY_SUITE_DIR, default ~/.cache/clipsurgery/world-s
 
 Checks per world (one table at the end; the world models are not part of the test suite):
   quality    zero-shot concept accuracy (>= 0.65) and mean MaxSkew@50 (>= 0.6 ln G): worth debiasing
-  debias     `clipsurgery debias WORLD out.onnx --allow-miss` with default settings: on the world's
-             eval split the mean MaxSkew@50 cut (>= 50%), the worst query's cut (aim >= 30%), the
-             concept accuracy drop and both Recall@5 drops (<= 2 points each)
-  fresh      the same exported pair on a fresh draw of the world (`clipsurgery compare`)
-Runs one job at a time (2 cores); the whole suite takes about 30 minutes here.
+  debias     `clipsurgery debias WORLD out.onnx` with default settings (its exit status: 0 = targets met
+             on the report's images, 3 = missed): on the world's eval split the mean MaxSkew@50 cut
+             (>= 60%), the worst query's cut (>= 30%), the concept accuracy, zero-shot group accuracy
+             and both Recall@5 drops (<= 2 points each); beside them the cut for the queries in the
+             world's other caption wordings, the group-naming queries' precision@50, and the balance
+             edit's cut for queries held out of its fit (from the plan)
+  fresh      the same exported pair on a fresh draw of the world (`clipsurgery compare`), and the
+             t2i@5 change on --noise-draws more fresh draws (its spread is the metric's noise floor)
+  labels     the group-labels-only path: `debias --images FOLDER --labels CSV --queries FILE` on a
+             folder with a `file,group` CSV only (no concepts, captions or world.json) and the world's
+             concept queries as the list; the pair is then compared on the eval split and the fresh draw
+Runs one job at a time (2 cores).
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -36,9 +45,12 @@ import torch
 from surgery.world.checkpoint import save_world_model
 from surgery.world.generator import balanced_size
 from surgery.world.params import WorldParams
+from surgery.world.prompts import neutral_queries
 from surgery.world.train import WorldTrainOptions, evaluate_world_model, train_world_model
 
 FRESH_SEED_OFFSET = 5000  # a fresh draw: another seed of the same world than any the tool generated
+NOISE_SEED_OFFSET = 5100  # more fresh draws, for the spread of t2i@5 (seed + 5100 + i)
+LABELS_SEED_OFFSET = 4000  # the group-labels-only probe: another draw than the tool's own selection draws
 AUDIT_CHOOSE_OFFSET, AUDIT_MEASURE_OFFSET = 6000, 7000  # the audit's set is chosen on one draw, measured on another
 
 
@@ -97,6 +109,16 @@ def train_options(world: SuiteWorld) -> WorldTrainOptions:
 
 
 def train(world: SuiteWorld) -> None:
+    """Train and cache the world's model, unless another run of this script did meanwhile (a lock
+    per world: several runs can train different worlds side by side)."""
+    os.makedirs(cache_dir(), exist_ok=True)
+    with open(os.path.join(cache_dir(), f".{world.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not is_current(world):
+            _train(world)
+
+
+def _train(world: SuiteWorld) -> None:
     params = world_params(world)
     options = train_options(world)
     start = time.perf_counter()
@@ -129,13 +151,59 @@ def figures(report_json: str) -> dict:
     with open(report_json, encoding="utf-8") as f:
         report = json.load(f)
     before, after = report["before"], report["after"]
-    per = next(iter(report["per_query"].values()))
+    attr, per = next(iter(report["per_query"].items()))
     out = {"mean_cut": per["mean_cut"], "worst_cut": per["worst_cut"],
+           "per_query": {r["query"]: r["cut"] for r in per["queries"]},
            "acc_drop": 100 * (before.get("zero_shot_accuracy", 0) - after.get("zero_shot_accuracy", 0))}
+    if "group_accuracy" in before["bias"][attr]:
+        out["group_acc_drop"] = 100 * (before["bias"][attr]["group_accuracy"] - after["bias"][attr]["group_accuracy"])
+    if "cell_precision" in before:
+        out["naming_precision_drop"] = 100 * (before["cell_precision"]["mean"] - after["cell_precision"]["mean"])
+    if per.get("wordings"):
+        cuts = per["wordings"].values()
+        out["wordings_mean_cut"] = sum(c["mean_cut"] for c in cuts) / len(cuts)
+        out["wordings_worst_cut"] = min(c["worst_cut"] for c in cuts)
     for key in ("t2i@5", "i2t@5"):
         if key in before.get("retrieval", {}):
             out[f"{key}_drop"] = 100 * (before["retrieval"][key] - after["retrieval"][key])
     return out
+
+
+def met(f: dict) -> bool:
+    """The balance issue's acceptance on one split: mean cut >= 60%, worst query >= 30%, every drop <= 2 points."""
+    drops = [f.get(key, 0.0) for key in ("acc_drop", "group_acc_drop", "t2i@5_drop", "i2t@5_drop")]
+    return (f["mean_cut"] is not None and f["mean_cut"] >= 0.6 and f["worst_cut"] is not None
+            and f["worst_cut"] >= 0.3 and all(d <= 2.0 + 1e-9 for d in drops))
+
+
+def plan_figures(plan_json: str) -> dict:
+    """What the plan says: edit counts, whether removal edits were searched, what each kind
+    contributed (selection draws), the balance edit's held-out-query cut."""
+    with open(plan_json, encoding="utf-8") as f:
+        plan = json.load(f)
+    prov = plan["provenance"]
+    out = {"heads": len(plan["heads"]), "neurons": sum(len(n["ids"]) for n in plan["neurons"]),
+           "balance": [b["tower"] for b in plan.get("balance", [])], "removal_searched": prov.get("removal_searched"),
+           "contributions": {k: (v or {}).get("max_skew") for k, v in (prov.get("contributions") or {}).items()},
+           "selection_before": prov.get("before", {}).get("max_skew")}
+    for edit in plan.get("balance", []):
+        held = edit["provenance"].get("held_out_queries") or {}
+        out["held_out_query_cut"] = held.get("cut")
+    return out
+
+
+def compare_on(world: SuiteWorld, model: str, out: str, split_dir: str, report_dir: str) -> dict:
+    cmp = _cli("compare", model, out, "--images", os.path.join(split_dir, "images"), "--labels",
+               os.path.join(split_dir, "labels.csv"), "--captions", os.path.join(split_dir, "captions.csv"),
+               "--out", report_dir)
+    if cmp.returncode != 0:
+        return {"error": cmp.stderr.strip().splitlines()[-1]}
+    return figures(os.path.join(report_dir, "report.json"))
+
+
+def generate_split(world: SuiteWorld, out: str, seed: int) -> str | None:
+    gen = _cli("world", "generate", "--out", out, "--like", model_path(world), "--seed", str(seed))
+    return None if gen.returncode == 0 else gen.stderr.strip().splitlines()[-1]
 
 
 def world_params(world: SuiteWorld) -> WorldParams:
@@ -157,31 +225,69 @@ def is_current(world: SuiteWorld) -> bool:
             and trained == dataclasses.asdict(train_options(world)))
 
 
-def check(world: SuiteWorld, work: str) -> dict:
-    row = {}
+def check(world: SuiteWorld, work: str, noise_draws: int = 3, labels_path: bool = True) -> dict:
+    row: dict = {}
     out = os.path.join(work, f"{world.name}.onnx")
     start = time.perf_counter()
-    run = _cli("debias", model_path(world), out, "--allow-miss")
+    run = _cli("debias", model_path(world), out)
     row["debias_seconds"] = time.perf_counter() - start
-    if run.returncode != 0:
+    row["exit"] = run.returncode
+    if run.returncode not in (0, 3):
         row["error"] = (run.stderr.strip().splitlines() or ["?"])[-1]
         return row
     row["eval"] = figures(os.path.join(work, f"{world.name}.report", "report.json"))
-    fresh = os.path.join(work, f"{world.name}-fresh")
+    row["plan"] = plan_figures(os.path.join(work, f"{world.name}.plan.json"))
     params = world_params(world)
-    gen = _cli("world", "generate", "--out", fresh, "--like", model_path(world), "--seed",
-               str(params.seed + FRESH_SEED_OFFSET))
-    if gen.returncode != 0:
-        row["error"] = gen.stderr.strip().splitlines()[-1]
+    fresh = os.path.join(work, f"{world.name}-fresh")
+    error = generate_split(world, fresh, params.seed + FRESH_SEED_OFFSET)
+    if error:
+        row["error"] = error
         return row
-    cmp = _cli("compare", model_path(world), out, "--images", os.path.join(fresh, "images"), "--labels",
-               os.path.join(fresh, "labels.csv"), "--captions", os.path.join(fresh, "captions.csv"), "--out",
-               os.path.join(work, f"{world.name}-fresh.report"))
-    if cmp.returncode != 0:
-        row["error"] = cmp.stderr.strip().splitlines()[-1]
-        return row
-    row["fresh"] = figures(os.path.join(work, f"{world.name}-fresh.report", "report.json"))
+    row["fresh"] = compare_on(world, model_path(world), out, fresh, os.path.join(work, f"{world.name}-fresh.report"))
+    noise = []
+    for i in range(noise_draws):
+        draw = os.path.join(work, f"{world.name}-noise{i}")
+        if generate_split(world, draw, params.seed + NOISE_SEED_OFFSET + i) is None:
+            f = compare_on(world, model_path(world), out, draw, os.path.join(work, f"{world.name}-noise{i}.report"))
+            if "t2i@5_drop" in f:
+                noise.append(f["t2i@5_drop"])
+    row["t2i_drops_more_fresh_draws"] = noise
+    if labels_path:
+        row["labels_only"] = labels_only_check(world, work, fresh)
     return row
+
+
+def labels_only_check(world: SuiteWorld, work: str, fresh: str) -> dict:
+    """debias on a folder whose CSV has only file,group (a fresh draw of 2x the usual size; half of it
+    held out for debias's own report), the world's concept queries as a list; then compared on the
+    world's eval split and on the fresh draw with every figure."""
+    params = world_params(world)
+    folder = os.path.join(work, f"{world.name}-labels")
+    n = 2 * balanced_size(params)
+    gen = _cli("world", "generate", "--out", folder, "--like", model_path(world), "--seed",
+               str(params.seed + LABELS_SEED_OFFSET), "--n", str(n))
+    if gen.returncode != 0:
+        return {"error": gen.stderr.strip().splitlines()[-1]}
+    with open(os.path.join(folder, "labels.csv"), encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    group_only = os.path.join(folder, "group-only")
+    os.makedirs(group_only)
+    with open(os.path.join(group_only, "labels.csv"), "w", encoding="utf-8") as f:
+        f.write("file,group\n" + "".join(f"{r['file']},{r['group']}\n" for r in rows))
+    with open(os.path.join(group_only, "queries.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(neutral_queries(params)) + "\n")
+    out = os.path.join(work, f"{world.name}-labels.onnx")
+    run = _cli("debias", model_path(world), out, "--images", os.path.join(folder, "images"), "--labels",
+               os.path.join(group_only, "labels.csv"), "--queries", os.path.join(group_only, "queries.txt"))
+    if run.returncode not in (0, 3):
+        return {"error": (run.stderr.strip().splitlines() or ["?"])[-1]}
+    report = os.path.join(work, f"{world.name}-labels-eval")
+    error = generate_split(world, report, params.seed)
+    if error:
+        return {"error": error}
+    return {"exit": run.returncode,
+            "eval": compare_on(world, model_path(world), out, report, report + ".report"),
+            "fresh": compare_on(world, model_path(world), out, fresh, os.path.join(work, f"{world.name}-labels-fresh"))}
 
 
 def audit_check(world: SuiteWorld) -> dict:
@@ -268,23 +374,53 @@ def _pts(x: float | None) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| world | role | G | concept acc | MaxSkew@50 | split | mean cut (>=50%) | worst query cut (>=30%) | "
-             "acc drop (<=2) | t2i@5 drop (<=2) | i2t@5 drop (<=2) | all met |",
-             "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| world | role | G | concept acc | MaxSkew@50 | run | split | mean cut (>=60%) | worst query (>=30%) | "
+             "acc drop | group acc drop | t2i@5 drop | i2t@5 drop | met (all <= 2) | other wordings: mean / worst cut | "
+             "naming P@50 drop |",
+             "| --- | --- | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |"]
     for r in rows:
         head = f"| {r['world']} | {r['role']} | {r['groups']} | {r['concept_accuracy']:.3f} | {r['max_skew']:.3f} |"
         if "error" in r:
-            lines.append(f"{head} error | {r['error']} | | | | | | |")
+            lines.append(f"{head} error | {r['error']} |" + " |" * 10)
             continue
-        for split in ("eval", "fresh"):
-            f = r.get(split)
-            if f is None:
-                continue
-            met = (f["mean_cut"] is not None and f["mean_cut"] >= 0.5 and f["acc_drop"] <= 2
-                   and f.get("t2i@5_drop", 0) <= 2 and f.get("i2t@5_drop", 0) <= 2)
-            lines.append(f"{head} {split} | {_pct(f['mean_cut'])} | {_pct(f['worst_cut'])} | {_pts(f['acc_drop'])} | "
-                         f"{_pts(f.get('t2i@5_drop'))} | {_pts(f.get('i2t@5_drop'))} | {'yes' if met else 'NO'} |")
+        runs = [(f"debias (exit {r.get('exit')})", r)]
+        if r.get("labels_only") and "error" not in r["labels_only"]:
+            runs.append((f"labels only (exit {r['labels_only']['exit']})", r["labels_only"]))
+        for run, source in runs:
+            for split in ("eval", "fresh"):
+                f = source.get(split)
+                if f is None or "error" in f:
+                    continue
+                wordings = (f"{_pct(f['wordings_mean_cut'])} / {_pct(f['wordings_worst_cut'])}"
+                            if "wordings_mean_cut" in f else "-")
+                lines.append(f"{head} {run} | {split} | {_pct(f['mean_cut'])} | {_pct(f['worst_cut'])} | "
+                             f"{_pts(f['acc_drop'])} | {_pts(f.get('group_acc_drop'))} | {_pts(f.get('t2i@5_drop'))} | "
+                             f"{_pts(f.get('i2t@5_drop'))} | {'yes' if met(f) else 'NO'} | {wordings} | "
+                             f"{_pts(f.get('naming_precision_drop'))} |")
     return "\n".join(lines)
+
+
+def detail_table(rows: list[dict]) -> str:
+    """Per world: what the plan holds, what each kind contributed on the selection draws, the
+    held-out-query cut, and the spread of t2i@5 on more fresh draws."""
+    lines = ["| world | edits | removal searched | selection MaxSkew: none / balance only / removal only / both | "
+             "held-out queries cut | t2i@5 drop on more fresh draws | debias s |",
+             "| --- | --- | --- | --- | ---: | --- | ---: |"]
+    for r in rows:
+        p = r.get("plan")
+        if p is None:
+            continue
+        c = p["contributions"]
+        noise = r.get("t2i_drops_more_fresh_draws") or []
+        lines.append(f"| {r['world']} | {p['heads']} heads, {p['neurons']} neurons, balance {p['balance'] or '-'} | "
+                     f"{p['removal_searched']} | {_f3(p['selection_before'])} / {_f3(c.get('balance only'))} / "
+                     f"{_f3(c.get('removal only'))} / {_f3(c.get('both'))} | {_pct(p.get('held_out_query_cut'))} | "
+                     f"{', '.join(f'{x:+.1f}' for x in noise) or '-'} | {r['debias_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def _f3(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-debias", action="store_true", help="only the audit check")
     ap.add_argument("--skip-audit", action="store_true", help="only the debias checks")
     ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--roles", default=None, help="comma-separated roles to run (dev, held-out, new; default: all)")
+    ap.add_argument("--noise-draws", type=int, default=3, help="more fresh draws for the spread of t2i@5")
+    ap.add_argument("--skip-labels-only", action="store_true", help="skip the group-labels-only path")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="torch threads (1 when other jobs share the cores: oversubscribed threads thrash)")
     args = ap.parse_args(argv)
@@ -302,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [w for w in wanted if w not in names]
     if unknown:
         ap.error(f"unknown world {unknown[0]!r}; the suite has {', '.join(names)}")
-    worlds = [w for w in SUITE if w.name in wanted]
+    worlds = [w for w in SUITE if w.name in wanted and (not args.roles or w.role in args.roles.split(","))]
     torch.set_num_threads(max(1, args.threads))
     for world in worlds:
         if not is_current(world):
@@ -314,13 +453,15 @@ def main(argv: list[str] | None = None) -> int:
         for world in worlds:
             row = {"world": world.name, "role": world.role, **quality_of(world)}
             if not args.skip_debias:
-                row.update(check(world, work))
+                row.update(check(world, work, args.noise_draws, not args.skip_labels_only))
             if not args.skip_audit:
                 row["audit"] = audit_check(world)
             rows.append(row)
             print(f"[{world.name}] {json.dumps(row)}", flush=True)
     if not args.skip_debias:
         print(table(rows))
+        print()
+        print(detail_table(rows))
     if not args.skip_audit:
         print(audit_table(rows))
     if args.json:

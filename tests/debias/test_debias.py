@@ -159,3 +159,57 @@ def test_an_sae_that_no_kept_edit_uses_is_not_left_and_force_removes_the_previou
     plan = json.loads((tmp_path / "m.plan.json").read_text())
     assert plan["neurons"] == []
     assert [(h["layer"], h["head"]) for h in plan["heads"]] == [(3, 0)]
+
+
+def test_clipsurgery_balance_writes_a_plan_that_bake_folds_into_the_text_projection(tmp_path):
+    """`balance` fits only the balance edit (world draws here), its plan round-trips through
+    `bake`, and the baked checkpoint's text embeddings are the map of the original ones."""
+    import torch
+
+    import surgery
+    from surgery.edit.bake import balance_map
+    from surgery.edit.plan import SurgeryPlan
+    from surgery.model.encode import text_embeddings
+
+    plan_path, out = tmp_path / "plan.json", tmp_path / "balanced.safetensors"
+    runner = CliRunner()
+    result = runner.invoke(main, ["balance", "builtin:world", "--out", str(plan_path), "--selection-draws", "1",
+                                  "--k", "20"])
+    assert result.exit_code == 0, result.output
+    assert "removal only: not asked for" in result.output
+    plan = SurgeryPlan.load(str(plan_path))
+    assert not plan.heads and not plan.neurons and len(plan.balance) == 1
+    prov = plan.balance[0].provenance
+    assert prov["groups"] == ["red", "blue"] and len(prov["queries"]) == 6 and prov["fit"]["residual"] < 1e-6
+    assert runner.invoke(main, ["balance", "builtin:world", "--out", str(plan_path)]).exit_code == 1  # no --force
+    result = runner.invoke(main, ["bake", "builtin:world", str(plan_path), str(out)])
+    assert result.exit_code == 0, result.output
+    original, baked = surgery.load("builtin:world"), surgery.load(str(out))
+    texts = ["a photo of a circle", "a red square", "a picture of a dotted star"]
+    with torch.no_grad():
+        raw = original.model.encode_text(__import__("surgery.model.preprocess", fromlist=["tokenize"]).tokenize(
+            texts, original.tokenizer))
+    want = torch.nn.functional.normalize(balance_map(plan.balance[0])(raw), dim=-1)
+    torch.testing.assert_close(text_embeddings(baked.model, texts, baked.tokenizer), want, atol=1e-5, rtol=0)
+
+
+def test_clipsurgery_balance_refuses_bad_probes_in_one_line(tmp_path):
+    from helpers import labelled_image_folder
+
+    images, labels = labelled_image_folder(tmp_path, n=12)
+    one_group = tmp_path / "one.csv"
+    one_group.write_text("file,colour\n" + "".join(f"{i:02d}.png,red\n" for i in range(12)))
+    empty = tmp_path / "q.txt"
+    empty.write_text("# nothing\n")
+    runner = CliRunner()
+    for args, message in [
+        (["--images", images, "--labels", str(one_group), "--attributes", "colour"], "single group"),
+        (["--images", images, "--labels", labels, "--attributes", "colour", "--queries", str(empty)], "holds no queries"),
+        (["--images", images, "--labels", labels, "--attributes", "colour", "--k", "50"], "K=50 is larger than the gallery of 12"),
+        (["--images", images], "--images and --labels go together"),
+        (["--side", "audio"], "Invalid value for '--side'"),
+    ]:
+        result = runner.invoke(main, ["balance", "builtin:world", "--out", str(tmp_path / "p.json"), *args])
+        assert result.exit_code in (1, 2) and message in result.output, (args, result.output)
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "p.json").exists()

@@ -174,3 +174,36 @@ def test_external_data_path_for_large_models(tmp_path, monkeypatch):
     got = session.run(None, {"pixel_values": x.numpy()})[0]
     want = torch.nn.functional.normalize(TorchEncoder(loaded).encode_images(x), dim=-1).numpy()
     assert abs(got - want).max() <= 1e-5
+
+
+def test_an_exported_balance_edit_equals_the_runtime_map_in_onnx_runtime(tmp_path, images, tokens):
+    """A balance edit on each tower, baked and exported: ONNX Runtime's embeddings equal the
+    unbaked model with the maps applied to its outputs (surgery.edit.bake.apply_runtime), and the
+    graph has no operator the plain export lacks (the map lives in the projection weights)."""
+    import copy
+
+    import onnx
+
+    from surgery.edit.bake import apply_runtime
+    from surgery.edit.plan import BalanceEdit
+
+    gen = torch.Generator().manual_seed(11)
+    plan = SurgeryPlan(balance=[BalanceEdit(t, (0.3 * torch.randn(32, 2, generator=gen)).tolist(),
+                                            (torch.randn(32, 2, generator=gen) / 6).tolist()) for t in ("vision", "text")])
+    loaded = surgery.load("builtin:tiny")
+    reference = apply_runtime(copy.deepcopy(loaded.model), plan)
+    bake(loaded.model, plan)
+    export_onnx(loaded, str(tmp_path / "b.onnx"), plan)
+    plain = surgery.load("builtin:tiny")
+    export_onnx(plain, str(tmp_path / "p.onnx"), SurgeryPlan())
+    for tower in ("visual", "text"):
+        ops = lambda name: sorted(n.op_type for n in onnx.load(str(tmp_path / f"{name}.{tower}.onnx")).graph.node)  # noqa: E731
+        assert ops("b") == ops("p")
+    encoder = OnnxEncoder(str(tmp_path / "b.onnx"))
+    with torch.no_grad():
+        want_img = torch.nn.functional.normalize(reference.encode_image(images), dim=-1)
+        want_txt = torch.nn.functional.normalize(reference.encode_text(tokens), dim=-1)
+        unedited = torch.nn.functional.normalize(plain.model.encode_text(tokens), dim=-1)
+    torch.testing.assert_close(encoder.encode_images(images), want_img, atol=1e-5, rtol=0)
+    torch.testing.assert_close(encoder.encode_texts(tokens), want_txt, atol=1e-5, rtol=0)
+    assert (want_txt - unedited).abs().max() > 1e-2  # the maps do something
