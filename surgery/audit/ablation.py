@@ -61,15 +61,19 @@ def check_head_options(options, error: type[Exception]) -> None:
 class SweepResult:
     baseline_max_skew: float  # mean MaxSkew@K of the unedited model
     baseline_accuracy: float | None  # zero-shot concept accuracy of the unedited model
-    max_skew: torch.Tensor  # (L, H) mean MaxSkew@K with that head ablated
-    accuracy: torch.Tensor | None  # (L, H) zero-shot concept accuracy with that head ablated
-    scores: torch.Tensor | None = None  # (L, H, Q[+C], N) text-image scores with that head ablated
+    max_skew: torch.Tensor  # (L, H) mean MaxSkew@K with that head ablated (NaN: not swept)
+    accuracy: torch.Tensor | None  # (L, H) zero-shot concept accuracy with that head ablated (NaN: not swept)
+    scores: torch.Tensor | None = None  # (L, H, Q[+C], N) text-image scores with that head ablated (NaN: not swept)
     base_scores: torch.Tensor | None = None  # (Q[+C], N) the unedited model's; queries first
+    swept: torch.Tensor | None = None  # (L, H) bool: the heads the sweep ablated (None: every head)
 
     @property
     def bias_removed(self) -> torch.Tensor:
-        """(L, H): baseline minus ablated MaxSkew (positive = the head carries bias)."""
+        """(L, H): baseline minus ablated MaxSkew (positive = the head carries bias; NaN: not swept)."""
         return self.baseline_max_skew - self.max_skew
+
+    def was_swept(self, head: tuple[int, int]) -> bool:
+        return self.swept is None or bool(self.swept[head])
 
 
 def embed_tail(view: TowerView, x: torch.Tensor, start: int, mask, index, post=None,
@@ -121,17 +125,25 @@ def head_means(model: nn.Module, probe: ProbeSet, tower: str = "vision", batch_s
 @torch.no_grad()
 def ablation_sweep(model: nn.Module, probe: ProbeSet, query_emb: torch.Tensor, class_emb: torch.Tensor | None,
                    means: torch.Tensor | None, options: SweepOptions | None = None,
-                   progress=None) -> SweepResult:
-    """(c) for every vision head. query_emb (Q, D), class_emb (C, D): normalised text embeddings."""
+                   progress=None, heads=None) -> SweepResult:
+    """(c) for every vision head, or only for ``heads`` (a list of (layer, head): the shortlist;
+    the others' figures are NaN and ``swept`` says which ran). query_emb (Q, D), class_emb (C, D):
+    normalised text embeddings. Layers with no swept head are not re-run at all."""
     opt = options or SweepOptions()
     tower = "vision"
     view = get_towers(model)[tower]
     device = next(model.parameters()).device
     L, H = view.n_layers, view.n_heads
     n = len(probe)
+    swept = torch.ones(L, H, dtype=torch.bool)
+    if heads is not None:
+        swept = torch.zeros(L, H, dtype=torch.bool)
+        for layer, head in heads:
+            swept[layer, head] = True
+    rows = [swept[layer].nonzero().flatten().tolist() for layer in range(L)]  # heads ablated per layer
     texts = query_emb if class_emb is None else torch.cat([query_emb, class_emb])  # (Q[+C], D)
     texts = texts.to(device)
-    scores = torch.empty(L, H, texts.shape[0], n)  # (L, H, Q+C, N) on the CPU
+    scores = torch.full((L, H, texts.shape[0], n), float("nan"))  # (L, H, Q+C, N) on the CPU
     base = torch.empty(texts.shape[0], n)
     ablate = torch.ones(H, H, device=device) - torch.eye(H, device=device)  # row j: head j off
     fill = means.to(device) if (means is not None and opt.ablation == "mean") else None
@@ -148,28 +160,34 @@ def ablation_sweep(model: nn.Module, probe: ProbeSet, query_emb: torch.Tensor, c
             x, mask, index = tower_inputs(model, tower, images)
             inputs = layer_inputs(view, x, mask)
             base[:, sl] = (texts @ embed_tail(view, inputs[0], 0, mask, index).float().T).cpu()
-            head_mask = ablate.repeat_interleave(b, dim=0)  # (H*b, H): copy j ablates head j
-            index_h = index.repeat(H)  # (H*b,)
             for layer in range(L):
-                stacked = inputs[layer].repeat(H, 1, 1)  # (H*b, N, C): copy j ablates head j
+                if not rows[layer]:
+                    continue
+                h = len(rows[layer])
+                head_mask = ablate[rows[layer]].repeat_interleave(b, dim=0)  # (h*b, H): copy j ablates head rows[j]
+                stacked = inputs[layer].repeat(h, 1, 1)  # (h*b, N, C)
+                index_h = index.repeat(h)  # (h*b,)
                 # graphs for full batches of a maskless (vision) tower; the last, smaller batch runs eagerly
                 if mask is None and b == opt.batch_size:
-                    emb = graphs[layer](stacked, index_h, head_mask)  # (H*b, D)
+                    emb = graphs[layer](stacked, index_h, head_mask)  # (h*b, D)
                 else:
-                    emb = tails[layer](stacked, index_h, head_mask, mask)  # (H*b, D)
-                scores[layer, :, :, sl] = (texts @ emb.float().T).view(texts.shape[0], H, b).permute(1, 0, 2).cpu()
+                    emb = tails[layer](stacked, index_h, head_mask, mask)  # (h*b, D)
+                scores[layer, rows[layer], :, sl] = (
+                    (texts @ emb.float().T).view(texts.shape[0], h, b).permute(1, 0, 2).cpu())
             if progress:
                 progress(min(sl.stop, n), n)
     q = query_emb.shape[0]
     n_groups = len(probe.group_names)
+    nan = float("nan")
     skew = lambda s: float(metrics.max_skew_at_k(s, probe.groups, opt.k, n_groups).mean())  # noqa: E731
-    max_skew = torch.tensor([[skew(scores[l, h, :q]) for h in range(H)] for l in range(L)])
+    max_skew = torch.tensor([[skew(scores[l, h, :q]) if swept[l, h] else nan for h in range(H)] for l in range(L)])
     accuracy = base_acc = None
     if class_emb is not None:
         acc = lambda s: float((s.argmax(0) == probe.concepts).double().mean())  # noqa: E731
-        accuracy = torch.tensor([[acc(scores[l, h, q:]) for h in range(H)] for l in range(L)])
+        accuracy = torch.tensor([[acc(scores[l, h, q:]) if swept[l, h] else nan for h in range(H)] for l in range(L)])
         base_acc = acc(base[q:])
-    return SweepResult(skew(base[:q]), base_acc, max_skew, accuracy, scores, base)
+    return SweepResult(skew(base[:q]), base_acc, max_skew, accuracy, scores, base,
+                       swept=None if heads is None else swept)
 
 
 def _ablated_tail(view: TowerView, layer: int, attn: HeadMaskedAttention, fill: torch.Tensor | None,

@@ -299,5 +299,11 @@ def head_table(scores: dict[str, torch.Tensor], cheap_rank: Sequence[tuple[int, 
     rank_of = {head: i for i, head in enumerate(cheap_rank)}
     maps = {**scores, **{name: m for name, m in (extra or {}).items() if m is not None}}
     return [{"layer": layer, "head": head, "cheap_rank": rank_of[(layer, head)],
-             **{name: float(m[layer, head]) for name, m in maps.items()}}
+             **{name: _number(m[layer, head]) for name, m in maps.items()}}
             for layer in range(L) for head in range(H)]
+
+
+def _number(value: torch.Tensor) -> float | None:
+    """A JSON-able score: None where there is none (NaN: e.g. a head the shortlisted sweep skipped)."""
+    x = float(value)
+    return None if math.isnan(x) else x

@@ -33,9 +33,11 @@ class HeadSetOptions:
 
 
 def additive_prediction(sweep: SweepResult, probe: ProbeSet, k: int, n_queries: int):
-    """``predict(heads) -> mean MaxSkew@K`` from the sweep's single-head per-image score changes, added up."""
+    """``predict(heads) -> mean MaxSkew@K`` from the sweep's single-head per-image score changes,
+    added up (a head the sweep did not ablate adds nothing: its effect is unknown, not zero, so
+    :func:`head_shortlist` measures such heads only after the swept ones)."""
     base = sweep.base_scores[:n_queries]  # (Q, N)
-    delta = sweep.scores[:, :, :n_queries] - base  # (L, H, Q, N)
+    delta = torch.nan_to_num(sweep.scores[:, :, :n_queries] - base, nan=0.0)  # (L, H, Q, N)
     n_groups = len(probe.group_names)
 
     def predict(heads: Sequence[Head]) -> float:
@@ -49,11 +51,16 @@ def head_shortlist(confirm: int, sweep: SweepResult | None = None, probe: ProbeS
                    n_queries: int = 0):
     """``shortlist(chosen, open) -> heads to measure``: the ``confirm`` open heads whose added-up
     single-head changes (``sweep`` on ``probe``) predict the lowest mean MaxSkew@K together with
-    ``chosen``; without a sweep, the first ``confirm`` of ``open`` (keep it in ranking order)."""
+    ``chosen``, then heads the sweep did not ablate in ``open``'s order; without a sweep, the first
+    ``confirm`` of ``open`` (keep it in ranking order)."""
     if sweep is None:
         return lambda chosen, open_: list(open_)[:confirm]
     predict = additive_prediction(sweep, probe, k, n_queries)
-    return lambda chosen, open_: sorted(open_, key=lambda h: predict(list(chosen) + [h]))[:confirm]
+
+    def shortlist(chosen, open_):
+        swept = sorted((h for h in open_ if sweep.was_swept(h)), key=lambda h: predict(list(chosen) + [h]))
+        return (swept + [h for h in open_ if not sweep.was_swept(h)])[:confirm]
+    return shortlist
 
 
 def propose_head_set(model: nn.Module, probe: ProbeSet, means: torch.Tensor | None, query_emb: torch.Tensor,

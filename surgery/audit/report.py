@@ -47,11 +47,14 @@ def write_audit(out_dir: str, result, context: dict, text=None) -> list[str]:
         if res is None:
             continue
         titles = {**SCORE_TITLES, **(TEXT_TITLES if tower == "text" else {})}
+        sweep = getattr(res, "sweep", None)
         for name, scores in res.scores.items():
             path = os.path.join(out_dir, f"heatmap_{tower}_{name}.png")
+            title = f"{tower}: {titles.get(name, name)}"
+            if name == "ablation" and sweep is not None and sweep.swept is not None:
+                title += f"\n{int(sweep.swept.sum())} of {sweep.swept.numel()} heads swept (the cheap ranking's top); blank: not swept"
             with atomic_output(path) as tmp:
-                heatmap(scores, f"{tower}: {titles.get(name, name)}", str(tmp),
-                        marked=[(e.layer, e.head) for e in res.plan.heads])
+                heatmap(scores, title, str(tmp), marked=[(e.layer, e.head) for e in res.plan.heads])
             written.append(path)
     plan = combined_plan(result, text)
     record["plan"] = plan.to_dict()
@@ -113,6 +116,10 @@ def markdown(record: dict, result) -> str:
     ]
     if result.spearman_gradient_vs_ablation is not None:
         lines.append(f"- Spearman rank correlation of (d) gradient vs (c) ablation: {result.spearman_gradient_vs_ablation:.3f}")
+    swept = record.get("swept_heads")
+    if swept is not None:
+        lines.append(f"- the ablation sweep (c) ran on {len(swept)} heads, the top of the cheap ranking (`--sweep-top`); "
+                     "the others have no (c) figure (`--sweep all` sweeps every head)")
     sup = "cav_supervised" in result.scores
     lines += ["", "## Heads by the cheap scores (a, b, d)", "",
               "| rank | layer.head | (a) cav | (b) group acc | " + ("(a') cav sup. | (b') acc sup. | " if sup else "")

@@ -13,7 +13,7 @@ from surgery.audit.report import write_audit
 from surgery.audit.supervised import probe_image_embeddings, supervised_image_cavs, supervised_vision_scores
 from surgery.audit.text import TextAuditOptions, TextAuditResult, audit_text
 from surgery.audit.text_probe import TextProbe, text_probe, world_text_probe
-from surgery.audit.vision import AuditOptions, AuditResult, audit_vision
+from surgery.audit.vision import DEFAULT_SWEEP_TOP, AuditOptions, AuditResult, audit_vision
 from surgery.errors import SurgeryError
 from surgery.model.device import DEVICE_CHOICES, Placement, resolve_placement
 from surgery.model.loading import LoadedModel, load
@@ -34,6 +34,7 @@ class AuditRunOptions:
     n_probe: int | None = None  # world models: probe images generated (None: ~1200, a multiple of concepts x groups)
     ablation: str = "mean"  # "mean" | "zero"
     sweep: bool = True  # run the causal ablation sweep (c)
+    sweep_top: int | None = DEFAULT_SWEEP_TOP  # ...on the top of the cheap ranking (None: every head)
     batch_size: int = 64
     device: str = "auto"  # "auto" (cuda when available) | "cpu" | "cuda" | "cuda:N"
     autocast: bool = True  # on CUDA: bf16 autocast for the ablation sweep (c) only; everything else stays fp32
@@ -147,7 +148,7 @@ def audit_vision_tower(loaded: LoadedModel, probe: ProbeSet | None, extra: list[
         return None
     placement = placement or options.placement()
     audit_options = AuditOptions(k=options.k, top_k=options.top_k, batch_size=options.batch_size,
-                                 ablation=options.ablation, sweep=options.sweep,
+                                 ablation=options.ablation, sweep=options.sweep, sweep_top=options.sweep_top,
                                  max_accuracy_drop=options.max_accuracy_drop, backend=placement.backend,
                                  sweep_autocast=placement.autocast)
     result = audit_vision(loaded.model, probe, loaded.tokenizer, audit_options, extra, progress=progress)
@@ -164,7 +165,7 @@ def audit_text_tower(loaded: LoadedModel, prompts: TextProbe | None, probe: Prob
         return None
     placement = placement or options.placement()
     text_options = TextAuditOptions(k=options.k, top_k=options.top_k, batch_size=options.batch_size,
-                                    ablation=options.ablation, sweep=options.sweep, backend=placement.backend)
+                                    ablation=options.ablation, sweep=options.sweep, sweep_top=options.sweep_top, backend=placement.backend)
     result = audit_text(loaded.model, loaded.tokenizer, prompts, text_options, images=probe, image_emb=image_emb,
                         supervised=cavs)
     result.plan.source = {"arch": loaded.arch, "sha256": loaded.sha256}

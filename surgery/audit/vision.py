@@ -53,6 +53,11 @@ from surgery.model.towers import get_towers
 log = logging.getLogger(__name__)
 
 SCORES = ("cav", "group_acc", "gradient", "ablation")
+#: Heads the ablation sweep (c) ablates by default: the top of the cheap ranking. The set searches
+#: measure at most 16 heads per step (the audit's ``confirm``; debias's is 4), and the sweep only
+#: orders those; a model with at most 16 heads (every world model) is swept whole. ViT-B/32 (144
+#: heads): 16 of them, about a fifth of the full sweep's work (issue 25, benchmarks/RESULTS.md).
+DEFAULT_SWEEP_TOP = 16
 CHEAP_SCORES = ("cav", "group_acc", "gradient")
 
 
@@ -67,6 +72,9 @@ class AuditOptions:
     ablation: str = "mean"  # how heads are removed: "mean" | "zero"
     backend: str = "auto"  # attention backend (triton on CUDA)
     sweep: bool = True  # run the causal sweep (c); off: cheap scores only
+    # the sweep (c) ablates only these many heads, the first of the cheap ranking (mean rank of a, b
+    # and the gradient d); None: every head (``--sweep all``). Unswept heads have no (c) figure
+    sweep_top: int | None = DEFAULT_SWEEP_TOP
     # autocast dtype for the sweep (c) alone (bf16 on CUDA; None: fp32). The sweep only ranks heads and
     # shortlists set candidates; the decomposition (a, b), the gradient (d), the head means and every
     # measured head set (the plan's before/after figures) stay fp32
@@ -82,6 +90,9 @@ class AuditOptions:
             raise SurgeryError(f"max_accuracy_drop must be a fraction in [0, 1], got {self.max_accuracy_drop}")
         if self.confirm < 1:
             raise SurgeryError(f"confirm must be >= 1, got {self.confirm}")
+        if self.sweep_top is not None and (isinstance(self.sweep_top, bool) or not isinstance(self.sweep_top, int)
+                                           or self.sweep_top < 1):
+            raise SurgeryError(f"--sweep-top must be an integer >= 1 (or --sweep all), got {self.sweep_top!r}")
 
 
 @dataclass
@@ -106,8 +117,10 @@ class AuditResult:
                 entry["descriptions"] = self.descriptions[key]
             if key in self.ccs:
                 entry["ccs"] = self.ccs[key]
+        swept = None if self.sweep is None or self.sweep.swept is None else \
+            [[int(l), int(h)] for l, h in self.sweep.swept.nonzero().tolist()]
         return {"baseline": self.baseline, "spearman_gradient_vs_ablation": self.spearman_gradient_vs_ablation,
-                "heads": heads, "plan": self.plan.to_dict(), "timings": self.timings}
+                "swept_heads": swept, "heads": heads, "plan": self.plan.to_dict(), "timings": self.timings}
 
 
 def projections(model: nn.Module, probe: ProbeSet, directions: torch.Tensor, batch_size: int,
@@ -193,21 +206,25 @@ def audit_vision(model: nn.Module, probe: ProbeSet, tokenizer: dict, options: Au
     baseline = {"surrogate": surrogate}
     spearman_dc = None
     sweep = None
+    ranked = mean_rank([scores[name] for name in CHEAP_SCORES])
     if opt.sweep:
         start = time.perf_counter()
+        shortlist = ranked[:opt.sweep_top] if opt.sweep_top is not None and opt.sweep_top < len(ranked) else None
         sweep = ablation_sweep(model, probe, query_emb, class_emb, means,
                                SweepOptions(opt.batch_size, opt.k, opt.ablation, opt.backend,
                                             autocast=opt.sweep_autocast, cuda_graphs=opt.cuda_graphs),
-                               progress=(lambda d, t: progress("ablation sweep", d, t)) if progress else None)
+                               progress=(lambda d, t: progress("ablation sweep", d, t)) if progress else None,
+                               heads=shortlist)
         scores["ablation"] = sweep.bias_removed
         if sweep.accuracy is not None:
             accuracy_drop = sweep.baseline_accuracy - sweep.accuracy
         baseline.update(max_skew=sweep.baseline_max_skew, accuracy=sweep.baseline_accuracy)
-        spearman_dc = spearman(scores["gradient"], scores["ablation"])
+        swept = sweep.swept if sweep.swept is not None else torch.ones_like(grad, dtype=torch.bool)
+        spearman_dc = spearman(scores["gradient"][swept].view(1, -1), scores["ablation"][swept].view(1, -1)) \
+            if int(swept.sum()) > 1 else None
         timings["ablation_sweep_c"] = time.perf_counter() - start
     else:
         baseline.update(_baseline_from_scores(text_scores, query_emb.shape[0], probe, opt.k))
-    ranked = mean_rank([scores[name] for name in CHEAP_SCORES])
     if not opt.propose:
         plan = SurgeryPlan(provenance={"method": "clipsurgery audit (scores only, no set proposed)"})
         return AuditResult(scores=scores, accuracy_drop=accuracy_drop, cheap_rank=ranked, baseline=baseline,

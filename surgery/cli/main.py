@@ -160,6 +160,10 @@ def export(model, out, tower, precision, normalize, opset, graph, force, arch, q
 @click.option("--ablation", type=click.Choice(["mean", "zero"]), default="mean", show_default=True)
 @click.option("--no-sweep", is_flag=True,
               help="Skip the causal ablation sweep (c); the proposed set is then measured over the cheap ranking.")
+@click.option("--sweep", "sweep_mode", type=click.Choice(["top", "all"]), default="top", show_default=True,
+              help="top: ablate only the --sweep-top heads of the cheap ranking (a, b, d); all: every head.")
+@click.option("--sweep-top", type=click.IntRange(1), default=16, show_default=True,
+              help="Heads the ablation sweep (c) ablates with --sweep top (a model with fewer is swept whole).")
 @click.option("--max-accuracy-drop", "audit_accuracy_drop", type=click.FloatRange(0, 100), default=2.0,
               show_default=True, help="Points of concept accuracy the proposed vision set may cost on the probe.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
@@ -171,14 +175,15 @@ def export(model, out, tower, precision, normalize, opset, graph, force, arch, q
 @click.option("--force", is_flag=True, help="Write into an --out folder that already holds files.")
 @_user_errors
 def audit(model, images_dir, labels_path, tower, attributes, prompts_path, top_k, k, n_probe, ablation, no_sweep,
-          audit_accuracy_drop, batch_size, device, autocast, out_dir, force):
+          sweep_mode, sweep_top, audit_accuracy_drop, batch_size, device, autocast, out_dir, force):
     """Locate bias in single attention heads; write audit.json, heatmaps, report.md and plan.json."""
     if (images_dir is None) != (labels_path is None):
         raise click.UsageError("--images and --labels go together")
     options = AuditRunOptions(tower=tower, attribute=attributes.split(",")[0] if attributes else None,
                               prompts_path=prompts_path, top_k=top_k, k=k, n_probe=n_probe, ablation=ablation,
-                              sweep=not no_sweep, batch_size=batch_size,
-                              max_accuracy_drop=audit_accuracy_drop / 100, device=device, autocast=autocast)
+                              sweep=not no_sweep, sweep_top=None if sweep_mode == "all" else sweep_top,
+                              batch_size=batch_size, max_accuracy_drop=audit_accuracy_drop / 100, device=device,
+                              autocast=autocast)
     placement = options.placement()  # one-line error for --device cuda without CUDA, before any work
     check_output_folder(out_dir, force=force)
     run = run_audit(model, out_dir, options, images_dir=images_dir, labels_path=labels_path, progress=_StageBar(),

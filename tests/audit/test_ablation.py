@@ -73,6 +73,27 @@ def test_sweep_with_activation_reuse_equals_naive_passes(probe, ablation):
     assert result.max_skew.std() > 0  # heads differ
 
 
+def test_a_shortlisted_sweep_equals_the_full_sweep_on_the_heads_it_ablates(probe):
+    """--sweep-top: only the listed heads are ablated (a layer with none is not re-run); their
+    figures equal the full sweep's, the others are NaN and ``swept`` says which ran."""
+    model, _ = build_tiny_clip(seed=0)
+    queries, classes = _texts(32, 3, 1), _texts(32, 4, 2)
+    means = head_means(model, probe, batch_size=16)
+    options = SweepOptions(batch_size=16, k=10, backend="math")
+    full = ablation_sweep(model, probe, queries, classes, means, options)
+    heads = [(1, 3), (1, 0)]  # none of layer 0
+    short = ablation_sweep(model, probe, queries, classes, means, options, heads=heads)
+    assert short.swept.tolist() == [[False] * 4, [True, False, False, True]]
+    assert full.swept is None and full.was_swept((0, 0)) and not short.was_swept((0, 0))
+    for layer, head in heads:
+        assert short.max_skew[layer, head] == full.max_skew[layer, head]
+        assert short.accuracy[layer, head] == full.accuracy[layer, head]
+        torch.testing.assert_close(short.scores[layer, head], full.scores[layer, head], atol=1e-6, rtol=0)
+    assert torch.isnan(short.max_skew[0]).all() and torch.isnan(short.scores[0]).all()
+    assert torch.isnan(short.bias_removed[1, 1]) and not torch.isnan(short.bias_removed[1, 3])
+    torch.testing.assert_close(short.base_scores, full.base_scores)
+
+
 def test_head_means_match_captured_outputs(probe):
     model, _ = build_tiny_clip(seed=0)
     means = head_means(model, probe, batch_size=7)

@@ -81,6 +81,22 @@ def test_cli_audit_writes_every_output(tmp_path):
     assert "Chosen at set level" in (out / "report.md").read_text()
 
 
+def test_cli_audit_sweeps_only_its_shortlist_and_says_so(tmp_path):
+    """--sweep-top 5: the sweep (c) ablates the top 5 of the cheap ranking; audit.json lists them,
+    the other heads have no (c) figure (null, not NaN), and the report says what ran."""
+    out = tmp_path / "audit"
+    result = CliRunner().invoke(main, ["audit", "builtin:world", "--n-probe", "240", "--k", "20", "--top-k", "1",
+                                       "--sweep-top", "5", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "audit.json").read_text())
+    swept = {tuple(h) for h in record["swept_heads"]}
+    by_rank = sorted(record["heads"], key=lambda h: h["cheap_rank"])
+    assert swept == {(h["layer"], h["head"]) for h in by_rank[:5]}
+    assert all((h["ablation"] is None) == ((h["layer"], h["head"]) not in swept) for h in record["heads"])
+    assert "ran on 5 heads" in (out / "report.md").read_text()
+    assert 0 <= len(json.loads((out / "plan.json").read_text())["heads"]) <= 1
+
+
 def test_cli_audit_bad_input(tmp_path):
     runner = CliRunner()
     result = runner.invoke(main, ["audit", "builtin:tiny", "--out", str(tmp_path / "a")])

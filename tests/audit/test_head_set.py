@@ -41,3 +41,16 @@ def test_shortlist_orders_by_prediction_and_keeps_confirm():
     assert got == sorted(open_, key=lambda h: predict([(0, 0), h]))[:2]
     # without a sweep: the first `confirm` open heads, in the order given (the cheap ranking)
     assert head_shortlist(3)([], open_) == open_[:3]
+
+
+def test_heads_the_shortlisted_sweep_skipped_come_after_the_swept_ones_in_open_order():
+    probe, sweep = _probe(40, 2), _sweep(seed=3)
+    swept = torch.tensor([[True, False, True], [False, True, False]])
+    sweep.scores[~swept] = float("nan")  # what a shortlisted sweep leaves for the heads it skipped
+    sweep.swept = swept
+    predict = additive_prediction(sweep, probe, k=10, n_queries=2)
+    assert predict([(0, 1)]) == predict([])  # a skipped head adds nothing to the prediction (not NaN)
+    open_ = [(1, 2), (0, 1), (0, 2), (1, 1), (1, 0)]
+    got = head_shortlist(4, sweep, probe, 10, 2)([(0, 0)], open_)
+    ranked = sorted([(0, 2), (1, 1)], key=lambda h: predict([(0, 0), h]))
+    assert got == ranked + [(1, 2), (0, 1)]
