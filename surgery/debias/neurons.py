@@ -36,7 +36,12 @@ class NeuronStageOptions:
     expansion: int = 8  # SAE width = expansion x embedding width
     k: int = 4  # active latents per sample (BatchTopK)
     matryoshka: tuple[int, ...] = (2, 8, 32)  # nested prefix sizes
-    steps: int = 800  # training steps
+    # training length follows the data: passes over the activation rows, stopped early once an epoch
+    # improves the loss by less than ``plateau``; at most ``steps`` steps (the fixed length used before
+    # issue 25: 800 steps of 256 were 51 passes over a world's 4000 images, 205 over a 1000-image probe)
+    epochs: float = 25.0
+    plateau: float = 0.01
+    steps: int = 800
     batch_size: int = 256  # training batch
     tau: float = 0.5  # seed 001's effectiveness threshold
     pool: int = 40  # candidates per group (top by consistency x specificity among the rule's latents)
@@ -90,8 +95,8 @@ def train_social_sae(model: nn.Module, train_images: torch.Tensor, probes: Probe
         cache = S.build_cache(model, site, train_images.split(opt.batch_size_embed), cache_dir, seed=opt.seed)
         cfg = S.SAEConfig(d_in=cache.d, expansion=opt.expansion, kind="batchtopk", k=opt.k, site="embedding",
                           tower="vision", dead_after=max(20 * opt.batch_size, 20_000), matryoshka=opt.matryoshka)
-        sae, history = S.train_sae(cache, cfg, S.TrainOptions(steps=opt.steps, batch_size=opt.batch_size,
-                                                              seed=opt.seed))
+        sae, history = S.train_sae(cache, cfg, S.TrainOptions(steps=opt.steps, epochs=opt.epochs, plateau=opt.plateau,
+                                                              batch_size=opt.batch_size, seed=opt.seed))
         metrics_ = S.evaluate_sae(sae, cache)
         S.save_trained(sae, sae_dir, history, metrics_)
     finally:
@@ -108,7 +113,8 @@ def train_social_sae(model: nn.Module, train_images: torch.Tensor, probes: Probe
     report = S.find_neurons(latents, groups, probes[0].group_names, S.NeuronOptions(tau=opt.tau, top_n=opt.pool),
                             attribute=probes[0].attribute)
     summary = {"sae": {"nmse": metrics_.nmse, "explained_variance": metrics_.explained_variance, "l0": metrics_.l0,
-                       "dead_fraction": metrics_.dead_fraction},
+                       "dead_fraction": metrics_.dead_fraction, "steps": history["steps"], "epochs": history["epochs"],
+                       "stopped_on_plateau": history["stopped_on_plateau"]},
                "candidates": report.selected, "alpha": opt.alpha, "form": opt.form}
     return sae, report.selected_ids, summary
 

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -47,6 +47,13 @@ SPARSE_MIN_WIDTH = 256
 @dataclass
 class TrainOptions:
     steps: int = 2000  # optimiser steps (batches); the cache is cycled as often as needed
+    # passes over the cache's rows instead of ``steps`` (None: use ``steps``): the run's length then
+    # follows the data (steps = ceil(epochs x the cache's batches per pass), at most ``steps``)
+    epochs: float | None = None
+    # stop at an epoch's end once its mean loss improved on the best earlier epoch's by less than this
+    # fraction (0: never; the learning-rate decay is then skipped: the plateau says it is not needed)
+    plateau: float = 0.0
+    min_epochs: int = 3  # epochs before the plateau rule may stop the run
     batch_size: int = 1024  # rows per step (BatchTopK keeps k * batch_size activations per batch)
     lr: float = 4e-4  # Adam learning rate (peak)
     warmup_steps: int = 50  # linear warm-up from 0
@@ -70,6 +77,17 @@ class TrainOptions:
             raise SAEError(f"lr must be in (0, 1), got {self.lr}")
         if not 0 <= self.decay_fraction <= 1:
             raise SAEError(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise SAEError(f"epochs must be > 0, got {self.epochs}")
+        if not 0 <= self.plateau < 1 or self.min_epochs < 1:
+            raise SAEError(f"plateau must be in [0, 1) and min_epochs >= 1, got {self.plateau}, {self.min_epochs}")
+
+    def for_batches(self, batches: int) -> "TrainOptions":
+        """These options with ``epochs`` turned into steps, for ``batches`` batches per pass over the cache."""
+        if self.epochs is None:
+            return self
+        steps = min(self.steps, max(1, math.ceil(self.epochs * batches)))
+        return replace(self, steps=steps, epochs=None)
         if self.b_dec_init not in B_DEC_INITS:
             raise SAEError(f"unknown b_dec_init {self.b_dec_init!r}; allowed: {', '.join(B_DEC_INITS)}")
 
@@ -229,6 +247,7 @@ def train_sae(cache: ActivationCache, cfg: SAEConfig, options: TrainOptions | No
     Rank 0 writes the checkpoints (``checkpoint_dir`` must be on storage every rank reads).
     """
     opt = options or TrainOptions()
+    opt = opt.for_batches(len(_chunks(cache, opt.batch_size)))
     if model_hash:
         cache.check_model(model_hash)
     if cfg.d_in != cache.d:
@@ -302,6 +321,8 @@ def _train(cache: ActivationCache, cfg: SAEConfig, opt: TrainOptions, progress: 
     start = time.perf_counter()
     start_step = step
     order, order_epoch = [], -1
+    plateau = _Plateau(opt.plateau, opt.min_epochs)
+    stopped_at = None
     while step < opt.steps:
         epoch, pos = divmod(step, len(chunks))
         if order_epoch != epoch:
@@ -331,6 +352,11 @@ def _train(cache: ActivationCache, cfg: SAEConfig, opt: TrainOptions, progress: 
         losses.append(round(loss_value, 6))
         if progress is not None:
             progress(step, opt.steps, losses[-1])
+        if step % len(chunks) == 0 and plateau.flat(losses[-len(chunks):]):
+            stopped_at = step  # every rank sees the same (reduced) losses, so every rank stops here
+            if ckpt and ranks.main:
+                _save_checkpoint(ckpt, sae, adam, rows_since_fired, step, losses, cfg, opt, cache)
+            break
         if ckpt and ((opt.checkpoint_every and step % opt.checkpoint_every == 0) or step == opt.steps):
             if ranks.main:
                 _save_checkpoint(ckpt, sae, adam, rows_since_fired, step, losses, cfg, opt, cache)
@@ -339,10 +365,13 @@ def _train(cache: ActivationCache, cfg: SAEConfig, opt: TrainOptions, progress: 
     sae.to("cpu")
     seconds = time.perf_counter() - start
     history = {
-        "steps": opt.steps,
+        "steps": step,
+        "planned_steps": opt.steps,
+        "epochs": round(step / len(chunks), 3),
+        "stopped_on_plateau": stopped_at is not None,
         "resumed_at": start_step,
         "seconds": round(seconds, 2),
-        "steps_per_second": round((opt.steps - start_step) / seconds, 2) if seconds > 0 else None,
+        "steps_per_second": round((step - start_step) / seconds, 2) if seconds > 0 else None,
         "loss_first": losses[0] if losses else None,
         "loss_last": losses[-1] if losses else None,
         "dead_at_end": float((rows_since_fired >= cfg.dead_after).float().mean()),
@@ -353,6 +382,21 @@ def _train(cache: ActivationCache, cfg: SAEConfig, opt: TrainOptions, progress: 
         "device": str(device),
     }
     return sae, history
+
+
+class _Plateau:
+    """The stop rule: an epoch's mean loss that improves on the best earlier epoch's by less than
+    ``fraction`` (relative), once ``min_epochs`` epochs have run."""
+
+    def __init__(self, fraction: float, min_epochs: int):
+        self.fraction, self.min_epochs, self.best, self.epochs = fraction, min_epochs, math.inf, 0
+
+    def flat(self, epoch_losses: list[float]) -> bool:
+        self.epochs += 1
+        mean = sum(epoch_losses) / len(epoch_losses)
+        improved = (self.best - mean) / abs(self.best) if math.isfinite(self.best) and self.best != 0 else math.inf
+        self.best = min(self.best, mean)
+        return self.fraction > 0 and self.epochs >= self.min_epochs and improved < self.fraction
 
 
 def _distributed_step(sae: SparseAutoencoder, cache: ActivationCache, shard: int, a: int, b: int,

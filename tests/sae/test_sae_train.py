@@ -210,3 +210,31 @@ def test_sparse_training_step_equals_dense(kind):
         torch.testing.assert_close(g_sparse[name], g_dense[name], atol=1e-5, rtol=1e-4, msg=name)
     if kind == "batchtopk":
         torch.testing.assert_close(sparse_.min_active, dense.min_active)
+
+
+def test_epochs_set_the_length_from_the_data_and_a_plateau_stops_the_run(tmp_path):
+    """--epochs: steps = epochs x batches per pass (at most ``steps``); the plateau rule stops at an
+    epoch's end once the epoch's mean loss improves by less than the fraction, never before min_epochs."""
+    cache, _ = _synthetic_cache(tmp_path)  # 600 rows in shards of 128: 9 batches of 64 per pass
+    base = dict(batch_size=64, lr=3e-3, warmup_steps=5)
+    _, history = train_sae(cache, _cfg(cache), TrainOptions(steps=1000, epochs=2.5, **base))
+    assert history["steps"] == history["planned_steps"] == 23 and not history["stopped_on_plateau"]
+    _, capped = train_sae(cache, _cfg(cache), TrainOptions(steps=10, epochs=2.5, **base))
+    assert capped["steps"] == 10
+    _, flat = train_sae(cache, _cfg(cache), TrainOptions(steps=1000, epochs=40, plateau=0.5, min_epochs=3, **base))
+    assert flat["stopped_on_plateau"] and flat["steps"] % 9 == 0 and 27 <= flat["steps"] < 360
+    assert flat["epochs"] == flat["steps"] / 9
+    _, never = train_sae(cache, _cfg(cache), TrainOptions(steps=1000, epochs=4, plateau=0.0, **base))
+    assert never["steps"] == 36 and not never["stopped_on_plateau"]
+    with pytest.raises(SAEError, match="epochs must be > 0"):
+        TrainOptions(epochs=0)
+
+
+def test_the_plateau_rule_compares_each_epoch_with_the_best_before_it():
+    rule = train_mod._Plateau(0.1, min_epochs=2)
+    assert not rule.flat([10.0, 10.0])  # first epoch: nothing to compare
+    assert not rule.flat([8.0])  # 20% better
+    assert rule.flat([7.5])  # 6% better than the best (8.0): flat
+    rule = train_mod._Plateau(0.1, min_epochs=5)
+    assert not any(rule.flat([1.0]) for _ in range(4))  # flat from the start, but min_epochs not reached
+    assert rule.flat([1.0])
