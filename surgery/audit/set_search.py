@@ -19,11 +19,15 @@ measuring.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 T = TypeVar("T", bound=Hashable)
+
+
+STOP_REASONS = ("target met", "no trial helped", "size limit", "trial budget", "time budget")
 
 
 @dataclass
@@ -33,6 +37,9 @@ class Selection(Generic[T]):
     before: dict  # figures of the empty set
     after: dict  # figures of the chosen set
     steps: list[dict] = field(default_factory=list)  # every trial: the candidate, its figures, allowed, chosen
+    stopped_by: str = "target met"  # one of STOP_REASONS
+    trials: int = 0  # sets measured (the empty set not counted)
+    seconds: float = 0.0
 
 
 def forward_select(candidates: Sequence[T], evaluate: Callable[[list[T]], dict], *,
@@ -41,7 +48,8 @@ def forward_select(candidates: Sequence[T], evaluate: Callable[[list[T]], dict],
                    conflicts: Callable[[T, T], bool] | None = None,
                    shortlist: Callable[[list[T], list[T]], Sequence[T]] | None = None,
                    describe: Callable[[T], dict] | None = None, start: dict | None = None,
-                   on_step: Callable[[int, T | None, dict, int], None] | None = None) -> Selection[T]:
+                   on_step: Callable[[int, T | None, dict, int], None] | None = None,
+                   max_trials: int | None = None, max_seconds: float | None = None) -> Selection[T]:
     """Grow a set of ``candidates`` greedily by the measured ``objective`` (lower is better).
 
     ``evaluate(set)``: the figures of a set (a list of candidates); ``allowed(figures)``: the
@@ -50,20 +58,36 @@ def forward_select(candidates: Sequence[T], evaluate: Callable[[list[T]], dict],
     strengths); ``shortlist(chosen, open)``: the open candidates to measure this step (default:
     all); ``describe(candidate)``: how a step names it; ``start``: the figures of the empty set,
     when already measured; ``on_step(size, kept or None, figures, trials)``: called after each step
-    (progress for long searches).
+    (progress for long searches); ``max_trials`` / ``max_seconds``: the search's budget. Once it is
+    spent no further set is measured: the step under way keeps the best trial measured so far, and
+    the search stops (``stopped_by`` says why it stopped, whatever the reason).
     """
     if max_size < 0:
         raise ValueError(f"max_size must be >= 0, got {max_size}")
     clash = conflicts or (lambda a, b: a == b)
     name = describe or (lambda c: {"candidate": c})
+    clock = time.monotonic()
     chosen: list[T] = []
     before = start if start is not None else evaluate([])
     current, steps = before, []
-    while len(chosen) < max_size and not done(current):
+    measured, spent = 0, None
+
+    def budget_spent() -> str | None:
+        if max_trials is not None and measured >= max_trials:
+            return "trial budget"
+        if max_seconds is not None and time.monotonic() - clock >= max_seconds:
+            return "time budget"
+        return None
+
+    while len(chosen) < max_size and not done(current) and spent is None:
         open_ = [c for c in candidates if not any(clash(c, d) for d in chosen)]
         trials = list(shortlist(chosen, open_)) if shortlist is not None else open_
         best: tuple[T, dict, int] | None = None  # (candidate, figures, index of its step)
         for candidate in trials:
+            spent = budget_spent()
+            if spent is not None:
+                break
+            measured += 1
             figures = evaluate(chosen + [candidate])
             ok = bool(allowed(figures))
             steps.append({**name(candidate), "size": len(chosen) + 1, **figures, "within_budget": ok, "chosen": False})
@@ -71,7 +95,7 @@ def forward_select(candidates: Sequence[T], evaluate: Callable[[list[T]], dict],
                     best is None or objective(figures) < objective(best[1])):
                 best = (candidate, figures, len(steps) - 1)
         if best is None:
-            if on_step is not None:
+            if on_step is not None and spent is None:
                 on_step(len(chosen) + 1, None, current, len(trials))
             break
         chosen.append(best[0])
@@ -79,4 +103,6 @@ def forward_select(candidates: Sequence[T], evaluate: Callable[[list[T]], dict],
         steps[best[2]]["chosen"] = True
         if on_step is not None:
             on_step(len(chosen), best[0], current, len(trials))
-    return Selection(chosen, bool(done(current)), before, current, steps)
+    met = bool(done(current))
+    reason = "target met" if met else spent or ("size limit" if len(chosen) >= max_size else "no trial helped")
+    return Selection(chosen, met, before, current, steps, reason, measured, time.monotonic() - clock)

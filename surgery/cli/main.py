@@ -224,6 +224,9 @@ def audit(model, images_dir, labels_path, tower, attributes, prompts_path, top_k
 @click.option("--neurons-only", is_flag=True, help="Only deactivate SAE neurons (no head edits, no balance edit).")
 @click.option("--balance-only", is_flag=True, help="Only the balance edit (no head or neuron edits).")
 @click.option("--no-balance", is_flag=True, help="Only removal edits (heads and neurons, the seeds' methods).")
+@click.option("--search-trials", type=click.IntRange(1), default=1000, show_default=True,
+              help="The edit search measures at most this many sets (it then keeps its best so far).")
+@click.option("--search-seconds", type=float, default=None, help="...and runs at most this long (default: no limit).")
 @click.option("--removal", type=click.Choice(["auto", "always"]), default="auto", show_default=True,
               help="auto: search head and neuron edits only when the balance edit alone misses the targets on the "
                    "selection draws; always: search them in any case.")
@@ -233,7 +236,7 @@ def audit(model, images_dir, labels_path, tower, attributes, prompts_path, top_k
 @_user_errors
 def debias(model_in, out, images_dir, labels_path, attributes, queries_path, max_bias_ratio, max_accuracy_drop, max_recall_drop,
            max_group_accuracy_drop, max_heads, k, n_probe, selection_draws, holdout, tower, heads_only, neurons_only,
-           balance_only, no_balance, removal, force, allow_miss):
+           balance_only, no_balance, search_trials, search_seconds, removal, force, allow_miss):
     """Choose edits for IN (balance, heads, neurons), bake them, export OUT (.onnx or .safetensors), and compare.
 
     Exit status: 0 when the targets hold on the report's images, 1 on an error, 2 on bad usage,
@@ -257,7 +260,8 @@ def debias(model_in, out, images_dir, labels_path, attributes, queries_path, max
                     max_recall_drop=max_recall_drop / 100.0, max_group_accuracy_drop=max_group_accuracy_drop / 100.0)
     options = DebiasOptions(budget=budget, max_heads=max_heads, k=k, n_probe=n_probe,
                             selection_draws=selection_draws, holdout=0.5 if holdout is None else holdout,
-                            tower=tower, force=force, removal=removal,
+                            tower=tower, force=force, removal=removal, search_trials=search_trials,
+                            search_seconds=search_seconds,
                             heads=not (neurons_only or balance_only), neurons=not (heads_only or balance_only),
                             balance=not (heads_only or neurons_only or no_balance))
     summary = run_debias(model_in, out, options, images_dir=images_dir, labels_path=labels_path,

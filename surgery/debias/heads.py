@@ -25,6 +25,8 @@ class SearchResult:
     # selection-draw figures of the chosen set's parts: "balance only", "removal only", "both" (None: not a part)
     contributions: dict[str, dict | None] = field(default_factory=dict)
     held_out: HeldOutQueries | None = None  # the balance edit's cut for queries held out of its fit
+    # the search's budget and what it spent: {"trials", "seconds", "max_trials", "max_seconds", "stopped_by"}
+    budget: dict = field(default_factory=dict)
 
 
 def mean_figures(figures: list[dict]) -> dict:
@@ -47,6 +49,7 @@ def plan_from_search(search: SearchResult, audit: AuditResult | None, source: di
                       "(the balance edit, head soft-prunings and social neurons in one candidate pool)",
             "targets": budget.to_dict(), "order": search.order,
             "met_on_selection_probe": search.met, "before": search.before, "after": search.after,
+            "search_budget": search.budget,
             "search": search.steps,
         },
     ).validate()

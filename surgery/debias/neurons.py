@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -83,11 +84,13 @@ def greedy_neurons(sae, candidates: list[int], embs: list[torch.Tensor], probes:
 
 
 def train_social_sae(model: nn.Module, train_images: torch.Tensor, probes: ProbeSet | list[ProbeSet], sae_dir: str,
-                     options: NeuronStageOptions | None = None) -> tuple[nn.Module, list[int], dict]:
+                     options: NeuronStageOptions | None = None,
+                     progress: Callable[[int, int], None] | None = None) -> tuple[nn.Module, list[int], dict]:
     """Train and save the SAE in ``sae_dir`` on unlabelled ``train_images`` (N, 3, H, W) and find
     the social-neuron candidates on the labelled ``probes`` (one set or several draws): returns
     (the SAE, candidate latent ids, a summary for the plan's provenance). Which candidates to
-    deactivate is chosen by :func:`surgery.debias.search.search_edits` (with the heads)."""
+    deactivate is chosen by :func:`surgery.debias.search.search_edits` (with the heads).
+    ``progress(step, planned steps)``: the SAE's training."""
     opt = options or NeuronStageOptions()
     site = S.Site("vision", "embedding")
     cache_dir = os.path.join(sae_dir, "cache")
@@ -96,7 +99,8 @@ def train_social_sae(model: nn.Module, train_images: torch.Tensor, probes: Probe
         cfg = S.SAEConfig(d_in=cache.d, expansion=opt.expansion, kind="batchtopk", k=opt.k, site="embedding",
                           tower="vision", dead_after=max(20 * opt.batch_size, 20_000), matryoshka=opt.matryoshka)
         sae, history = S.train_sae(cache, cfg, S.TrainOptions(steps=opt.steps, epochs=opt.epochs, plateau=opt.plateau,
-                                                              batch_size=opt.batch_size, seed=opt.seed))
+                                                              batch_size=opt.batch_size, seed=opt.seed),
+                                   progress=(lambda step, total, _loss: progress(step, total)) if progress else None)
         metrics_ = S.evaluate_sae(sae, cache)
         S.save_trained(sae, sae_dir, history, metrics_)
     finally:

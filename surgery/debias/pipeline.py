@@ -47,6 +47,7 @@ from surgery.metrics.bias import BiasConventions
 from surgery.model.encode import caption_embeddings, text_embeddings
 from surgery.model.loading import LoadedModel, load
 from surgery.model.preprocess import images_to_tensor
+from surgery.runtime.progress import StageProgress
 from surgery.world.checkpoint import world_params_of
 from surgery.world.params import WorldParams
 from surgery.world.generator import (
@@ -81,6 +82,8 @@ class DebiasOptions:
     # shows what each kind adds)
     removal: str = "auto"
     balance_options: BalanceOptions = field(default_factory=BalanceOptions)  # side, neighbourhood, ridge, ...
+    search_trials: int | None = 1000  # the edit search measures at most this many sets (None: no limit)
+    search_seconds: float | None = None  # ...and runs at most this long (None: no limit)
     # The edits are chosen on selection probes (other draws than the report's images); the accuracy
     # and recall budgets are tightened by this much there so that they still hold on the report's split.
     selection_margin: float = 0.005
@@ -100,6 +103,10 @@ class DebiasOptions:
             raise SurgeryError(f"--holdout must be at least 0 and below 1, got {self.holdout}")
         if not (self.heads or self.neurons or self.balance):
             raise SurgeryError("nothing to do: every edit kind is switched off")
+        if self.search_trials is not None and self.search_trials < 1:
+            raise SurgeryError(f"--search-trials must be >= 1, got {self.search_trials}")
+        if self.search_seconds is not None and not self.search_seconds > 0:
+            raise SurgeryError(f"--search-seconds must be > 0, got {self.search_seconds}")
         if self.removal not in REMOVAL_MODES:
             raise SurgeryError(f"--removal must be one of {', '.join(REMOVAL_MODES)}, got {self.removal!r}")
         if self.balance_options.k != self.k:
@@ -301,7 +308,8 @@ def train_neurons(loaded: LoadedModel, probes: Probes, options: DebiasOptions, s
     # a killed run never leaves a half-written SAE folder (a SIGKILL's staging is removed by the next run)
     staging = staging_dir(f".{os.path.basename(sae_dir)}.", os.path.dirname(os.path.abspath(sae_dir)))
     try:
-        sae, candidates, summary = train_social_sae(loaded.model, train, probes.selection, staging, NeuronStageOptions())
+        sae, candidates, summary = train_social_sae(loaded.model, train, probes.selection, staging, NeuronStageOptions(),
+                                                    progress=StageProgress(say, "SAE training", "steps"))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -337,8 +345,14 @@ def choose_edits(loaded: LoadedModel, probes: Probes, prompts: Prompts, options:
     audit = None
     if options.heads:
         say("auditing heads (cheap scores a, b, d and the single-head ablation sweep c)")
+        stages: dict[str, StageProgress] = {}
+
+        def audit_progress(stage: str, done: int, total: int) -> None:
+            stages.setdefault(stage, StageProgress(say, stage, "images"))(done, total)
+
         audit = audit_vision(loaded.model, probes.first, loaded.tokenizer,
-                             AuditOptions(k=options.k, sweep=True, textspan_iterations=0, propose=False))
+                             AuditOptions(k=options.k, sweep=True, textspan_iterations=0, propose=False),
+                             progress=audit_progress)
     neurons = train_neurons(loaded, probes, options, sae_dir, say)
     try:
         search = run_search(loaded, probes, prompts, options, audit, neurons, balance, say)
@@ -370,7 +384,8 @@ def run_search(loaded: LoadedModel, probes: Probes, prompts: Prompts, options: D
     search_options = EditSearchOptions(budget=options.selection_budget(),
                                        max_heads=options.max_heads if audit is not None else 0,
                                        max_neurons=stage.max_neurons, k=options.k, alpha=stage.alpha, form=stage.form,
-                                       stop_at_target=options.removal == "auto")
+                                       stop_at_target=options.removal == "auto", max_trials=options.search_trials,
+                                       max_seconds=options.search_seconds)
     return search_edits(loaded.model, probes.selection, audit, prompts.queries, prompts.classes, search_options,
                         sae=neurons.sae if neurons else None, latents=neurons.candidates if neurons else (),
                         caption_embs=prompts.captions, progress=say, group_emb=prompts.groups, balance=balance)
@@ -438,9 +453,13 @@ def compare_before_after(loaded: LoadedModel, patched: LoadedModel, out: str, pr
                          report_dir: str, work: str, say: Say) -> dict:
     """The exported model against the original on the report's images; writes the report. A tower
     that was not exported (--tower vision|text) is run as the patched PyTorch model."""
-    say("comparing before / after")
+    vision_unchanged = not any(e.tower == "vision" for e in (*plan.heads, *plan.neurons, *plan.balance))
+    say("comparing before / after" + (" (the plan leaves the image tower as it was: the report's images are "
+                                      "embedded once, and the exported image tower was parity-checked)"
+                                      if vision_unchanged else ""))
     after = OnnxEncoder(out, fallback=TorchEncoder(patched)) if out.endswith(".onnx") else open_encoder(out)
-    result = compare(TorchEncoder(loaded), after, probes.spec, EmbedOptions(cache_dir=os.path.join(work, "cache")))
+    result = compare(TorchEncoder(loaded), after, probes.spec, EmbedOptions(cache_dir=os.path.join(work, "cache")),
+                     progress=StageProgress(say, "embedding the report's images", "images"), same_images=vision_unchanged)
     if probes.eval_name:
         result["spec"]["images_dir"] = probes.eval_name
     result["plan"] = plan.to_dict()
@@ -480,6 +499,12 @@ def contribution_lines(choice: Choice, k: int, removal_offered: bool = True) -> 
                                              else "not searched (the balance edit alone met the targets)"
                                              if removal_offered else "not asked for"))
     lines = [f"what each kind contributed (selection draws, mean MaxSkew@{k} {before:.3f} before): " + "; ".join(parts)]
+    if search.budget:
+        b = search.budget
+        limits = ", ".join(x for x in (f"{b['max_trials']} trials" if b["max_trials"] else "",
+                                       f"{b['max_seconds']:g} s" if b["max_seconds"] else "") if x) or "none"
+        lines.append(f"edit search: {b['trials']} trials in {b['seconds']:.1f} s (budget: {limits}); stopped: "
+                     f"{b['stopped_by']}")
     if search.held_out is not None and search.held_out.cut is not None:
         lines.append(f"the balance edit covers the {len(search.held_out.per_query)} queries it was fit on; a query "
                      f"left out of the fit is cut {search.held_out.cut:.0%} on the mean (two folds, selection draws)")

@@ -22,6 +22,7 @@ fit is a few small linear solves on cached embeddings.
 """
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from surgery.audit.vision import AuditResult
 from surgery.debias.balance import BalanceFit, BalanceOptions, Draw, Texts, fit_balance, held_out_queries
 from surgery.debias.budget import Budget
 from surgery.debias.heads import SearchResult, mean_figures
+from surgery.runtime.progress import format_seconds
 
 HeadKey = tuple[int, int]
 # A candidate edit: ("head", (layer, head), kept scale), ("latent", latent id, None) or ("balance", None, None)
@@ -70,6 +72,11 @@ class EditSearchOptions:
     cache_size: int = 16  # head sets whose embeddings are kept (each: selection images x D floats)
     # stop as soon as the bias target is met (False: go on while a trial lowers bias within the budgets)
     stop_at_target: bool = True
+    # the search's own budget: at most this many sets measured (a step then keeps its best trial so
+    # far and the search ends), and at most this many seconds (None: no limit). 1000 trials is about
+    # 11 steps of the full pool on a world model (1 balance, 8 head and ~80 latent trials per step)
+    max_trials: int | None = 1000
+    max_seconds: float | None = None
 
 
 class _EmbeddingCache:
@@ -163,7 +170,9 @@ def search_edits(model: nn.Module, probes: Sequence[ProbeSet], audit: AuditResul
         done=(lambda f: budget.bias_met(before, f)) if options.stop_at_target else (lambda f: False),
         max_size=options.max_heads + options.max_neurons + 1,
         conflicts=_conflict, shortlist=shortlist,
-        describe=_describe, start=before, on_step=_reporter(progress, options.k))
+        describe=_describe, start=before,
+        on_step=_reporter(progress, options.k, options.max_heads + options.max_neurons + 1, options.max_trials),
+        max_trials=options.max_trials, max_seconds=options.max_seconds)
     met = budget.bias_met(before, selection.after)
     heads, ids = split(selection.chosen)
     fitted = held_out = None
@@ -178,7 +187,10 @@ def search_edits(model: nn.Module, probes: Sequence[ProbeSet], audit: AuditResul
     contributions = {name: evaluate(items) if items is not None else None for name, items in parts.items()}
     return SearchResult(heads, met, before, selection.after, _compact(selection.steps), latents=ids,
                         order=[_name(item) for item in selection.chosen], balance=fitted,
-                        contributions=contributions, held_out=held_out)
+                        contributions=contributions, held_out=held_out,
+                        budget={"trials": selection.trials, "seconds": round(selection.seconds, 2),
+                                "max_trials": options.max_trials, "max_seconds": options.max_seconds,
+                                "stopped_by": selection.stopped_by})
 
 
 def _conflict(a: Edit, b: Edit) -> bool:
@@ -206,14 +218,23 @@ def _compact(steps: list[dict]) -> list[dict]:
     return [step for step in steps if "head" in step or "balance" in step or step["chosen"]]
 
 
-def _reporter(progress, k: int):
+def _reporter(progress, k: int, max_size: int, max_trials: int | None):
+    """Step lines with the time the step took and the most the rest can take: the steps left at the
+    mean time per step so far, or the trials left in the budget at the mean time per trial, the less."""
     if progress is None:
         return None
+    started, done = time.monotonic(), {"trials": 0}
 
     def report(size: int, kept, figures: dict, trials: int) -> None:
         if kept is None:
             progress(f"edit step {size}: none of {trials} trials lowered MaxSkew@{k} within budget; stopping")
-        else:
-            progress(f"edit step {size}: {_name(kept)} -> MaxSkew@{k} {figures['max_skew']:.3f} "
-                     f"(best of {trials} trials)")
+            return
+        done["trials"] += trials
+        elapsed = time.monotonic() - started
+        left = (max_size - size) * elapsed / size
+        if max_trials is not None:
+            left = min(left, max(0, max_trials - done["trials"]) * elapsed / max(1, done["trials"]))
+        progress(f"edit step {size}: {_name(kept)} -> MaxSkew@{k} {figures['max_skew']:.3f} "
+                 f"(best of {trials} trials; {format_seconds(elapsed)} so far, at most {max_size - size} more "
+                 f"steps, about {format_seconds(left)} at most)")
     return report

@@ -5,7 +5,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from surgery.eval.embedding import EmbedOptions, Progress, embed_images_multi
+from surgery.eval.embedding import EmbedOptions, Progress, embed_images, embed_images_multi
 from surgery.eval.encoders import Encoder
 from surgery.eval.evaluate import EvalSpec, evaluate
 from surgery.io.fs import atomic_output, write_text_atomic
@@ -30,15 +30,23 @@ class Row:
 
 
 def compare(before: Encoder, after: Encoder, spec: EvalSpec, options: EmbedOptions | None = None,
-            progress: Progress | None = None) -> dict:
+            progress: Progress | None = None, same_images: bool = False) -> dict:
     """Evaluate both encoders; returns ``{"spec", "before", "after", "rows"}`` (JSON-able).
 
     With a cache, both models embed the images in one pass over the decoded images first.
+    ``same_images``: the two encoders' image towers are the same (an edit of the text side only),
+    so the images are embedded once, by ``before``, and both evaluations read those embeddings.
     """
-    if options is not None and options.cache_dir:
-        embed_images_multi([before, after], spec.images_dir, spec.labels.files, options, progress)
-    rep_before = evaluate(before, spec, options, progress)
-    rep_after = evaluate(after, spec, options, progress)
+    if same_images:
+        images = embed_images(before, spec.images_dir, spec.labels.files, options, progress)
+        rep_before = evaluate(before, spec, options, progress, images=images)
+        rep_after = evaluate(after, spec, options, progress, images=images)
+        rep_after["images_from"] = "before (the image tower is unchanged)"
+    else:
+        if options is not None and options.cache_dir:
+            embed_images_multi([before, after], spec.images_dir, spec.labels.files, options, progress)
+        rep_before = evaluate(before, spec, options, progress)
+        rep_after = evaluate(after, spec, options, progress)
     rows = summary_rows(rep_before, rep_after, spec.conventions.k)
     return {
         "spec": spec.describe(),
@@ -220,6 +228,12 @@ def _edits_markdown(plan: dict | None) -> list[str]:
             else:
                 parts.append(f"| {name} | {_fmt(f['max_skew'])} | {_fmt(f.get('accuracy'))} | "
                              f"{_fmt(f.get('group_accuracy'))} | {_fmt(f.get('recall'))} | {_fmt(f.get('recall_i2t'))} |")
+    budget = provenance.get("search_budget")
+    if budget:
+        limits = ", ".join(x for x in (f"{budget['max_trials']} trials" if budget.get("max_trials") else "",
+                                       f"{budget['max_seconds']:g} s" if budget.get("max_seconds") else "") if x)
+        parts += ["", f"The edit search measured {budget['trials']} sets in {budget['seconds']:.1f} s (budget: "
+                      f"{limits or 'none'}) and stopped: {budget['stopped_by']}."]
     for edit in plan.get("balance", []):
         held = (edit.get("provenance") or {}).get("held_out_queries") or {}
         queries = (edit.get("provenance") or {}).get("queries", [])

@@ -120,3 +120,31 @@ def test_on_step_reports_each_step_and_the_one_that_found_nothing():
     seen = []
     run(max_size=4, on_step=lambda size, kept, figures, trials: seen.append((size, kept, round(figures["obj"], 2), trials)))
     assert seen == [(1, "a", 0.5, 4), (2, "c", 0.2, 3), (3, None, 0.2, 2)]
+
+
+def test_why_it_stopped_and_how_much_it_measured():
+    assert run(done=lambda f: f["obj"] <= 0.5, max_size=3).stopped_by == "target met"
+    full = run(max_size=4)
+    assert full.stopped_by == "no trial helped" and full.trials == 4 + 3 + 2 and full.seconds >= 0
+    assert run(max_size=1).stopped_by == "size limit"
+
+
+def test_a_trial_budget_ends_the_search_with_the_best_trial_measured_so_far():
+    sel = run(max_trials=5)  # the four singles, then one trial of step 2 ({a, b}: 0.8, no better than a)
+    assert sel.trials == 5 and sel.stopped_by == "trial budget"
+    assert sel.chosen == ["a"] and len(sel.steps) == 5
+    sel = run(max_trials=2)  # step 1 cut short after a and b: a is kept (d, the over-budget one, never measured)
+    assert sel.chosen == ["a"] and sel.trials == 2 and sel.stopped_by == "trial budget"
+    assert run(max_trials=100).stopped_by == "size limit"
+
+
+def test_a_time_budget_ends_the_search():
+    calls = []
+
+    def slow(chosen):
+        calls.append(chosen)
+        return evaluate(chosen)
+
+    sel = forward_select(["a", "b", "c", "d"], slow, objective=lambda f: f["obj"], allowed=lambda f: f["cost"] <= 1.0,
+                         done=lambda f: False, max_size=2, max_seconds=0.0)
+    assert sel.stopped_by == "time budget" and sel.trials == 0 and sel.chosen == [] and calls == [[]]

@@ -92,6 +92,28 @@ def test_compare_with_one_head_zeroed_reports_a_change(world_split, tiny_encoder
     assert "| group: mean MaxSkew@10 |" in (tmp_path / "rep" / "report.md").read_text()
 
 
+def test_compare_of_a_text_only_edit_embeds_the_images_once_with_the_same_figures(world_split, tiny_encoder):
+    """same_images=True (an edit that leaves the image tower as it was): one image pass, by the
+    'before' encoder, and every figure equal to the two-pass comparison."""
+    from surgery.edit.bake import bake
+    from surgery.edit.plan import BalanceEdit, SurgeryPlan
+
+    gen = torch.Generator().manual_seed(2)
+    loaded = surgery.load("builtin:tiny")
+    bake(loaded.model, SurgeryPlan(balance=[BalanceEdit("text", (0.3 * torch.randn(32, 2, generator=gen)).tolist(),
+                                                        (torch.randn(32, 2, generator=gen) / 6).tolist())]))
+    after = TorchEncoder(loaded)
+    two_passes = compare(tiny_encoder, after, _spec(world_split))
+    calls = []
+    original = after.encode_images
+    after.encode_images = lambda x: calls.append(len(x)) or original(x)
+    one_pass = compare(tiny_encoder, after, _spec(world_split), same_images=True)
+    assert calls == []  # the after encoder never ran on the images
+    assert any(r["change"] for r in one_pass["rows"])  # the text edit shows
+    for a, b in zip(one_pass["rows"], two_passes["rows"]):
+        assert a["metric"] == b["metric"] and a["after"] == pytest.approx(b["after"], abs=1e-6), a["metric"]
+
+
 def test_corrupt_images_are_skipped_and_listed(world_split, tiny_encoder, tmp_path):
     import shutil
 
