@@ -5,7 +5,7 @@
 
 The fit runs as ``clipsurgery debias`` runs it (surgery.debias.balance.fit_balance on the eight
 selection draws, seeds + 1000..1007; the text pool: every distinct caption, the class prompts, the
-group prompts and the other phrasings of the group values at the anchor weight), once per setting below, and each map is scored in embedding
+group prompts at the anchor weight), once per setting below, and each map is scored in embedding
 space (the map applied to every text; equal to the exported model, tests/export) on the world's
 eval split (the report's images) and a fresh draw (seed + 5000): mean and worst-query cut of mean
 MaxSkew@50, the mean cut for the queries in the world's other caption wordings, and the change (in
@@ -29,7 +29,6 @@ from surgery import metrics
 from surgery.audit.probe import caption_recalls, world_probe_set
 from surgery.debias.balance import BalanceOptions, Draw, Texts, fit_balance
 from surgery.debias.pipeline import SELECTION_SEED_OFFSET
-from surgery.io.queries import group_anchor_texts
 from surgery.model.encode import caption_embeddings, image_embeddings, text_embeddings
 from surgery.model.loading import load
 from surgery.world.checkpoint import world_params_of
@@ -122,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
              "cell_labels": [(params.concepts.index(lab["concept"]), params.groups.index(lab["group"])) for _, lab in cells]}
     distinct = sorted({c for s in selection for c in s.probe.captions})
     pool_parts = [embed(distinct), texts["queries"]]  # captions and class prompts (= the queries here)
-    anchors = torch.cat([texts["groups"], embed(group_anchor_texts(list(params.groups)))])
+    anchors = texts["groups"]
     draws = [Draw(s.images, s.probe.groups) for s in selection]
     base = {name: figures(None, s, texts, params) for name, s in (("report", report), ("fresh", fresh))}
     print(f"{args.model}: groups {', '.join(params.groups)}; unedited mean MaxSkew@{K} "

@@ -42,7 +42,6 @@ from surgery.io.fs import check_output_folder, check_output_path, staging_dir
 from surgery.io.images import resolve_images_dir
 from surgery.io.labels import load_labels, split_label_table, write_labels_csv
 from surgery.io.onnx import onnx_paths
-from surgery.io.queries import group_anchor_texts
 from surgery.metrics.bias import BiasConventions
 from surgery.model.encode import caption_embeddings, text_embeddings
 from surgery.model.loading import LoadedModel, load
@@ -171,7 +170,6 @@ class Prompts:
     captions: list[torch.Tensor | None]
     groups: torch.Tensor
     distinct_captions: torch.Tensor | None = None
-    anchors: torch.Tensor | None = None  # (A, D) other phrasings of the group values (io.queries.group_anchor_texts)
 
 
 Say = Callable[[str], None]
@@ -274,8 +272,7 @@ def embed_prompts(loaded: LoadedModel, probes: Probes, say: Say) -> Prompts:
         captions=[caption_embeddings(loaded.model, p.captions, loaded.tokenizer) if p.captions is not None else None
                   for p in probes.selection],
         groups=text_embeddings(loaded.model, probe.group_prompts, loaded.tokenizer),
-        distinct_captions=text_embeddings(loaded.model, distinct, loaded.tokenizer) if distinct else None,
-        anchors=text_embeddings(loaded.model, group_anchor_texts(list(probe.group_names)), loaded.tokenizer))
+        distinct_captions=text_embeddings(loaded.model, distinct, loaded.tokenizer) if distinct else None)
     if prompts.classes is None or probe.concepts is None:
         say("warning: the probe has no concept labels, so the accuracy budget cannot be checked")
     if all(c is None for c in prompts.captions):
@@ -365,14 +362,16 @@ def choose_edits(loaded: LoadedModel, probes: Probes, prompts: Prompts, options:
 
 def balance_candidate(prompts: Prompts, options: DebiasOptions) -> BalanceCandidate:
     """The balance edit's texts that weigh its change: every distinct caption and class prompt
-    (weight 1), and the group prompts with the other phrasings of the group values (``anchor_weight``),
-    all normalised."""
+    (weight 1) and the group prompts (``anchor_weight``), all normalised.
+
+    Tried and dropped: the group values in four more phrasings as anchors ("{}", "a {} thing", ...,
+    io.queries.group_anchor_texts). A label is not always the model's word for the group (a
+    texture world's "stripes" is "striped" in its captions), and on tex2 they raised the mean
+    text->image Recall@5 drop over eight fresh draws from 1.0 to 2.9 points (benchmarks/RESULTS.md)."""
     parts = [t for t in (prompts.distinct_captions, prompts.classes) if t is not None]
     weights = [torch.ones(len(t)) for t in parts]
-    for anchors in (prompts.groups, prompts.anchors):
-        if anchors is not None:
-            parts.append(anchors)
-            weights.append(torch.full((len(anchors),), float(options.balance_options.anchor_weight)))
+    parts.append(prompts.groups)
+    weights.append(torch.full((len(prompts.groups),), float(options.balance_options.anchor_weight)))
     return BalanceCandidate(options.balance_options, torch.cat(parts), torch.cat(weights))
 
 

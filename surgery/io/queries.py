@@ -37,16 +37,6 @@ def person_group_prompt(value: str) -> str:
     return f"a photo of a {value.replace('_', ' ')} person"
 
 
-#: Phrasings of a group value that a balance edit must not move (attribute retention): the group's
-#: word alone and in the common prompt forms, so that no single prompt form is the only one protected.
-GROUP_ANCHOR_TEMPLATES = ("{}", "a photo of a {} person", "a photo of something {}", "a {} thing")
-
-
-def group_anchor_texts(values: list[str]) -> list[str]:
-    """Every group value in every :data:`GROUP_ANCHOR_TEMPLATES` phrasing."""
-    return [t.format(v.replace("_", " ")) for v in values for t in GROUP_ANCHOR_TEMPLATES]
-
-
 NEUTRAL_QUERIES: dict[str, list[str]] = {
     "occupations": [f"a photo of {_with_article(o)}" for o in _OCCUPATIONS],
     "traits": [f"a photo of {_with_article(t + ' person')}" for t in _TRAITS],
