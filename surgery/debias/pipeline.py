@@ -364,8 +364,8 @@ def balance_candidate(prompts: Prompts, options: DebiasOptions) -> BalanceCandid
     """The balance edit's texts that weigh its change: every distinct caption and class prompt
     (weight 1) and the group prompts (``anchor_weight``), all normalised.
 
-    Tried and dropped: the group values in four more phrasings as anchors ("{}", "a {} thing", ...,
-    io.queries.group_anchor_texts). A label is not always the model's word for the group (a
+    Tried and dropped: the group values in four more phrasings as anchors ("{}", "a {} thing",
+    "a photo of something {}", "a photo of a {} person"). A label is not always the model's word for the group (a
     texture world's "stripes" is "striped" in its captions), and on tex2 they raised the mean
     text->image Recall@5 drop over eight fresh draws from 1.0 to 2.9 points (benchmarks/RESULTS.md)."""
     parts = [t for t in (prompts.distinct_captions, prompts.classes) if t is not None]
