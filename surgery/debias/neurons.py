@@ -15,6 +15,7 @@ deactivated, so that no latent fit the recall budget on tex2 (benchmarks/RESULTS
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -30,6 +31,9 @@ from surgery.audit.set_search import forward_select
 from surgery.debias.budget import Budget
 from surgery.debias.heads import mean_figures
 from surgery.edit.plan import NeuronEdit
+from surgery.errors import NeuronError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -114,13 +118,22 @@ def train_social_sae(model: nn.Module, train_images: torch.Tensor, probes: Probe
                 for p in probes]  # (n_i, D) per draw
         latents = sae.encode(torch.cat(embs))  # (sum n_i, F)
     groups = torch.cat([p.groups for p in probes])
-    report = S.find_neurons(latents, groups, probes[0].group_names, S.NeuronOptions(tau=opt.tau, top_n=opt.pool),
-                            attribute=probes[0].attribute)
-    summary = {"sae": {"nmse": metrics_.nmse, "explained_variance": metrics_.explained_variance, "l0": metrics_.l0,
-                       "dead_fraction": metrics_.dead_fraction, "steps": history["steps"], "epochs": history["epochs"],
-                       "stopped_on_plateau": history["stopped_on_plateau"]},
+    try:
+        report = S.find_neurons(latents, groups, probes[0].group_names, S.NeuronOptions(tau=opt.tau, top_n=opt.pool),
+                                attribute=probes[0].attribute)
+    except NeuronError as exc:  # no latent fires often enough in any group: the search goes on without neurons
+        log.warning("no social-neuron candidates: %s", exc)
+        return sae, [], {"sae": _sae_summary(metrics_, history), "candidates": {}, "no_candidates": str(exc),
+                         "alpha": opt.alpha, "form": opt.form}
+    summary = {"sae": _sae_summary(metrics_, history),
                "candidates": report.selected, "alpha": opt.alpha, "form": opt.form}
     return sae, report.selected_ids, summary
+
+
+def _sae_summary(metrics_, history: dict) -> dict:
+    return {"nmse": metrics_.nmse, "explained_variance": metrics_.explained_variance, "l0": metrics_.l0,
+            "dead_fraction": metrics_.dead_fraction, "steps": history["steps"], "epochs": history["epochs"],
+            "stopped_on_plateau": history["stopped_on_plateau"]}
 
 
 def neuron_edit(sae_dir: str, ids: list[int], options: NeuronStageOptions) -> NeuronEdit:

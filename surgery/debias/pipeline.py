@@ -43,7 +43,7 @@ from surgery.io.images import resolve_images_dir
 from surgery.io.labels import load_labels, split_label_table, write_labels_csv
 from surgery.io.onnx import onnx_paths
 from surgery.metrics.bias import BiasConventions
-from surgery.model.encode import caption_embeddings, text_embeddings
+from surgery.model.encode import text_embeddings
 from surgery.model.loading import LoadedModel, load
 from surgery.model.preprocess import images_to_tensor
 from surgery.runtime.progress import StageProgress
@@ -61,6 +61,7 @@ from surgery.world.generator import (
 
 SELECTION_SEED_OFFSET = 1000  # the selection probe is another draw of the world than the report's
 REMOVAL_MODES = ("auto", "always")
+TEXT_BATCH = 256  # texts per forward pass of the text tower (a probe of thousands of captions stays in memory)
 
 
 @dataclass
@@ -266,13 +267,18 @@ def embed_prompts(loaded: LoadedModel, probes: Probes, say: Say) -> Prompts:
     """The neutral queries, class prompts and captions of the selection probes, and which budgets they can check."""
     probe = probes.first
     distinct = sorted({c for p in probes.selection for c in (p.captions or [])})
+    # every distinct text once (a world's class prompts are its queries; captions repeat across draws)
+    texts = list(dict.fromkeys([*probe.queries, *(probe.class_prompts or []), *probe.group_prompts, *distinct]))
+    row = {text: i for i, text in enumerate(texts)}
+    emb = torch.cat([text_embeddings(loaded.model, texts[i:i + TEXT_BATCH], loaded.tokenizer)
+                     for i in range(0, len(texts), TEXT_BATCH)])  # (T, D)
+    pick = lambda items: emb[torch.tensor([row[t] for t in items], dtype=torch.long)]  # noqa: E731
     prompts = Prompts(
-        queries=text_embeddings(loaded.model, probe.queries, loaded.tokenizer),
-        classes=text_embeddings(loaded.model, probe.class_prompts, loaded.tokenizer) if probe.class_prompts else None,
-        captions=[caption_embeddings(loaded.model, p.captions, loaded.tokenizer) if p.captions is not None else None
-                  for p in probes.selection],
-        groups=text_embeddings(loaded.model, probe.group_prompts, loaded.tokenizer),
-        distinct_captions=text_embeddings(loaded.model, distinct, loaded.tokenizer) if distinct else None)
+        queries=pick(probe.queries),
+        classes=pick(probe.class_prompts) if probe.class_prompts else None,
+        captions=[pick(p.captions) if p.captions is not None else None for p in probes.selection],
+        groups=pick(probe.group_prompts),
+        distinct_captions=pick(distinct) if distinct else None)
     if prompts.classes is None or probe.concepts is None:
         say("warning: the probe has no concept labels, so the accuracy budget cannot be checked")
     if all(c is None for c in prompts.captions):

@@ -278,3 +278,21 @@ def test_a_balance_trial_is_refitted_on_the_removal_edits_it_joins_and_matches_a
     assert result.contributions["balance only"]["max_skew"] > result.after["max_skew"]
     assert result.contributions["removal only"]["max_skew"] > result.after["max_skew"]
     assert result.held_out is not None and len(result.held_out.per_query) == len(q)
+
+
+def test_an_sae_without_social_neuron_candidates_leaves_the_search_without_latents(world, tmp_path, monkeypatch):
+    """No latent fires on tau of any group's samples (random weights at ViT-B/32 size did this):
+    the neuron stage reports no candidates instead of ending the job."""
+    from surgery.debias import neurons as stage
+    from surgery.errors import NeuronError
+
+    def nothing(*args, **kwargs):
+        raise NeuronError("no latent is non-zero on >= tau=0.5 of any group's samples (highest: 0.333)")
+
+    monkeypatch.setattr(stage.S, "find_neurons", nothing)
+    loaded, draws, _ = world
+    train = images_to_tensor(generate(world_params_of(loaded), "train", 256).images, loaded.preprocess)
+    sae, candidates, summary = stage.train_social_sae(loaded.model, train, draws, str(tmp_path / "sae"),
+                                                      NeuronStageOptions(epochs=1.0))
+    assert candidates == [] and "highest: 0.333" in summary["no_candidates"]
+    assert summary["sae"]["steps"] == 1 and sae is not None
