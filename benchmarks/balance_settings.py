@@ -4,8 +4,8 @@
     python benchmarks/balance_settings.py ~/.cache/clipsurgery/world-suite/tex2.safetensors --noise
 
 The fit runs as ``clipsurgery debias`` runs it (surgery.debias.balance.fit_balance on the eight
-selection draws, seeds + 1000..1007; the text pool: every distinct caption, the class prompts, the
-group prompts at the anchor weight), once per setting below, and each map is scored in embedding
+selection draws, seeds + 1000..1007; the text pool: the class prompts, and every distinct caption
+and the group prompts at the anchor weight), once per setting below, and each map is scored in embedding
 space (the map applied to every text; equal to the exported model, tests/export) on the world's
 eval split (the report's images) and a fresh draw (seed + 5000): mean and worst-query cut of mean
 MaxSkew@50, the mean cut for the queries in the world's other caption wordings, and the change (in
@@ -44,6 +44,7 @@ SETTINGS = {  # name -> BalanceOptions fields (the default first)
     "ridge 0.1": {"ridge": 0.1},
     "ridge 0.001": {"ridge": 0.001},
     "anchor weight 1": {"anchor_weight": 1.0},
+    "anchor weight 10": {"anchor_weight": 10.0},
     "1 iteration": {"iterations": 1},
     "image side": {"side": "image"},
 }
@@ -120,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
              "cells": embed([t for t, _ in cells]),
              "cell_labels": [(params.concepts.index(lab["concept"]), params.groups.index(lab["group"])) for _, lab in cells]}
     distinct = sorted({c for s in selection for c in s.probe.captions})
-    pool_parts = [embed(distinct), texts["queries"]]  # captions and class prompts (= the queries here)
-    anchors = texts["groups"]
+    pool_parts = [texts["queries"]]  # the class prompts (= the queries here)
+    anchors = torch.cat([embed(distinct), texts["groups"]])  # the captions and the group prompts
     draws = [Draw(s.images, s.probe.groups) for s in selection]
     base = {name: figures(None, s, texts, params) for name, s in (("report", report), ("fresh", fresh))}
     print(f"{args.model}: groups {', '.join(params.groups)}; unedited mean MaxSkew@{K} "

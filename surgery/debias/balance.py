@@ -13,7 +13,7 @@ The fit (:func:`fit_balance`), text side (the default)::
             nearest the current (edited) query; m_{i,g} = their mean (averaged over draws)
         constraints: ((I + A) t_i) . (m_{i,g} - m_{i,0}) = 0 for every group g > 0
         A = the least change (tr(A Sigma A^T), Sigma = the second moment of the texts that should
-            not move: captions, class prompts, and the group prompts x anchor_weight) that meets them
+            not move: class prompts, and captions and group prompts x anchor_weight) that meets them
 
 Image side: the same constraints with the images moving instead of the queries (``A`` acts on the
 image embeddings, ``Sigma`` is the images' second moment); the neighbourhoods are re-chosen under
@@ -46,11 +46,12 @@ class BalanceOptions:
     # (depth 2, K 50, 600 images of a group in a 1200-image draw of 2 groups: its 50 nearest).
     depth: float = 2.0
     ridge: float = 1e-2  # Sigma's ridge, relative to its mean eigenvalue: how much unused directions cost
-    # weight of the group prompts in Sigma: texts that must keep their meaning (attribute retention).
-    # 100 all but freezes them: on the dev worlds (bundled, tex2, col3) group accuracy then moved by
-    # 0.0-0.1 points against 0.1-0.5 at weight 1, at the same bias cut (within 2 points); weight 1 let
-    # the prompts move on col2-weak (group accuracy -2.1 points on a fresh draw), which is how the
-    # question came up (col2-weak counts as seen for this setting: benchmarks/RESULTS.md)
+    # weight in Sigma of the anchors, the texts that must keep their meaning (the group prompts and
+    # the probe's captions; class prompts weigh 1). 100 all but freezes them: on the dev worlds
+    # (bundled, tex2, col3) group accuracy then moved by 0.0-0.1 points against 0.1-0.5 at weight 1, at
+    # the same bias cut (within 2 points); weight 1 let the prompts move on col2-weak (group accuracy
+    # -2.1 points on a fresh draw), which is how the question came up (col2-weak counts as seen for
+    # this setting: benchmarks/RESULTS.md)
     anchor_weight: float = 100.0
     iterations: int = 3  # neighbourhoods re-chosen under the edited queries, and the constraints refitted
 
