@@ -77,6 +77,11 @@ class EditSearchOptions:
     # 11 steps of the full pool on a world model (1 balance, 8 head and ~80 latent trials per step)
     max_trials: int | None = 1000
     max_seconds: float | None = None
+    # head trials cost a forward pass over every selection draw each (latent and balance trials reuse
+    # cached embeddings): at most this many head sets are computed (None: no limit); once spent, the
+    # search goes on with the cheap candidates. 12 keeps the search to about 6 passes over a 2000-image
+    # probe at ViT-B/32 (issue 25); a world model's 8 draws cost little either way
+    max_head_sets: int | None = 12
 
 
 class _EmbeddingCache:
@@ -84,6 +89,7 @@ class _EmbeddingCache:
 
     def __init__(self, compute, size: int):
         self.compute, self.size, self.items = compute, size, OrderedDict()
+        self.computed = 0  # head sets computed (misses), the search's costly unit
 
     def __call__(self, heads: dict[HeadKey, float]) -> list[torch.Tensor]:
         key = tuple(sorted(heads.items()))
@@ -91,6 +97,7 @@ class _EmbeddingCache:
             self.items.move_to_end(key)
             return self.items[key]
         value = self.compute(heads)
+        self.computed += 1
         self.items[key] = value
         if len(self.items) > self.size:
             self.items.popitem(last=False)
@@ -148,10 +155,12 @@ def search_edits(model: nn.Module, probes: Sequence[ProbeSet], audit: AuditResul
     def shortlist(chosen: list[Edit], open_: list[Edit]) -> list[Edit]:
         heads, ids = split(chosen)
         out: list[Edit] = [BALANCE] if BALANCE in open_ else []
-        if len(heads) < options.max_heads:
+        left = None if options.max_head_sets is None else max(0, options.max_head_sets - cache.computed)
+        if len(heads) < options.max_heads and left != 0:
             open_heads = list(dict.fromkeys(item[1] for item in open_ if item[0] == "head"))
-            for head in rank_heads(list(heads), open_heads):
-                out += [item for item in open_ if item[0] == "head" and item[1] == head]
+            trials = [item for head in rank_heads(list(heads), open_heads)
+                      for item in open_ if item[0] == "head" and item[1] == head]
+            out += trials if left is None else trials[:left]
         if len(ids) < options.max_neurons:
             out += [item for item in open_ if item[0] == "latent"]
         return out
@@ -190,6 +199,7 @@ def search_edits(model: nn.Module, probes: Sequence[ProbeSet], audit: AuditResul
                         contributions=contributions, held_out=held_out,
                         budget={"trials": selection.trials, "seconds": round(selection.seconds, 2),
                                 "max_trials": options.max_trials, "max_seconds": options.max_seconds,
+                                "head_sets": cache.computed, "max_head_sets": options.max_head_sets,
                                 "stopped_by": selection.stopped_by})
 
 

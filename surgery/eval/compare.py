@@ -232,7 +232,9 @@ def _edits_markdown(plan: dict | None) -> list[str]:
     if budget:
         limits = ", ".join(x for x in (f"{budget['max_trials']} trials" if budget.get("max_trials") else "",
                                        f"{budget['max_seconds']:g} s" if budget.get("max_seconds") else "") if x)
-        parts += ["", f"The edit search measured {budget['trials']} sets in {budget['seconds']:.1f} s (budget: "
+        heads = (f", {budget['head_sets']} of them head sets (a forward pass over the selection images each; "
+                 f"budget {budget['max_head_sets']})" if budget.get("max_head_sets") else "")
+        parts += ["", f"The edit search measured {budget['trials']} sets in {budget['seconds']:.1f} s{heads} (budget: "
                       f"{limits or 'none'}) and stopped: {budget['stopped_by']}."]
     for edit in plan.get("balance", []):
         held = (edit.get("provenance") or {}).get("held_out_queries") or {}

@@ -296,3 +296,22 @@ def test_an_sae_without_social_neuron_candidates_leaves_the_search_without_laten
                                                       NeuronStageOptions(epochs=1.0))
     assert candidates == [] and "highest: 0.333" in summary["no_candidates"]
     assert summary["sae"]["steps"] == 1 and sae is not None
+
+
+def test_head_sets_are_budgeted_and_the_search_goes_on_with_cheap_candidates(world, tmp_path):
+    """max_head_sets: head trials (a forward pass per draw each) stop once that many head sets were
+    computed; latent trials (cached embeddings) go on; the plan's budget record says so."""
+    from surgery.audit.vision import AuditOptions, audit_vision
+    from surgery.debias.search import EditSearchOptions, search_edits
+
+    loaded, draws, q = world
+    sae = small_sae(loaded, tmp_path)
+    audit = audit_vision(loaded.model, draws[0], loaded.tokenizer,
+                         AuditOptions(k=20, textspan_iterations=0, propose=False))
+    options = EditSearchOptions(budget=Budget(max_bias_ratio=0.01, max_accuracy_drop=0.5), max_heads=4, max_neurons=3,
+                                k=20, confirm=4, max_head_sets=3)
+    result = search_edits(loaded.model, draws, audit, q, q, options, sae=sae, latents=list(range(0, 64, 4)))
+    assert result.budget["head_sets"] == 3 and result.budget["max_head_sets"] == 3
+    head_trials = [s for s in result.steps if "head" in s]
+    assert len(head_trials) == 2  # the empty set was the first of the three
+    assert len(result.latents) >= 1  # the latents were still searched
