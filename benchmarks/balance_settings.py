@@ -12,6 +12,9 @@ MaxSkew@50, the mean cut for the queries in the world's other caption wordings, 
 points; negative = lost) of concept accuracy, zero-shot group accuracy, both Recall@5 and the
 group-naming queries' precision@50.
 
+``--fresh-draws N``: per setting, the text->image Recall@5 drop on N more fresh draws (seed + 5100
++ i), its mean and standard deviation: one draw's figure moves by a few points whatever the edit.
+
 ``--noise``: the text->image Recall@5 change under random maps of a tenth of the fitted map's
 size (ten draws): what any small change of the text embeddings does to that figure on this world,
 whose captions' positives are only the images that drew that exact wording.
@@ -37,8 +40,12 @@ from surgery.world.prompts import cell_queries, group_prompts, neutral_queries, 
 
 K = 50
 FRESH_SEED_OFFSET = 5000
-SETTINGS = {  # name -> BalanceOptions fields (the default first)
+#: the group values in four more phrasings, tried as extra anchors and dropped (pipeline.balance_candidate)
+EXTRA_PHRASINGS = ("{}", "a photo of a {} person", "a photo of something {}", "a {} thing")
+SETTINGS = {  # name -> BalanceOptions fields, plus "captions" (their weight) and "extra" (EXTRA_PHRASINGS as anchors)
     "default": {},
+    "captions weigh 1": {"captions": 1.0},
+    "extra group phrasings": {"extra": True},
     "depth 1": {"depth": 1.0},
     "depth 4": {"depth": 4.0},
     "ridge 0.1": {"ridge": 0.1},
@@ -103,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
     ap.add_argument("--noise", action="store_true", help="also the t2i@5 change under small random maps")
+    ap.add_argument("--fresh-draws", type=int, default=0, help="per setting, the t2i@5 drop on this many more draws")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -121,8 +129,12 @@ def main(argv: list[str] | None = None) -> int:
              "cells": embed([t for t, _ in cells]),
              "cell_labels": [(params.concepts.index(lab["concept"]), params.groups.index(lab["group"])) for _, lab in cells]}
     distinct = sorted({c for s in selection for c in s.probe.captions})
-    pool_parts = [texts["queries"]]  # the class prompts (= the queries here)
-    anchors = torch.cat([embed(distinct), texts["groups"]])  # the captions and the group prompts
+    captions = embed(distinct)
+    more = [split(loaded, params, params.seed + FRESH_SEED_OFFSET + 100 + i) for i in range(args.fresh_draws)]
+    for s in more:
+        missing = sorted(set(s.probe.captions) - set(texts["caption_of"]))
+        if missing:
+            texts["caption_of"].update(zip(missing, caption_embeddings(loaded.model, missing, loaded.tokenizer)))
     draws = [Draw(s.images, s.probe.groups) for s in selection]
     base = {name: figures(None, s, texts, params) for name, s in (("report", report), ("fresh", fresh))}
     print(f"{args.model}: groups {', '.join(params.groups)}; unedited mean MaxSkew@{K} "
@@ -131,17 +143,36 @@ def main(argv: list[str] | None = None) -> int:
           "t2i@5 | i2t@5 | naming P@50 |")
     print("| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     default_fit = None
+    spreads = {}
     for name, change in SETTINGS.items():
+        change = dict(change)
+        caption_weight, extra = change.pop("captions", None), change.pop("extra", False)
         options = BalanceOptions(k=K, **change)
-        pool = torch.cat([*pool_parts, anchors])
-        weights = torch.cat([torch.ones(sum(len(p) for p in pool_parts)), torch.full((len(anchors),), options.anchor_weight)])
+        anchors = [texts["groups"]]
+        if extra:
+            anchors.append(embed([t.format(g) for g in params.groups for t in EXTRA_PHRASINGS]))
+        anchors = torch.cat(anchors)
+        pool = torch.cat([texts["queries"], captions, anchors])  # the class prompts are the queries here
+        weights = torch.cat([torch.ones(len(texts["queries"])),
+                             torch.full((len(captions),), caption_weight or options.anchor_weight),
+                             torch.full((len(anchors),), options.anchor_weight)])
         fit = fit_balance(Texts(texts["queries"], pool, weights), draws, len(params.groups), options)
+        if more:
+            drops = [-cuts(figures(None, s, texts, params), figures(fit, s, texts, params))["t2i"] for s in more]
+            mean = sum(drops) / len(drops)
+            sd = (sum((x - mean) ** 2 for x in drops) / max(1, len(drops) - 1)) ** 0.5
+            spreads[name] = (mean, sd, drops)
         default_fit = default_fit or fit
         for split_name, s in (("report", report), ("fresh", fresh)):
             c = cuts(base[split_name], figures(fit, s, texts, params))
             print(f"| {name} | {split_name} | {c['mean_cut']:.1%} | {c['worst_cut']:.1%} | {c['wordings_mean']:.1%} / "
                   f"{c['wordings_worst']:.1%} | {c['accuracy']:+.1f} | {c['group_accuracy']:+.1f} | {c['t2i']:+.1f} | "
                   f"{c['i2t']:+.1f} | {c['naming_precision']:+.1f} |", flush=True)
+    if spreads:
+        print(f"\ntext->image Recall@5 drop (points; negative = a gain) on {args.fresh_draws} more fresh draws:")
+        print("| setting | mean | standard deviation | per draw |\n| --- | ---: | ---: | --- |")
+        for name, (mean, sd, drops) in spreads.items():
+            print(f"| {name} | {mean:+.2f} | {sd:.2f} | {', '.join(f'{x:+.1f}' for x in drops)} |")
     if args.noise:
         size = float(default_fit.map.matrix().norm())
         gen = torch.Generator().manual_seed(0)
