@@ -41,8 +41,9 @@ from surgery.serve.triton_repo import write_triton_repository
               help="Images or texts in one request.")
 @click.option("--max-decode-pixels", type=click.IntRange(1), default=None,
               help="Image pixels (from the headers) decoded at once over all requests; a request that does not fit "
-                   "now gets 503, one that never fits 413.  [default: 2 x --max-image-pixels]")
-@click.option("--max-text-bytes", type=click.IntRange(1), default=4 * 1024 * 1024, show_default=True,
+                   "now gets 503, one that never fits 413; requests over 4 M pixels hold at most 3/4 of it together.  "
+                   "[default: 2 x --max-image-pixels]")
+@click.option("--max-text-bytes", type=click.IntRange(1), default=6 * 1024 * 1024, show_default=True,
               help="UTF-8 bytes of text tokenized at once over all requests (503 / 413 as above).")
 @click.option("--graceful-timeout-s", type=click.FloatRange(0), default=30.0, show_default=True,
               help="After SIGTERM, requests still running this long are answered 503 and the server exits.")

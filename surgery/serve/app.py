@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from surgery.serve.admission import Budget
+from surgery.serve.admission import HEAVY_PIXELS, HEAVY_TEXT_BYTES, Budget
 from surgery.serve.batcher import Batcher, BatchOptions, QueueFull, ShutDown
 from surgery.serve.bodies import field as body_field
 from surgery.serve.bodies import json_body, media_type, multipart_files
@@ -42,7 +42,12 @@ from surgery.serve.runtime import EncoderPair
 from surgery.serve.threads import DaemonPool
 
 log = logging.getLogger(__name__)
-PREP_THREADS = 4  # threads decoding images and tokenizing texts (admission bounds the work they hold)
+# Decoding and tokenizing run on two pools: a heavy request (admission.HEAVY_PIXELS / HEAVY_TEXT_BYTES of work:
+# a 2000 x 2000 image, 64 KB of text) waits for the one heavy thread, so heavy requests take at most one core
+# and never queue ahead of ordinary ones (admission bounds what they hold while they wait).
+PREP_THREADS = 3
+HEAVY_THREADS = 1
+HEAVY_NICE = 19  # the heavy thread's scheduling priority (Linux): ordinary requests' work runs first
 
 
 @dataclass
@@ -60,12 +65,15 @@ class AppState:
     pixels: Budget | None = None  # image pixels being decoded, all requests
     text_bytes: Budget | None = None  # UTF-8 bytes of text being tokenized, all requests
     prep: DaemonPool = field(default_factory=lambda: DaemonPool(PREP_THREADS, "clipsurgery-prep"))
+    prep_heavy: DaemonPool = field(default_factory=lambda: DaemonPool(HEAVY_THREADS, "clipsurgery-prep-heavy",
+                                                                      nice=HEAVY_NICE))
     cut: asyncio.Event | None = None  # set at the shutdown deadline: requests still running get 503
     loop: asyncio.AbstractEventLoop | None = None
 
     def __post_init__(self) -> None:
-        self.pixels = Budget("image pixels being decoded", self.limits.max_decode_pixels, self.limits.retry_after_s)
-        self.text_bytes = Budget("bytes of text being tokenized", self.limits.max_text_bytes,
+        self.pixels = Budget("image pixels being decoded", self.limits.max_decode_pixels, HEAVY_PIXELS,
+                             self.limits.retry_after_s)
+        self.text_bytes = Budget("bytes of text being tokenized", self.limits.max_text_bytes, HEAVY_TEXT_BYTES,
                                  self.limits.retry_after_s)
 
     def begin_shutdown(self, deadline_s: float) -> None:
@@ -79,7 +87,7 @@ class AppState:
     @property
     def abandoned(self) -> int:
         """Calls still running on daemon threads (a shutdown cut them off)."""
-        return self.prep.busy + sum(b.abandoned for b in self.batchers.values())
+        return self.prep.busy + self.prep_heavy.busy + sum(b.abandoned for b in self.batchers.values())
 
 
 def create_app(pair: EncoderPair, batch: BatchOptions | None = None, limits: ServeLimits | None = None, *,
@@ -105,6 +113,7 @@ def create_app(pair: EncoderPair, batch: BatchOptions | None = None, limits: Ser
         for batcher in state.batchers.values():
             await batcher.drain(state.cut)
         state.prep.shutdown()
+        state.prep_heavy.shutdown()
         if state.abandoned:
             log.warning("shutdown deadline passed: %d call(s) abandoned on their threads", state.abandoned)
 
@@ -242,8 +251,8 @@ async def _submit(state: AppState, tower: str, rows: np.ndarray) -> np.ndarray:
 
 
 async def _prepare(state: AppState, budget: Budget, amount: int, fn, *args):
-    """``fn(*args)`` on a prep thread, holding ``amount`` of ``budget`` until it ends (503 / 413 first
-    when it does not fit)."""
+    """``fn(*args)`` on a prep thread (the heavy one for a heavy request), holding ``amount`` of ``budget``
+    until it ends (503 / 413 first when it does not fit)."""
     share = budget.take(amount)
     gauge = state.metrics.admitted.labels(budget.what)
     gauge.set(budget.used)
@@ -252,7 +261,7 @@ async def _prepare(state: AppState, budget: Budget, amount: int, fn, *args):
         share.release()
         gauge.set(budget.used)
 
-    return await state.prep.run(fn, *args, on_done=done)
+    return await (state.prep_heavy if share.heavy else state.prep).run(fn, *args, on_done=done)
 
 
 def _answer(state: AppState, emb: np.ndarray, usage: int, encoding: str = "float") -> JSONResponse:

@@ -34,11 +34,12 @@ class ServeLimits:
     max_text_chars: int = 4096  # characters of one text (413); CLIP reads at most its context (77 tokens) anyway
     max_items: int = 256  # images or texts in one request (413); at most the batcher's max_queue
     # pixels (from the headers) being decoded at once, over all requests: a request that does not fit now
-    # is answered 503, one that could never fit 413. None: twice max_image_pixels
+    # is answered 503, one that could never fit 413; heavy requests (surgery.serve.admission) hold at most 3/4
+    # of it together. None: twice max_image_pixels
     max_decode_pixels: int | None = None
-    # UTF-8 bytes of text being tokenized at once, over all requests (503 / 413 as above); the default
-    # holds one request at the item and character limits (256 x 4096 characters of up to 4 bytes)
-    max_text_bytes: int = 4 * 1024 * 1024
+    # UTF-8 bytes of text being tokenized at once, over all requests (503 / 413 as above); the default's 3/4
+    # holds one request at the item and character limits (256 x 4096 characters of up to 4 bytes: 4 MiB)
+    max_text_bytes: int = 6 * 1024 * 1024
     retry_after_s: int = 1  # the Retry-After header of a 503
 
     def __post_init__(self) -> None:
@@ -50,9 +51,10 @@ class ServeLimits:
                 raise SurgeryError(f"serve limit {name} must be >= 1, got {getattr(self, name)}")
         if not self.max_aspect_ratio >= 1:
             raise SurgeryError(f"serve limit max_aspect_ratio must be >= 1, got {self.max_aspect_ratio}")
-        if self.max_decode_pixels < self.max_image_pixels:
-            raise SurgeryError(f"serve limit max_decode_pixels ({self.max_decode_pixels:,}) is below max_image_pixels "
-                               f"({self.max_image_pixels:,}): an image the server accepts could never be decoded")
+        if self.max_decode_pixels * 3 < self.max_image_pixels * 4:  # heavy requests hold at most 3/4 of it
+            raise SurgeryError(f"serve limit max_decode_pixels ({self.max_decode_pixels:,}) is below 4/3 of "
+                               f"max_image_pixels ({self.max_image_pixels:,}): an image the server accepts could never "
+                               "be decoded")
 
 
 def check_count(n: int, what: str, limits: ServeLimits) -> None:

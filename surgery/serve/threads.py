@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import queue
 import threading
 from typing import Any, Callable
@@ -19,10 +20,10 @@ from typing import Any, Callable
 class DaemonPool:
     """``await pool.run(fn, *args)``: ``fn(*args)`` on one of ``workers`` daemon threads."""
 
-    def __init__(self, workers: int, name: str):
+    def __init__(self, workers: int, name: str, nice: int = 0):
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
-        self.workers, self.name = workers, name
+        self.workers, self.name, self.nice = workers, name, nice
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
@@ -45,6 +46,9 @@ class DaemonPool:
                 self._threads.append(thread)
 
     def _work(self) -> None:
+        if self.nice:  # Linux: a thread's own scheduling priority (other systems: the call fails, nothing changes)
+            with contextlib.suppress(OSError, AttributeError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
         while True:
             job = self._jobs.get()
             if job is None:

@@ -28,18 +28,18 @@ class StubPair:
     def __init__(self, marker: str | None = None, hold_embed_forever: bool = False):
         self.gate = threading.Event()
         self.entered = threading.Event()
-        self.holding: set[str] = set()
+        self.holding: dict[str, int] = {}  # kind -> hold calls with at least this many items
         self.marker, self.hold_embed_forever = marker, hold_embed_forever
 
-    def hold(self, kind: str) -> None:
-        self.holding.add(kind)
+    def hold(self, kind: str, min_items: int = 0) -> None:
+        self.holding[kind] = min_items
 
     def release(self) -> None:
         self.holding.clear()
         self.gate.set()
 
-    def _wait(self, kind: str) -> None:
-        if kind not in self.holding:
+    def _wait(self, kind: str, items: int = 1) -> None:
+        if kind not in self.holding or items < self.holding[kind]:
             return
         self.entered.set()
         if self.marker:
@@ -52,7 +52,7 @@ class StubPair:
         return np.zeros((3, 8, 8), dtype=np.float32)
 
     def tokens(self, texts) -> np.ndarray:
-        self._wait("tokens")
+        self._wait("tokens", len(texts))
         return np.ones((len(texts), 4), dtype=np.int64)
 
     def embed(self, tower: str, rows: np.ndarray) -> np.ndarray:

@@ -60,25 +60,27 @@ def test_image_pixels_are_admitted_from_the_headers_before_decoding(held):
     assert again.status_code == 200 and len(again.json()["data"]) == 2
 
 
-def test_text_bytes_are_admitted_before_tokenizing(held):
+def test_text_bytes_are_admitted_before_tokenizing_and_heavy_requests_never_fill_the_budget(held):
     client, stub = held
-    stub.hold("tokens")
-    big = {"texts": ["a" * 4096] * 256}  # 1 MiB: four of them fill the default 4 MiB of text in flight
+    stub.hold("tokens", min_items=2)  # requests of one text go through
+    big = {"texts": ["a" * 4096] * 256}  # 1 MiB (heavy): four fit in 3/4 of the default 6 MiB of text in flight
+    gauge = 'clipsurgery_admitted_work{budget="bytes of text being tokenized"} 4.194304e+06'
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         first = [pool.submit(client.post, "/v1/embeddings/text", json=big) for _ in range(4)]
-        for _ in range(WAIT_S * 50):  # all four admitted and held (the gauge counts what was admitted)
-            if "clipsurgery_admitted_work{budget=\"bytes of text being tokenized\"} 4.194304e+06" in \
-                    client.get("/metrics").text:
+        for _ in range(WAIT_S * 50):  # all four admitted and held (one tokenizing, three waiting for the heavy thread)
+            if gauge in client.get("/metrics").text:
                 break
             assert not any(f.done() for f in first), [f.result().text for f in first if f.done()]
-            stub.entered.wait(0.02)
+            stub.gate.wait(0.02)
         else:
             raise AssertionError("the four requests were never admitted together")
-        busy = client.post("/v1/embeddings/text", json={"texts": ["a dog"]})
+        busy = client.post("/v1/embeddings/text", json=big)
         assert busy.status_code == 503 and busy.json()["error"]["code"] == "busy", busy.text
+        # an ordinary request still finds room: heavy requests hold at most 3/4 of the budget
+        assert client.post("/v1/embeddings/text", json={"texts": ["a dog"]}).status_code == 200
         stub.release()
         assert [f.result(WAIT_S).status_code for f in first] == [200] * 4
-    assert client.post("/v1/embeddings/text", json={"texts": ["a dog"]}).status_code == 200
+    assert client.post("/v1/embeddings/text", json=big).status_code == 200
 
 
 def _rss_kib(pid: int) -> int:
@@ -111,7 +113,7 @@ def test_limits_are_checked():
     from surgery.errors import SurgeryError
 
     assert ServeLimits(max_image_pixels=1000).max_decode_pixels == 2000
-    with pytest.raises(SurgeryError, match="below max_image_pixels"):
+    with pytest.raises(SurgeryError, match="below 4/3 of max_image_pixels"):
         ServeLimits(max_image_pixels=1000, max_decode_pixels=10)
     with pytest.raises(SurgeryError, match="max_aspect_ratio"):
         ServeLimits(max_aspect_ratio=0.5)
