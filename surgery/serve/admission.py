@@ -55,6 +55,13 @@ class Budget:
             self.heavy_used += amount
         return Share(self, amount, heavy)
 
+    def refuse_heavy_now(self) -> None:
+        """503 when no heavy request could be admitted now: called before reading a body that can only
+        hold a heavy request (so a flood of them costs no reading or parsing while the heavy share is full)."""
+        if self.heavy_used + self.heavy_above + 1 > int(self.capacity * HEAVY_SHARE):
+            raise RequestError(503, f"the server is at capacity for large requests ({self.heavy_used:,} {self.what} "
+                                    "in flight); retry after a moment", "busy", {"Retry-After": str(self.retry_after_s)})
+
 
 class Share:
     """Units held from a :class:`Budget`; :meth:`release` gives them back (once)."""

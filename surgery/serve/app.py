@@ -301,8 +301,17 @@ async def _texts(state: AppState, texts: list[str]) -> tuple[np.ndarray, int]:
     return await _submit(state, "text", tokens), int((tokens != 0).sum())
 
 
+def _refuse_large_text_now(state: AppState, request: Request) -> None:
+    """A JSON body longer than the heavy threshold can only carry a heavy text request (its texts' UTF-8
+    bytes are about its length); while the heavy share is full it is refused before it is read."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > HEAVY_TEXT_BYTES:
+        state.text_bytes.refuse_heavy_now()
+
+
 async def _text_embeddings(state: AppState, request: Request) -> Response:
     _need(state, "text")
+    _refuse_large_text_now(state, request)
     texts = check_texts(body_field(await json_body(request, state.limits), "texts"), "texts", state.limits)
     emb, usage = await _texts(state, texts)
     return _answer(state, emb, usage)
@@ -310,6 +319,7 @@ async def _text_embeddings(state: AppState, request: Request) -> Response:
 
 async def _openai_embeddings(state: AppState, request: Request) -> Response:
     _need(state, "text")
+    _refuse_large_text_now(state, request)
     data = await json_body(request, state.limits)
     model = data.get("model")
     if model is not None and model != state.pair.name:

@@ -27,7 +27,7 @@ class RequestError(Exception):
 @dataclass
 class ServeLimits:
     max_body_bytes: int = 16 * 1024 * 1024  # request body, bytes (413 above)
-    max_image_pixels: int = DEFAULT_MAX_PIXELS  # width x height of one image, read from its header before decoding (413)
+    max_image_pixels: int = DEFAULT_MAX_PIXELS  # width x height of one image, from its header before decoding (413)
     # long side / short side of one image, from its header (413): the transform resizes the short side to the
     # model's size, so a 1 x 1,000,000 PNG would become 224 x 224,000,000 pixels before its crop
     max_aspect_ratio: float = DEFAULT_MAX_ASPECT

@@ -124,8 +124,8 @@ class EncoderPair:
         dims = {t: s.get_outputs()[0].shape[-1] for t, s in self.sessions.items()}
         fixed = {t: d for t, d in dims.items() if isinstance(d, int)}
         if len(set(fixed.values())) > 1:
-            raise SurgeryError(f"the pair's towers embed to different sizes ({', '.join(f'{t} {d}' for t, d in fixed.items())}); "
-                               "serve the two files of one export")
+            sizes = ", ".join(f"{t} {d}" for t, d in fixed.items())
+            raise SurgeryError(f"the pair's towers embed to different sizes ({sizes}); serve the two files of one export")
 
     # ------------------------------------------------------------------------------------ serving
     @property
