@@ -12,6 +12,10 @@ rounds (bench_onnx.timed_rounds); medians.
 Then the gate's figures (cosine to the fp32 embeddings, zero-shot accuracy, mean MaxSkew@50 on the
 world's 1200-image eval split) for the bundled world model and, with --debiased, for a debiased
 pair of it (e.g. OUT.onnx from `clipsurgery debias builtin:world OUT.onnx`), dynamic and static.
+Static calibration never sees the gate's images: the world model calibrates on its own train split
+(checked against the eval split by content); the debiased pair, gated on a written eval split, on
+256 train-split images written to their own folder (--calibration-images; refused if any equals a
+gate image).
 """
 from __future__ import annotations
 
@@ -80,15 +84,16 @@ def speed(args, root: str) -> None:
 def gate_rows(args, root: str) -> None:
     world = surgery.load("builtin:world")
     gate_data = GateData.for_model(world)
-    print("\nfairness gate (int8 vs its fp32 export, world eval split; limits: cosine >= 0.99, accuracy within 1 "
-          "point, mean MaxSkew@50 within 0.02)")
+    print(f"\nfairness gate (int8 vs its fp32 export, world eval split; limits: cosine >= 0.99, accuracy within 1 "
+          f"point, mean MaxSkew@50 within 0.02; weights {8 - QuantizeOptions().reduce_range}-bit)")
     calibrations = ("dynamic",) if args.skip_static else ("dynamic", "static")
     for calibration in calibrations:
         opt = QuantizeOptions(calibration=calibration)
         result = export_quantized(world, os.path.join(root, f"world-{calibration}.onnx"), None, gate_data,
                                   options=opt, gate=GateOptions(min_cosine=-1, max_accuracy_change=1,
                                                                 max_skew_change=1e9),  # report, never refuse
-                                  calibration=calibration_feeds(gate_data, world.preprocess, world.tokenizer))
+                                  calibration=calibration_feeds(gate_data, world.preprocess, world.tokenizer)
+                                  if calibration == "static" else None)
         verdict = check_gate(result.figures, GateOptions()) or ["passes"]
         print(f"  builtin:world, {calibration}: {format_gate(result.figures)} -> {'; '.join(verdict)}")
     if args.debiased:
@@ -98,11 +103,14 @@ def gate_rows(args, root: str) -> None:
         params = world_params_of(world)
         split = write_split(generate(params, "eval", balanced_size(params)), folder)
         data = GateData(images_dir=str(split / "images"), labels_path=str(split / "labels.csv"))
+        calibration_dir = write_split(generate(params, "train", 256), os.path.join(root, "calibration")) / "images"
         for calibration in calibrations:
+            feeds = calibration_feeds(data, world.preprocess, world.tokenizer, images_dir=str(calibration_dir)) \
+                if calibration == "static" else None
             result = quantize_pair(args.debiased, os.path.join(root, f"debiased-{calibration}.onnx"), data,
                                    options=QuantizeOptions(calibration=calibration),
                                    gate=GateOptions(min_cosine=-1, max_accuracy_change=1, max_skew_change=1e9),
-                                   calibration=calibration_feeds(data, world.preprocess, world.tokenizer))
+                                   calibration=feeds)
             verdict = check_gate(result.figures, GateOptions()) or ["passes"]
             print(f"  {args.debiased} (debiased), {calibration}: {format_gate(result.figures)} -> {'; '.join(verdict)}")
 

@@ -1,7 +1,25 @@
-"""clipsurgery serve under load on loopback: dynamic batching vs batch-1 serving, side by side.
+"""clipsurgery serve under load on loopback: dynamic batching vs batch-1 serving, side by side;
+the same for an int8 file; and a hostile mix beside normal load.
 
     python benchmarks/bench_serve.py [--arch ViT-B-32] [--clients 32] [--requests 2000] [--time-limit-s 240]
-                                     [--max-batch 32] [--max-wait-ms 5] [--model OUT.onnx]
+                                     [--max-batch 32] [--max-wait-ms 5] [--model OUT.onnx] [--int8]
+    python benchmarks/bench_serve.py --hostile [--model OUT.onnx] [--phase-s 40] [--clients 8] [--rss-ceiling-mib 2048]
+                                     [--refusers 3] [--heavies 6]
+
+``--int8``: the random --arch export is quantized (int8 dynamic, the export's defaults, no gate:
+random weights) and served the same way. Before the runs, ONNX Runtime alone is timed at batch 1
+and batch 32 with the server's session options: the most batching can give on this machine.
+
+``--hostile`` (issue 24): the world model's pair (both towers; or --model) under normal load
+(``--clients`` closed-loop clients alternating one 224x224 JPEG and one short text), first alone
+(clean), then beside ``--refusers`` closed-loop clients sending, in turn, requests that must be
+refused (a 20000 x 20000 PNG bomb, an 8000 x 8000 one under Pillow's own limit, a 1 x 1,000,000
+aspect-ratio bomb, a 100,000-character text, JSON nested 100,000 deep, a 17 MB body, a form field
+beside a file, another model's name), then also beside ``--heavies`` clients sending heavy requests
+that are legal (a 6000 x 6000 PNG: 36 M pixels to decode; 256 texts of 4,096 characters of new
+words) in closed loops (a flood). Targets: server RSS under --rss-ceiling-mib, p99 of the normal
+requests within 2x of the clean phase, no crash (the server answers throughout and exits 0 on
+SIGTERM), every must-refuse request answered 4xx/503 (heavy ones: 200 or 503, counted).
 
 Issue 16 targets: throughput with dynamic batching >= 3x batch-1 serving (32 concurrent clients,
 2,000 image requests each run, ViT-B/32 vision tower with random weights), 0 errors, server RSS
@@ -38,6 +56,8 @@ from bench_onnx import cpu_name
 from PIL import Image
 
 from surgery.export.onnx import OnnxOptions, export_onnx
+from surgery.export.quantize import QuantizeOptions, quantize_file
+from surgery.io.onnx import ort_session
 from surgery.model.arch import build_model, get_config
 from surgery.model.loading import LoadedModel
 from surgery.model.preprocess import default_preprocess, tokenizer_info
@@ -53,6 +73,22 @@ def export_random(arch: str, root: str) -> str:
     path = os.path.join(root, "vision.onnx")
     export_onnx(loaded, path, options=OnnxOptions(tower="vision"))
     return path
+
+
+def ort_alone(model: str, rounds: int = 3) -> dict[int, float]:
+    """ONNX Runtime alone with the server's session options: seconds per image at batch 1 and 32."""
+    from bench_onnx import timed_rounds
+
+    session = ort_session(model, spinning=False, memory_pattern=False, arena=False)
+    inp = session.get_inputs()[0]
+    size = inp.shape[-1]
+    rng = np.random.default_rng(0)
+    fns = {}
+    for batch in (1, 32):
+        x = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
+        fns[batch] = (lambda x=x: session.run(None, {inp.name: x}))
+    t = timed_rounds(fns, rounds, 3)
+    return {batch: t[batch] / batch for batch in t}
 
 
 def jpeg(seed: int, size: int = 224) -> bytes:
@@ -187,30 +223,7 @@ def rss_at(run: dict, fraction: float) -> float:
     return next((mib for done, mib in run["rss"] if done >= fraction * run["n"]), run["rss"][-1][1])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--arch", default="ViT-B-32")
-    ap.add_argument("--model", default=None, help="serve this exported file instead of a random --arch export")
-    ap.add_argument("--clients", type=int, default=32)
-    ap.add_argument("--requests", type=int, default=2000)
-    ap.add_argument("--time-limit-s", type=float, default=240.0, help="per run")
-    ap.add_argument("--max-batch", type=int, default=32)
-    ap.add_argument("--max-wait-ms", type=float, default=5.0)
-    opt = ap.parse_args()
-    root = tempfile.mkdtemp(prefix="bench-serve-")
-    try:
-        model = opt.model or export_random(opt.arch, root)
-        images = [jpeg(i) for i in range(16)]
-        runs = {
-            f"dynamic (max batch {opt.max_batch}, {opt.max_wait_ms:g} ms)": run_server(
-                model, ["--max-batch", str(opt.max_batch), "--max-wait-ms", str(opt.max_wait_ms)], images, opt),
-            "batch-1": run_server(model, ["--max-batch", "1", "--max-wait-ms", "0"], images, opt),
-        }
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    print(f"\n{opt.model or opt.arch + ' vision tower, random weights'}; {opt.clients} concurrent clients, up to "
-          f"{opt.requests} image requests per run (224x224 JPEG, multipart); {cpu_name()}, {os.cpu_count()} CPUs; "
-          f"load average {os.getloadavg()[0]:.2f}; {time.strftime('%Y-%m-%d %H:%M')}")
+def print_runs(runs: dict) -> dict:
     print(f"{'run':<32} {'requests':>8} {'errors':>6} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'mean batch':>10} "
           f"{'RSS MiB: ready / 10% / 25% / 50% / 75% / end':>46} {'exit':>5}")
     rates = {}
@@ -226,8 +239,59 @@ def main() -> None:
               f"({1000 * r['ort_s'] / max(1, r['n']):.1f} ms per image)")
         if r["errors"]:
             print(f"  errors: {sorted(set(r['errors']))[:5]}")
-    dyn, one = rates.values()
-    print(f"\nthroughput dynamic / batch-1: {dyn / one:.2f}x (target >= 3x)")
+    return rates
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", default="ViT-B-32")
+    ap.add_argument("--model", default=None, help="serve this exported file instead of a random --arch export")
+    ap.add_argument("--clients", type=int, default=None, help="concurrent clients (default 32; --hostile: 8 normal)")
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--time-limit-s", type=float, default=240.0, help="per run")
+    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--max-wait-ms", type=float, default=5.0)
+    ap.add_argument("--int8", action="store_true", help="also serve an int8 (dynamic) quantization of the export")
+    ap.add_argument("--hostile", action="store_true", help="the hostile mix beside normal load (see the docstring)")
+    ap.add_argument("--phase-s", type=float, default=40.0, help="--hostile: seconds of each phase")
+    ap.add_argument("--rss-ceiling-mib", type=float, default=2048.0, help="--hostile: the server's RSS ceiling")
+    ap.add_argument("--refusers", type=int, default=3, help="--hostile: clients sending must-refuse requests")
+    ap.add_argument("--heavies", type=int, default=6, help="--hostile: clients sending heavy legal requests")
+    opt = ap.parse_args()
+    if opt.hostile:
+        from bench_serve_hostile import run_hostile
+
+        opt.clients = opt.clients or 8
+        return run_hostile(opt)
+    opt.clients = opt.clients or 32
+    root = tempfile.mkdtemp(prefix="bench-serve-")
+    try:
+        model = opt.model or export_random(opt.arch, root)
+        models = {"fp32": model}
+        if opt.int8:
+            models["int8"] = os.path.join(root, "vision-int8.onnx")
+            quantize_file(model, models["int8"], QuantizeOptions())
+        images = [jpeg(i) for i in range(16)]
+        alone = {name: ort_alone(path) for name, path in models.items()}
+        runs = {}
+        for name, path in models.items():
+            runs[name] = {
+                f"{name} dynamic (max {opt.max_batch}, {opt.max_wait_ms:g} ms)": run_server(
+                    path, ["--max-batch", str(opt.max_batch), "--max-wait-ms", str(opt.max_wait_ms)], images, opt),
+                f"{name} batch-1": run_server(path, ["--max-batch", "1", "--max-wait-ms", "0"], images, opt),
+            }
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"\n{opt.model or opt.arch + ' vision tower, random weights'}; {opt.clients} concurrent clients, up to "
+          f"{opt.requests} image requests per run (224x224 JPEG, multipart); {cpu_name()}, {os.cpu_count()} CPUs; "
+          f"load average {os.getloadavg()[0]:.2f}; {time.strftime('%Y-%m-%d %H:%M')}")
+    for name, per_image in alone.items():
+        print(f"ONNX Runtime alone ({name}, the server's session options): {1000 * per_image[1]:.1f} ms per image at "
+              f"batch 1, {1000 * per_image[32]:.1f} at batch 32: {per_image[1] / per_image[32]:.2f}x")
+    for name, group in runs.items():
+        print()
+        dyn, one = print_runs(group).values()
+        print(f"{name} throughput dynamic / batch-1: {dyn / one:.2f}x (target >= 3x)")
 
 
 if __name__ == "__main__":

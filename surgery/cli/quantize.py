@@ -32,14 +32,25 @@ def quantize_options(f):
                      help="int8 gate: points of zero-shot accuracy the int8 file may differ by.")(f)
     f = click.option("--gate-max-skew-change", type=click.FloatRange(0), default=0.02, show_default=True,
                      help="int8 gate: change of mean MaxSkew@K allowed, per protected attribute.")(f)
-    f = click.option("--gate-k", type=click.IntRange(1), default=50, show_default=True, help="int8 gate: MaxSkew@K.")(f)
+    f = click.option("--gate-k", type=click.IntRange(1), default=50, show_default=True,
+                     help="int8 gate: MaxSkew@K (below the number of gate images).")(f)
+    f = click.option("--gate-concept", default=None,
+                     help="int8 gate: the --gate-labels column zero-shot accuracy is measured on (default: a world "
+                          "split's concept, or a column named 'concept').")(f)
+    f = click.option("--gate-attributes", default=None,
+                     help="int8 gate: protected-attribute columns of --gate-labels, comma-separated (default: those "
+                          "named gender, race, age or group).")(f)
+    f = click.option("--calibration-images", default=None, type=click.Path(),
+                     help="int8 --calibration static with --gate-images: a folder of images apart from the gate's to "
+                          "calibrate on (a world model calibrates on its own train split).")(f)
     return f
 
 
 def export_int8(model: str, out: str, *, tower: str, precision: str, normalize: bool, opset: int, graph: str,
                 force: bool, arch: str | None, calibration: str, gate_images: str | None, gate_labels: str | None,
                 gate_min_cosine: float, gate_max_accuracy_change: float, gate_max_skew_change: float,
-                gate_k: int, **_) -> None:
+                gate_k: int, gate_concept: str | None = None, gate_attributes: str | None = None,
+                calibration_images: str | None = None, **_) -> None:
     if not out.endswith(".onnx"):
         raise click.UsageError(f"--quantize writes ONNX: output {out} must end in .onnx")
     if precision != "fp32":
@@ -47,25 +58,31 @@ def export_int8(model: str, out: str, *, tower: str, precision: str, normalize: 
                                "not both")
     if tower != "both":
         raise click.UsageError("--quantize needs --tower both: the gate measures accuracy and bias with text queries")
+    if calibration_images is not None and calibration != "static":
+        raise click.UsageError("--calibration-images is for --calibration static")
+    attributes = [a.strip() for a in gate_attributes.split(",") if a.strip()] if gate_attributes else None
     options = QuantizeOptions(calibration=calibration, force=force)
     gate = GateOptions(min_cosine=gate_min_cosine, max_accuracy_change=gate_max_accuracy_change / 100,
                        max_skew_change=gate_max_skew_change)
     if model.endswith(".onnx"):  # an exported fp32 pair
         pair = resolve_pair(model)
-        gate_data = GateData(images_dir=gate_images, labels_path=gate_labels, k=gate_k)
+        gate_data = GateData(images_dir=gate_images, labels_path=gate_labels, k=gate_k, concept=gate_concept,
+                             attributes=attributes)
         meta = {t: read_metadata(p) for t, p in pair.items()}
         feeds = calibration_feeds(gate_data, json.loads(meta["vision"][META_PREPROCESS]),
-                                  json.loads(meta["text"][META_TOKENIZER])) if "vision" in meta and "text" in meta \
-            else None
+                                  json.loads(meta["text"][META_TOKENIZER]), images_dir=calibration_images) \
+            if calibration == "static" and "vision" in meta and "text" in meta else None
         result = quantize_pair(model, out, gate_data, options=options, gate=gate, calibration=feeds)
     else:
         loaded = load(model, arch=arch)
-        gate_data = GateData.for_model(loaded, gate_images, gate_labels, k=gate_k)  # refused before exporting
+        gate_data = GateData.for_model(loaded, gate_images, gate_labels, k=gate_k, concept=gate_concept,
+                                       attributes=attributes)  # refused before exporting
         plan = SurgeryPlan.from_dict(loaded.metadata["plan"]) if loaded.metadata.get("plan") else None
+        feeds = calibration_feeds(gate_data, loaded.preprocess, loaded.tokenizer, images_dir=calibration_images) \
+            if calibration == "static" else None
         result = export_quantized(loaded, out, plan, gate_data,
                                   onnx_options=OnnxOptions(tower=tower, normalize=normalize, opset=opset, graph=graph),
-                                  options=options, gate=gate,
-                                  calibration=calibration_feeds(gate_data, loaded.preprocess, loaded.tokenizer))
+                                  options=options, gate=gate, calibration=feeds)
     for name, path in result.paths.items():
         click.echo(f"wrote {path}  ({name}, int8 {calibration})")
     click.echo(f"fairness gate passed: {format_gate(result.figures)}")

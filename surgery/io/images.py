@@ -25,6 +25,11 @@ PRESCAN_MODES = ("none", "header", "full")
 #: Largest image decoded (width x height), about 6300 x 6300: a larger one (a decompression bomb, or a
 #: scan far beyond any CLIP's input size) is skipped like an unreadable file, before its pixels are read.
 DEFAULT_MAX_PIXELS = 40_000_000
+#: Largest ratio of the long side to the short side. CLIP's transform resizes the short side to the
+#: model's size (224 px), so the long side becomes ``size x ratio``: a 1 x 1,000,000 PNG (3 KB, under any
+#: pixel cap) would become 224 x 224,000,000 pixels (6.5 GB) before the crop. At 50:1 the resized image is
+#: at most 224 x 11,200 (7.5 MB of RGB); panoramas past that are cropped by the user first.
+DEFAULT_MAX_ASPECT = 50.0
 # What Pillow raises for missing, non-image, truncated or broken files.
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
@@ -62,16 +67,34 @@ def list_images(images_dir: str | Path) -> list[str]:
 DECODE_ERRORS = _DECODE_ERRORS
 
 
-def open_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, decode: bool = True) -> Image.Image:
-    """An RGB image from a path or encoded bytes. The header is checked first: more than
-    ``max_pixels`` pixels raises ValueError before any pixel is decoded. ``decode=False`` returns
-    the (closed) image after the header check. Raises one of :data:`DECODE_ERRORS`."""
+class ImageTooLarge(ValueError):
+    """An image refused from its header: too many pixels, or too long and thin (see :func:`check_image_size`)."""
+
+
+def check_image_size(width: int, height: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                     max_aspect: float = DEFAULT_MAX_ASPECT) -> None:
+    """Raise :class:`ImageTooLarge` for an image that would cost too much to decode or to resize:
+    more than ``max_pixels`` pixels, or a long side more than ``max_aspect`` times the short side
+    (resizing the short side to the model's size would blow the long side up by the same factor)."""
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"{width} x {height} pixels is over the {max_pixels:,}-pixel cap (max_pixels); "
+                            "downscale it")
+    short, long = min(width, height), max(width, height)
+    if short < 1 or long > max_aspect * short:
+        raise ImageTooLarge(f"{width} x {height} pixels is more than {max_aspect:g}:1 long and thin (resizing its "
+                            f"short side to the model's size would make it {long / max(short, 1):,.0f} times as "
+                            "long); crop it first")
+
+
+def open_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, decode: bool = True,
+               max_aspect: float = DEFAULT_MAX_ASPECT) -> Image.Image:
+    """An RGB image from a path or encoded bytes. The header is checked first (:func:`check_image_size`:
+    more than ``max_pixels`` pixels, or longer than ``max_aspect``:1) and raises :class:`ImageTooLarge`
+    (a ValueError) before any pixel is decoded. ``decode=False`` returns the (closed) image after the
+    header check. Raises one of :data:`DECODE_ERRORS`."""
     fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
     with Image.open(fp) as img:  # reads the header only
-        width, height = img.size
-        if width * height > max_pixels:
-            raise ValueError(f"{width} x {height} pixels is over the {max_pixels:,}-pixel cap "
-                             "(max_pixels); downscale it")
+        check_image_size(*img.size, max_pixels=max_pixels, max_aspect=max_aspect)
         if not decode:
             return img
         img.load()

@@ -11,64 +11,111 @@ Routes (every embedding answer has OpenAI's shape ``{"object": "list", "data": [
     GET  /metrics               Prometheus text format
     GET  /v1/model              towers, plan, provenance, preprocessing and tokenizer from the files' metadata
 
-Bad input is a 4xx JSON error ``{"error": {"message", "type", "code"}}``; a full queue, warm-up
-and shutdown are 503 with ``Retry-After``. An unexpected failure is a 500 JSON error: the server
-goes on answering.
+Bad input is a 4xx JSON error ``{"error": {"message", "type", "code"}}``; a full queue, work over
+the admission budgets (:mod:`surgery.serve.admission`: image pixels being decoded, text bytes being
+tokenized), warm-up and shutdown are 503 with ``Retry-After``. An unexpected failure is a 500 JSON
+error: the server goes on answering. On shutdown, a request still running at the deadline
+(:meth:`AppState.begin_shutdown`) is answered 503 and its work is abandoned on its daemon thread.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
 import contextlib
-import json
 import logging
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from surgery.serve.batcher import Batcher, BatchOptions, QueueFull
-from surgery.serve.limits import RequestError, ServeLimits, check_count, check_texts, decode_base64, open_image
+from surgery.serve.admission import HEAVY_PIXELS, HEAVY_TEXT_BYTES, Budget
+from surgery.serve.batcher import Batcher, BatchOptions, QueueFull, ShutDown
+from surgery.serve.bodies import field as body_field
+from surgery.serve.bodies import json_body, media_type, multipart_files
+from surgery.serve.limits import RequestError, ServeLimits, check_texts, decode_base64, decode_image, image_size
 from surgery.serve.metrics import ServeMetrics
 from surgery.serve.runtime import EncoderPair
+from surgery.serve.threads import DaemonPool
 
 log = logging.getLogger(__name__)
+# Decoding and tokenizing run on two pools: a heavy request (admission.HEAVY_PIXELS / HEAVY_TEXT_BYTES of work:
+# a 2000 x 2000 image, 64 KB of text) waits for the one heavy thread, so heavy requests take at most one core
+# and never queue ahead of ordinary ones (admission bounds what they hold while they wait).
+PREP_THREADS = 3
+HEAVY_THREADS = 1
+HEAVY_NICE = 19  # the heavy thread's scheduling priority (Linux): ordinary requests' work runs first
 
 
 @dataclass
 class AppState:
-    """What the routes share: the pair, one batcher per tower, limits, metrics, and the lifecycle flags."""
+    """What the routes share: the pair, one batcher per tower, limits, admission budgets, metrics, and
+    the lifecycle flags."""
     pair: EncoderPair
     batch: BatchOptions
     limits: ServeLimits
     metrics: ServeMetrics = field(default_factory=ServeMetrics)
     batchers: dict[str, Batcher] = field(default_factory=dict)
     ready: bool = False  # warm-up done
+    failed: str | None = None  # the warm-up's error (create_app without a warmed pair)
     draining: bool = False  # shutting down: new embedding requests are refused
+    pixels: Budget | None = None  # image pixels being decoded, all requests
+    text_bytes: Budget | None = None  # UTF-8 bytes of text being tokenized, all requests
+    prep: DaemonPool = field(default_factory=lambda: DaemonPool(PREP_THREADS, "clipsurgery-prep"))
+    prep_heavy: DaemonPool = field(default_factory=lambda: DaemonPool(HEAVY_THREADS, "clipsurgery-prep-heavy",
+                                                                      nice=HEAVY_NICE))
+    cut: asyncio.Event | None = None  # set at the shutdown deadline: requests still running get 503
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def __post_init__(self) -> None:
+        self.pixels = Budget("image pixels being decoded", self.limits.max_decode_pixels, HEAVY_PIXELS,
+                             self.limits.retry_after_s)
+        self.text_bytes = Budget("bytes of text being tokenized", self.limits.max_text_bytes, HEAVY_TEXT_BYTES,
+                                 self.limits.retry_after_s)
+
+    def begin_shutdown(self, deadline_s: float) -> None:
+        """Refuse new requests now; at ``deadline_s`` from now, answer the ones still running 503.
+        Safe to call from a signal handler or another thread."""
+        self.draining = True
+        if self.loop is not None and self.cut is not None:
+            with contextlib.suppress(RuntimeError):  # the loop already closed
+                self.loop.call_soon_threadsafe(self.loop.call_later, deadline_s, self.cut.set)
+
+    @property
+    def abandoned(self) -> int:
+        """Calls still running on daemon threads (a shutdown cut them off)."""
+        return self.prep.busy + self.prep_heavy.busy + sum(b.abandoned for b in self.batchers.values())
 
 
-def create_app(pair: EncoderPair, batch: BatchOptions | None = None, limits: ServeLimits | None = None) -> Starlette:
-    state = AppState(pair=pair, batch=batch or BatchOptions(), limits=limits or ServeLimits())
+def create_app(pair: EncoderPair, batch: BatchOptions | None = None, limits: ServeLimits | None = None, *,
+               warmed: bool = False) -> Starlette:
+    """The app over ``pair``. ``warmed``: :meth:`EncoderPair.warm_up` already ran (``build_app`` does it
+    before listening), so /readyz is 200 at once; otherwise it runs in the background."""
+    state = AppState(pair=pair, batch=batch or BatchOptions(), limits=limits or ServeLimits(), ready=warmed)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
+        state.loop, state.cut = asyncio.get_running_loop(), asyncio.Event()
         for tower in pair.towers:
             batcher = Batcher(lambda rows, t=tower: pair.embed(t, rows), state.batch,
                               on_batch=lambda n, s, t=tower: _observe_batch(state.metrics, t, n, s),
                               on_queue=lambda d, t=tower: state.metrics.queue_depth.labels(t).set(d))
             batcher.start()
             state.batchers[tower] = batcher
-        warm = asyncio.get_running_loop().create_task(_warm_up(state))
+        warm = None if state.ready else asyncio.get_running_loop().create_task(_warm_up(state))
         yield
         state.draining = True
-        warm.cancel()
+        if warm is not None:
+            warm.cancel()
         for batcher in state.batchers.values():
-            await batcher.drain()
+            await batcher.drain(state.cut)
+        state.prep.shutdown()
+        state.prep_heavy.shutdown()
+        if state.abandoned:
+            log.warning("shutdown deadline passed: %d call(s) abandoned on their threads", state.abandoned)
 
     routes = [
         Route("/v1/embeddings/image", _endpoint(state, "image", _image_embeddings), methods=["POST"]),
@@ -92,7 +139,12 @@ def _observe_batch(metrics: ServeMetrics, tower: str, n: int, seconds: float) ->
 
 
 async def _warm_up(state: AppState) -> None:
-    await run_in_threadpool(state.pair.warm_up)
+    try:
+        await state.prep.run(state.pair.warm_up)
+    except Exception as exc:  # noqa: BLE001 - reported on /readyz and in the log, one line
+        state.failed = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        log.error("warm-up failed: %s", state.failed)
+        return
     state.ready = True
     log.info("warm-up done: ready")
 
@@ -100,6 +152,8 @@ async def _warm_up(state: AppState) -> None:
 def _readyz(state: AppState) -> JSONResponse:
     if state.draining:
         return JSONResponse({"status": "draining"}, status_code=503)
+    if state.failed:
+        return JSONResponse({"status": "failed", "error": state.failed}, status_code=503)
     if not state.ready:
         return JSONResponse({"status": "warming up"}, status_code=503, headers={"Retry-After": "1"})
     return JSONResponse({"status": "ready"})
@@ -124,21 +178,26 @@ async def _not_allowed(request: Request, exc) -> JSONResponse:
     return _error(405, f"{request.method} is not allowed on {request.url.path}", "method_not_allowed")
 
 
+def _shutting_down(state: AppState, message: str) -> RequestError:
+    return RequestError(503, message, "shutting_down",
+                        {"Retry-After": str(state.limits.retry_after_s), "Connection": "close"})
+
+
 def _endpoint(state: AppState, route: str, handler):
     """Wrap an embedding handler: refuse while warming up or draining, turn RequestError into a
-    JSON error, anything unexpected into a 500, and count and time every answer."""
+    JSON error, anything unexpected into a 500, answer 503 to a request still running at the
+    shutdown deadline, and count and time every answer."""
 
     async def endpoint(request: Request) -> Response:
         start = time.perf_counter()
         state.metrics.in_flight.inc()
         try:
             if state.draining:
-                raise RequestError(503, "the server is shutting down; retry on another replica", "shutting_down",
-                                   {"Retry-After": str(state.limits.retry_after_s), "Connection": "close"})
+                raise _shutting_down(state, "the server is shutting down; retry on another replica")
             if not state.ready:
                 raise RequestError(503, "the model is warming up; retry shortly", "warming_up",
                                    {"Retry-After": str(state.limits.retry_after_s)})
-            response = await handler(state, request)
+            response = await _until_cut(state, handler(state, request))
         except RequestError as exc:
             response = _error(exc.status, exc.message, exc.code, exc.headers)
             state.metrics.errors.labels(route, exc.code).inc()
@@ -155,76 +214,21 @@ def _endpoint(state: AppState, route: str, handler):
     return endpoint
 
 
-# ------------------------------------------------------------------------------------ request bodies
-async def _read_body(request: Request, limits: ServeLimits) -> bytes:
-    """The body, refused with 413 past ``max_body_bytes`` (from Content-Length, or while streaming)."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise RequestError(400, "Content-Length is not a number", "invalid_header")
-        if int(declared) > limits.max_body_bytes:
-            raise RequestError(413, f"the body is {int(declared):,} bytes; at most {limits.max_body_bytes:,}",
-                               "body_too_large", {"Connection": "close"})
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limits.max_body_bytes:
-            raise RequestError(413, f"the body is over {limits.max_body_bytes:,} bytes", "body_too_large",
-                               {"Connection": "close"})
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _media_type(request: Request) -> str:
-    return request.headers.get("content-type", "").split(";")[0].strip().lower()
-
-
-async def _json_body(request: Request, limits: ServeLimits) -> dict:
-    if _media_type(request) != "application/json":
-        raise RequestError(415, f"content type {_media_type(request) or '(none)'!r} is not accepted here; send "
-                                "application/json", "unsupported_media_type")
-    body = await _read_body(request, limits)
-    if not body:
-        raise RequestError(400, "the body is empty; send a JSON object", "empty_body")
+async def _until_cut(state: AppState, work) -> Response:
+    """``await work``, unless the shutdown deadline comes first: then the work is cancelled (its
+    thread, if any, is abandoned) and the request is answered 503."""
+    task = asyncio.ensure_future(work)
+    if state.cut is None:
+        return await task
+    cut = asyncio.ensure_future(state.cut.wait())
     try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RequestError(400, f"the body is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})",
-                           "invalid_json") from None
-    if not isinstance(data, dict):
-        raise RequestError(400, "the body must be a JSON object", "invalid_json")
-    return data
-
-
-def _field(data: dict, name: str):
-    if name not in data:
-        raise RequestError(400, f"missing field '{name}'", "missing_field")
-    return data[name]
-
-
-async def _multipart_files(request: Request, limits: ServeLimits) -> list[bytes]:
-    body = await _read_body(request, limits)
-    if not body:
-        raise RequestError(400, "the body is empty; send one or more image files", "empty_body")
-    sent = False
-
-    async def replay():
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    try:
-        form = await Request(request.scope, replay).form(max_files=limits.max_items, max_fields=limits.max_items)
-    except Exception as exc:  # noqa: BLE001 - python-multipart / Starlette parse errors vary by version
-        raise RequestError(400, f"the multipart body cannot be parsed ({str(exc)[:200]})", "invalid_multipart") from None
-    try:
-        files = [value for _, value in form.multi_items() if hasattr(value, "read")]
-        check_count(len(files), "image files", limits)
-        return [await f.read() for f in files]
+        await asyncio.wait({task, cut}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        await form.close()  # the parser's spooled temporary files
+        cut.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    raise _shutting_down(state, "the server shut down before this request finished; retry on another replica")
 
 
 # ------------------------------------------------------------------------------------------ handlers
@@ -241,6 +245,23 @@ async def _submit(state: AppState, tower: str, rows: np.ndarray) -> np.ndarray:
     except QueueFull:
         raise RequestError(503, "the server is at capacity (queue full); retry after a moment", "queue_full",
                            {"Retry-After": str(state.limits.retry_after_s)}) from None
+    except ShutDown:
+        raise _shutting_down(state, "the server shut down before this request finished; retry on another "
+                                    "replica") from None
+
+
+async def _prepare(state: AppState, budget: Budget, amount: int, fn, *args):
+    """``fn(*args)`` on a prep thread (the heavy one for a heavy request), holding ``amount`` of ``budget``
+    until it ends (503 / 413 first when it does not fit)."""
+    share = budget.take(amount)
+    gauge = state.metrics.admitted.labels(budget.what)
+    gauge.set(budget.used)
+
+    def done() -> None:
+        share.release()
+        gauge.set(budget.used)
+
+    return await (state.prep_heavy if share.heavy else state.prep).run(fn, *args, on_done=done)
 
 
 def _answer(state: AppState, emb: np.ndarray, usage: int, encoding: str = "float") -> JSONResponse:
@@ -256,44 +277,61 @@ def _answer(state: AppState, emb: np.ndarray, usage: int, encoding: str = "float
 
 async def _image_embeddings(state: AppState, request: Request) -> Response:
     _need(state, "vision")
-    kind = _media_type(request)
+    kind = media_type(request)
     if kind == "multipart/form-data":
-        blobs = await _multipart_files(request, state.limits)
+        blobs = await multipart_files(request, state.limits)
     elif kind == "application/json":
-        blobs = decode_base64(_field(await _json_body(request, state.limits), "images"), "images", state.limits)
+        blobs = decode_base64(body_field(await json_body(request, state.limits), "images"), "images", state.limits)
     else:
         raise RequestError(415, f"content type {kind or '(none)'!r} is not accepted here; send multipart/form-data "
                                 "files or application/json {\"images\": [base64, ...]}", "unsupported_media_type")
-    rows = await run_in_threadpool(_pixels, state, blobs)  # (n, 3, H, W)
+    sizes = [image_size(blob, i, state.limits) for i, blob in enumerate(blobs)]  # headers only: nothing decoded yet
+    rows = await _prepare(state, state.pixels, sum(w * h for w, h in sizes), _pixels, state, blobs)  # (n, 3, H, W)
     return _answer(state, await _submit(state, "vision", rows), 0)
 
 
 def _pixels(state: AppState, blobs: list[bytes]) -> np.ndarray:
-    return np.stack([state.pair.pixels(open_image(blob, i, state.limits)) for i, blob in enumerate(blobs)])
+    return np.stack([state.pair.pixels(decode_image(blob, i, state.limits)) for i, blob in enumerate(blobs)])
 
 
 async def _texts(state: AppState, texts: list[str]) -> tuple[np.ndarray, int]:
     _need(state, "text")
-    tokens = await run_in_threadpool(state.pair.tokens, texts)  # (n, ctx)
+    size = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+    tokens = await _prepare(state, state.text_bytes, size, state.pair.tokens, texts)  # (n, ctx)
     return await _submit(state, "text", tokens), int((tokens != 0).sum())
+
+
+def _refuse_large_text_now(state: AppState, request: Request) -> None:
+    """A JSON body longer than the heavy threshold can only carry a heavy text request (its texts' UTF-8
+    bytes are about its length); while the heavy share is full it is refused before it is read."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > HEAVY_TEXT_BYTES:
+        state.text_bytes.refuse_heavy_now()
 
 
 async def _text_embeddings(state: AppState, request: Request) -> Response:
     _need(state, "text")
-    texts = check_texts(_field(await _json_body(request, state.limits), "texts"), "texts", state.limits)
+    _refuse_large_text_now(state, request)
+    texts = check_texts(body_field(await json_body(request, state.limits), "texts"), "texts", state.limits)
     emb, usage = await _texts(state, texts)
     return _answer(state, emb, usage)
 
 
 async def _openai_embeddings(state: AppState, request: Request) -> Response:
     _need(state, "text")
-    data = await _json_body(request, state.limits)
+    _refuse_large_text_now(state, request)
+    data = await json_body(request, state.limits)
+    model = data.get("model")
+    if model is not None and model != state.pair.name:
+        shown = repr(model)[:100]
+        raise RequestError(404, f"model {shown} is not served here; this server serves '{state.pair.name}' "
+                                "(GET /v1/model)", "model_not_found")
     encoding = data.get("encoding_format", "float")
     if encoding not in ("float", "base64"):
         raise RequestError(400, f"encoding_format {encoding!r} is not supported; use 'float' or 'base64'",
                            "invalid_field")
     if data.get("dimensions") is not None:
         raise RequestError(400, "'dimensions' is not supported: the encoder's output size is fixed", "invalid_field")
-    texts = check_texts(_field(data, "input"), "input", state.limits)
+    texts = check_texts(body_field(data, "input"), "input", state.limits)
     emb, usage = await _texts(state, texts)
     return _answer(state, emb, usage, encoding)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -21,12 +20,17 @@ from typing import Callable
 import numpy as np
 
 from surgery.errors import SurgeryError
+from surgery.serve.threads import DaemonPool
 
 log = logging.getLogger(__name__)
 
 
 class QueueFull(Exception):
     """More rows would wait than the queue holds; the caller should answer 503 and retry later."""
+
+
+class ShutDown(Exception):
+    """The batcher stopped (the shutdown deadline passed) before these rows ran."""
 
 
 @dataclass
@@ -72,8 +76,8 @@ class Batcher:
         self._slots: asyncio.Semaphore | None = None
         self._running: set[asyncio.Task] = set()
         self._loop_task: asyncio.Task | None = None
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=options.workers,
-                                                               thread_name_prefix="clipsurgery-batch")
+        self._pool = DaemonPool(options.workers, "clipsurgery-batch")
+        self._flushing = False  # draining: run waiting rows at once
 
     @property
     def depth(self) -> int:
@@ -115,7 +119,7 @@ class Batcher:
             # answered send their next rows within moments; without this they would form the next batch
             # instead of this one, and batches would stay a fraction of the callers).
             deadline = max(self._pending[0][3], free_since) + opt.max_wait_s
-            while len(self._pending) < opt.max_batch and loop.time() < deadline:
+            while len(self._pending) < opt.max_batch and loop.time() < deadline and not self._flushing:
                 self._arrived.clear()
                 try:
                     await asyncio.wait_for(self._arrived.wait(), deadline - loop.time())
@@ -133,7 +137,12 @@ class Batcher:
             rows = np.stack([row for row, *_ in take])  # (B, ...)
             start = loop.time()
             try:
-                out = await loop.run_in_executor(self._executor, self.run, rows)  # (B, D)
+                out = await self._pool.run(self.run, rows)  # (B, D)
+            except asyncio.CancelledError:  # the drain's deadline passed: the call is abandoned on its thread
+                for _, request, _, _ in take:
+                    if not request.future.done():
+                        request.future.set_exception(ShutDown("the server shut down while these rows ran"))
+                raise
             except Exception as exc:  # noqa: BLE001 - every caller in the batch gets the error, the loop goes on
                 log.exception("batch of %d rows failed", len(take))
                 for _, request, _, _ in take:
@@ -153,14 +162,30 @@ class Batcher:
         finally:
             self._slots.release()
 
-    async def drain(self) -> None:
-        """Wait for every queued row to be answered, then stop the loop and the threads."""
-        while self._pending or self._running:
+    @property
+    def abandoned(self) -> int:
+        """Calls still running on their threads (after a drain cut short by its deadline)."""
+        return self._pool.busy
+
+    async def drain(self, stop: asyncio.Event | None = None) -> None:
+        """Run every queued row at once and wait for the answers, or until ``stop`` is set (the
+        shutdown deadline): rows still waiting then fail with :class:`ShutDown` and running calls are
+        abandoned on their daemon threads. Then stop the loop."""
+        self._flushing = True
+        if self._arrived is not None:
+            self._arrived.set()
+        while (self._pending or self._running) and not (stop is not None and stop.is_set()):
             await asyncio.sleep(0.01)
+        while self._pending:
+            _, request, _, _ = self._pending.popleft()
+            if not request.future.done():
+                request.future.set_exception(ShutDown("the server shut down before these rows ran"))
+        for task in list(self._running):
+            task.cancel()
         if self._loop_task is not None:
             self._loop_task.cancel()
             try:
                 await self._loop_task
             except asyncio.CancelledError:
                 pass
-        self._executor.shutdown(wait=True)
+        self._pool.shutdown()

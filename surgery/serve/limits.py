@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from surgery.errors import SurgeryError
+from surgery.io.images import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, ImageTooLarge, check_image_size, open_image
 
 
 class RequestError(Exception):
@@ -26,15 +27,34 @@ class RequestError(Exception):
 @dataclass
 class ServeLimits:
     max_body_bytes: int = 16 * 1024 * 1024  # request body, bytes (413 above)
-    max_image_pixels: int = 40_000_000  # width x height of one image, read from its header before decoding (413)
+    max_image_pixels: int = DEFAULT_MAX_PIXELS  # width x height of one image, from its header before decoding (413)
+    # long side / short side of one image, from its header (413): the transform resizes the short side to the
+    # model's size, so a 1 x 1,000,000 PNG would become 224 x 224,000,000 pixels before its crop
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT
     max_text_chars: int = 4096  # characters of one text (413); CLIP reads at most its context (77 tokens) anyway
     max_items: int = 256  # images or texts in one request (413); at most the batcher's max_queue
+    # pixels (from the headers) being decoded at once, over all requests: a request that does not fit now
+    # is answered 503, one that could never fit 413; heavy requests (surgery.serve.admission) hold at most 3/4
+    # of it together. None: twice max_image_pixels
+    max_decode_pixels: int | None = None
+    # UTF-8 bytes of text being tokenized at once, over all requests (503 / 413 as above); the default's 3/4
+    # holds one request at the item and character limits (256 x 4096 characters of up to 4 bytes: 4 MiB)
+    max_text_bytes: int = 6 * 1024 * 1024
     retry_after_s: int = 1  # the Retry-After header of a 503
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_image_pixels", "max_text_chars", "max_items", "retry_after_s"):
+        if self.max_decode_pixels is None:
+            self.max_decode_pixels = 2 * self.max_image_pixels
+        for name in ("max_body_bytes", "max_image_pixels", "max_text_chars", "max_items", "max_decode_pixels",
+                     "max_text_bytes", "retry_after_s"):
             if getattr(self, name) < 1:
                 raise SurgeryError(f"serve limit {name} must be >= 1, got {getattr(self, name)}")
+        if not self.max_aspect_ratio >= 1:
+            raise SurgeryError(f"serve limit max_aspect_ratio must be >= 1, got {self.max_aspect_ratio}")
+        if self.max_decode_pixels * 3 < self.max_image_pixels * 4:  # heavy requests hold at most 3/4 of it
+            raise SurgeryError(f"serve limit max_decode_pixels ({self.max_decode_pixels:,}) is below 4/3 of "
+                               f"max_image_pixels ({self.max_image_pixels:,}): an image the server accepts could never "
+                               "be decoded")
 
 
 def check_count(n: int, what: str, limits: ServeLimits) -> None:
@@ -56,6 +76,8 @@ def check_texts(texts: object, field: str, limits: ServeLimits) -> list[str]:
         if not isinstance(text, str):
             raise RequestError(400, f"'{field}'[{i}] is a {type(text).__name__}, not a string (token arrays are not "
                                     "accepted: send the text)", "invalid_field")
+        if not text.strip():
+            raise RequestError(400, f"'{field}'[{i}] is empty; send text to embed", "empty_input")
         if len(text) > limits.max_text_chars:
             raise RequestError(413, f"'{field}'[{i}] has {len(text)} characters; at most {limits.max_text_chars}",
                                "text_too_long")
@@ -79,27 +101,38 @@ def decode_base64(items: object, field: str, limits: ServeLimits) -> list[bytes]
     return out
 
 
-def open_image(data: bytes, index: int, limits: ServeLimits) -> Image.Image:
-    """Decode one image after checking its pixel count from the header (decompression bombs are
-    refused before a single pixel is decoded). Returns an RGB PIL image."""
+def image_size(data: bytes, index: int, limits: ServeLimits) -> tuple[int, int]:
+    """``(width, height)`` of one encoded image, from its header alone, after the size checks
+    (pixels and aspect ratio: :func:`surgery.io.images.check_image_size`). Nothing is decoded."""
     if not data:
         raise RequestError(400, f"image {index} is empty (0 bytes)", "invalid_image")
     try:
-        image = Image.open(io.BytesIO(data))
-        width, height = image.size
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
     except Image.DecompressionBombError:  # PIL's own guard (over twice its MAX_IMAGE_PIXELS) fired first
         raise RequestError(413, f"image {index} has too many pixels; at most {limits.max_image_pixels:,} pixels: "
                                 "downscale it first", "image_too_large") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except (OSError, SyntaxError, ValueError) as exc:
         raise RequestError(400, f"image {index} cannot be read ({_reason(exc)}); send a PNG, JPEG or WebP file",
                            "invalid_image") from None
-    if width * height > limits.max_image_pixels:
-        raise RequestError(413, f"image {index} is {width} x {height} pixels; at most {limits.max_image_pixels:,} "
-                                "pixels: downscale it first", "image_too_large")
     try:
-        image.load()
-        return image.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        check_image_size(width, height, limits.max_image_pixels, limits.max_aspect_ratio)
+    except ImageTooLarge as exc:
+        raise RequestError(413, f"image {index} is refused: {exc}", "image_too_large") from None
+    return width, height
+
+
+def decode_image(data: bytes, index: int, limits: ServeLimits) -> Image.Image:
+    """Decode one image through the shared decode path (:func:`surgery.io.images.open_image`, which
+    checks the header again before any pixel is decoded). Returns an RGB PIL image."""
+    try:
+        return open_image(data, limits.max_image_pixels, max_aspect=limits.max_aspect_ratio)
+    except ImageTooLarge as exc:
+        raise RequestError(413, f"image {index} is refused: {exc}", "image_too_large") from None
+    except Image.DecompressionBombError:
+        raise RequestError(413, f"image {index} has too many pixels; at most {limits.max_image_pixels:,} pixels: "
+                                "downscale it first", "image_too_large") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise RequestError(400, f"image {index} cannot be decoded ({_reason(exc)}); the file is corrupt or truncated",
                            "invalid_image") from None
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics of one server: requests, errors, latency, batch sizes, queue depth.
+"""Prometheus metrics of one server: requests, errors, latency, batch sizes, queue depth, admitted work.
 
 Each :class:`ServeMetrics` owns its registry (several apps in one process, e.g. tests, do not
 collide); ``GET /metrics`` renders it in the Prometheus text format.
@@ -29,6 +29,8 @@ class ServeMetrics:
                                    ["tower"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("clipsurgery_queue_depth", "Items waiting for a batch", ["tower"], registry=r)
         self.in_flight = Gauge("clipsurgery_requests_in_flight", "Requests being answered", registry=r)
+        self.admitted = Gauge("clipsurgery_admitted_work", "Work admitted and not finished (image pixels being "
+                              "decoded, text bytes being tokenized)", ["budget"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

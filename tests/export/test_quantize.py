@@ -103,12 +103,13 @@ def test_no_gate_data_is_one_line_and_nothing_is_exported(tmp_path):
 def test_an_exported_fp32_pair_is_quantized_against_given_gate_images(world, tmp_path):
     fp32 = str(tmp_path / "fp32.onnx")
     export_onnx(world, fp32)
-    split = write_split(generate(world_params_of(world), "eval", 240), tmp_path / "gate")
+    # 480 images: MaxSkew@20 of 240 moves by whole images (+0.029 with 0.9998 cosine on an AVX2 CPU)
+    split = write_split(generate(world_params_of(world), "eval", 480), tmp_path / "gate")
     args = ["export", fp32, str(tmp_path / "q.onnx"), "--quantize", "int8", "--gate-images", str(split),
             "--gate-labels", str(split / "labels.csv"), "--gate-k", "20"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    assert "on 240 images" in result.output and "MaxSkew@20" in result.output
+    assert "on 480 images" in result.output and "MaxSkew@20" in result.output
     # an impossible bar: refused, one line with the figures, the earlier output untouched
     before = os.path.getmtime(tmp_path / "q.visual.onnx")
     strict = CliRunner().invoke(main, [*args, "--force", "--gate-min-cosine", "1.0"])
@@ -146,3 +147,138 @@ def test_the_server_serves_an_int8_pair_and_shows_its_gate(world, tmp_path):
     enc = OnnxEncoder(out)
     want = enc.encode_texts(tokenize(["a photo of a circle", "a red square"], enc.tokenizer)).numpy()
     np.testing.assert_allclose(np.array([d["embedding"] for d in got["data"]]), want, atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------------- the gate's teeth
+# A pair that stays close in cosine but moves bias or accuracy is the one case the gate exists for.
+# The candidate "int8" files here are an fp32 export of the world model with one head of its vision
+# tower scaled (a small baked edit): quantize_file is replaced by a copy of them.
+BIAS_EDIT = [(2, 1, 0.5)]  # (layer, head, scale): image cosine 0.997, MaxSkew@50 -0.031, accuracy -0.08 points
+# on a user's folder (prompts "a photo of a circle." ...): image cosine 0.991, accuracy +1.08 points, MaxSkew@50 +0
+ACCURACY_EDIT = [(1, 2, 0.5)]
+
+
+def _edited_pair(world, heads, folder) -> dict[str, str]:
+    import copy
+
+    from surgery.edit.bake import bake
+    from surgery.edit.plan import HeadEdit, SurgeryPlan
+    from surgery.io.onnx import onnx_paths
+
+    edited = copy.copy(world)
+    edited.model = copy.deepcopy(world.model)
+    bake(edited.model, SurgeryPlan(heads=[HeadEdit("vision", layer, head, scale) for layer, head, scale in heads]))
+    out = str(folder / "edited.onnx")
+    export_onnx(edited, out)
+    return onnx_paths(out, "both")
+
+
+def _quantize_into(monkeypatch, candidate: dict[str, str]) -> None:
+    import shutil
+
+    def fake(src, dst, options, feeds=None):  # the "quantized" file is the edited model's
+        shutil.copyfile(candidate["text" if src.endswith(".text.onnx") else "vision"], dst)
+
+    monkeypatch.setattr(quantize_module, "quantize_file", fake)
+
+
+def test_a_pair_close_in_cosine_that_moves_bias_is_refused_with_its_figures(world, tmp_path, monkeypatch):
+    (tmp_path / "edit").mkdir()
+    candidate = _edited_pair(world, BIAS_EDIT, tmp_path / "edit")
+    _quantize_into(monkeypatch, candidate)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(QuantizationGateError) as err:
+        export_quantized(world, str(out / "w.onnx"), None, GateData.for_model(world))
+    figures = err.value.figures
+    assert min(figures["mean_cosine"].values()) >= 0.99  # the cosine check alone would have shipped it
+    assert abs(figures["zero_shot_accuracy"]["change"]) <= 0.01
+    assert figures["max_skew"]["group"]["change"] < -0.02
+    moved = figures["max_skew"]["group"]["change"]
+    assert check_gate(figures, GateOptions()) == [f"mean MaxSkew@50 (group) moved {moved:+.4f} (limit 0.02)"]
+    message = str(err.value)
+    assert "MaxSkew@50 (group) 0.6512 ->" in message and "mean cosine image 0.99" in message, message
+    assert "nothing was written" in message and os.listdir(out) == []
+
+
+def _user_folder(world, folder, n: int, concept: bool = True):
+    """A labelled folder as a user has it: the world's images, a labels CSV, no world.json."""
+    split = write_split(generate(world_params_of(world), "eval", n), folder)
+    (split / "world.json").unlink()
+    (split / "captions.csv").unlink()
+    if not concept:
+        lines = (split / "labels.csv").read_text().splitlines()
+        (split / "labels.csv").write_text("\n".join(",".join(c for i, c in enumerate(line.split(",")) if i != 1)
+                                                    for line in lines) + "\n")
+    return split
+
+
+def test_the_accuracy_limit_applies_on_a_users_labelled_folder(world, tmp_path, monkeypatch):
+    # issue 23: on --gate-images of a user's folder (no world.json) zero-shot accuracy was never measured,
+    # so --gate-max-accuracy-change was never applied
+    fp32 = str(tmp_path / "fp32.onnx")
+    export_onnx(world, fp32)
+    (tmp_path / "edit").mkdir()
+    _quantize_into(monkeypatch, _edited_pair(world, ACCURACY_EDIT, tmp_path / "edit"))
+    user = _user_folder(world, tmp_path / "user", 1200)
+    args = ["export", fp32, str(tmp_path / "q.onnx"), "--quantize", "int8", "--gate-images", str(user / "images"),
+            "--gate-labels", str(user / "labels.csv")]
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 1, refused.output
+    assert "failed the fairness gate (zero-shot accuracy moved +1.08 points (limit 1))" in refused.output
+    assert "mean cosine image 0.99" in refused.output and not glob.glob(str(tmp_path / "q*.onnx"))
+    loose = CliRunner().invoke(main, [*args, "--gate-max-accuracy-change", "2"])  # the limit is the user's
+    assert loose.exit_code == 0 and "(+1.08 points)" in loose.output, loose.output
+
+
+def test_gate_probe_sets_the_gate_cannot_measure_are_refused_before_exporting(world, tmp_path):
+    fp32 = str(tmp_path / "fp32.onnx")
+    export_onnx(world, fp32)
+    small = write_split(generate(world_params_of(world), "eval", 60), tmp_path / "small")
+
+    def run(*extra):
+        result = CliRunner().invoke(main, ["export", fp32, str(tmp_path / "q.onnx"), "--quantize", "int8", *extra])
+        assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+        assert not glob.glob(str(tmp_path / "q*.onnx")) and _leftovers(tmp_path) == []
+        return result.output
+
+    gate = ["--gate-images", str(small), "--gate-labels", str(small / "labels.csv")]
+    # issue 23: MaxSkew@60 over 60 images is the same whatever the ranking: "gate passed" meant nothing
+    assert "--gate-k 60 is not below the 60 gate images" in run(*gate, "--gate-k", "60")
+    # issue 24: the messages name the gate's own flags (export has no --k or --attributes)
+    too_big = run(*gate, "--gate-k", "100")
+    assert "--gate-k 100" in too_big and "--k " not in too_big
+    no_group = tmp_path / "nogroup.csv"
+    no_group.write_text("\n".join(",".join(line.split(",")[:2]) for line in (small / "labels.csv").read_text()
+                                  .splitlines()) + "\n")  # file,concept
+    message = run("--gate-images", str(small), "--gate-labels", str(no_group), "--gate-k", "20")
+    assert "--gate-attributes" in message and "pass --attributes" not in message, message
+    # a folder that names no concept: the accuracy limit cannot be applied, so it is refused, naming the flag
+    user = _user_folder(world, tmp_path / "noconcept", 60, concept=False)
+    assert "--gate-concept" in run("--gate-images", str(user / "images"), "--gate-labels", str(user / "labels.csv"),
+                                   "--gate-k", "20")
+    # issue 24: a file given as --gate-images is named as such, not "does not exist"
+    assert "is a file, not a folder" in run("--gate-images", str(small / "labels.csv"), "--gate-labels",
+                                            str(small / "labels.csv"))
+
+
+def test_static_calibration_never_sees_the_gate_images(world, tmp_path):
+    # issue 23: static calibration on a gate folder drew its ranges from the very images the gate measures
+    fp32 = str(tmp_path / "fp32.onnx")
+    export_onnx(world, fp32)
+    gate = write_split(generate(world_params_of(world), "eval", 120), tmp_path / "gate")
+    args = ["export", fp32, str(tmp_path / "q.onnx"), "--quantize", "int8", "--calibration", "static",
+            "--gate-images", str(gate), "--gate-labels", str(gate / "labels.csv"), "--gate-k", "20"]
+    missing = CliRunner().invoke(main, args)
+    assert missing.exit_code == 1 and "--calibration-images" in missing.output, missing.output
+    same = CliRunner().invoke(main, [*args, "--calibration-images", str(gate / "images")])
+    assert same.exit_code == 1 and "also gate images" in same.output, same.output
+    copies = tmp_path / "copies"  # other names, same bytes: found by content
+    copies.mkdir()
+    for i, name in enumerate(sorted(os.listdir(gate / "images"))[:3]):
+        (copies / f"mine-{i}.png").write_bytes((gate / "images" / name).read_bytes())
+    renamed = CliRunner().invoke(main, [*args, "--calibration-images", str(copies)])
+    assert renamed.exit_code == 1 and "3 of the 3 calibration images are also gate images" in renamed.output
+    assert not glob.glob(str(tmp_path / "q*.onnx"))
+    usage = CliRunner().invoke(main, [*args[:5], *args[7:], "--calibration-images", str(copies)])  # dynamic
+    assert usage.exit_code == 2 and "--calibration static" in usage.output

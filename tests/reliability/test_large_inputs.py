@@ -85,3 +85,42 @@ def test_a_tiny_torchscript_archive_cannot_declare_gigabytes(tmp_path):
         read_torchscript_state_dict(str(path))
     _forged_archive(path, (1,), (1,))  # the same archive, honest sizes: read
     assert read_torchscript_state_dict(str(path))["weight"].tolist() == [1.0]
+
+
+def _thin_png(path, width, height):
+    """A real, fully decodable greyscale PNG of width x height (a few KB whatever its shape)."""
+    Image.new("L", (width, height), 100).save(path)
+
+
+def test_an_aspect_ratio_bomb_is_refused_from_its_header_in_the_shared_decode_path(tmp_path):
+    # issue 24: 1 x 1,000,000 pixels passes any pixel cap (2,991 bytes), but resizing its short side to the
+    # model's size makes it 224 x 224,000,000 (6.5 GB) before the crop; refused before a pixel is decoded
+    from surgery.io.images import ImageTooLarge, open_image
+
+    _thin_png(tmp_path / "bomb.png", 1, 1_000_000)
+    assert (tmp_path / "bomb.png").stat().st_size < 10_000
+    for decode in (False, True):
+        with pytest.raises(ImageTooLarge, match="1 x 1000000 pixels is more than 50:1"):
+            open_image(tmp_path / "bomb.png", decode=decode)
+    with pytest.raises(ImageTooLarge, match="more than 8:1"):  # the bound is a parameter
+        open_image(tmp_path / "bomb.png", max_aspect=8)
+    _thin_png(tmp_path / "panorama.png", 500, 10)  # 50:1 exactly is accepted
+    assert open_image(tmp_path / "panorama.png").size == (500, 10)
+
+
+def test_embed_skips_an_aspect_ratio_bomb_and_counts_it(tmp_path):
+    from click.testing import CliRunner
+
+    from surgery.cli.main import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(30):
+        Image.fromarray(np.full((32, 32, 3), 8 * i, dtype=np.uint8)).save(images / f"{i:02d}.png")
+    # 1 x 20,000: at the tiny model's 32 px, 640,000 px wide after the resize (the issue's 1 x 1,000,000 at
+    # 224 px took 6.4 GB in embed; this one stays small enough that a build without the bound survives it)
+    _thin_png(images / "zz_thin.png", 1, 20_000)
+    result = CliRunner().invoke(main, ["embed", "builtin:tiny", "--images", str(images), "--site", "embedding",
+                                       "--out", str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+    assert "skipped 1 unreadable images, e.g. zz_thin.png" in result.output and "50:1" in result.output, result.output

@@ -61,7 +61,7 @@ def test_embeddings_equal_onnx_runtime(tiny_pair, start_server):
                                                                      for i, b in enumerate(images)])
         b64 = httpx.post(url + "/v1/embeddings/image", json={"images": [base64.b64encode(b).decode() for b in images]})
         text = httpx.post(url + "/v1/embeddings/text", json={"texts": TEXTS})
-        openai = httpx.post(url + "/v1/embeddings", json={"input": TEXTS, "model": "whatever"})
+        openai = httpx.post(url + "/v1/embeddings", json={"input": TEXTS, "model": "tiny"})
         one = httpx.post(url + "/v1/embeddings", json={"input": TEXTS[1]})
         packed = httpx.post(url + "/v1/embeddings", json={"input": TEXTS, "encoding_format": "base64"})
         model = httpx.get(url + "/v1/model").json()
@@ -118,19 +118,43 @@ BAD_REQUESTS = [  # (name, route, httpx kwargs, expected status)
     ("0-byte body", "/v1/embeddings/text", {"content": b"", "headers": {"content-type": "application/json"}}, 400),
     ("0-byte image body", "/v1/embeddings/image", {"content": b"", "headers": {"content-type": "multipart/form-data; boundary=x"}}, 400),
     ("20000 x 20000 PNG", "/v1/embeddings/image", {"files": [("f", ("big.png", _huge_png(20_000, 20_000), "image/png"))]}, 413),
+    # issue 23: the one above is refused by Pillow's own guard (over 2 x 89.5 M pixels) before the server's cap;
+    # 8000 x 8000 = 64 M pixels is over the default --max-image-pixels (40 M) and under Pillow's limit
+    ("8000 x 8000 PNG", "/v1/embeddings/image", {"files": [("f", ("big.png", _huge_png(8000, 8000), "image/png"))]}, 413),
     ("100,000-character text", "/v1/embeddings/text", {"json": {"texts": ["a" * 100_000]}}, 413),
     ("100,000-character input", "/v1/embeddings", {"json": {"input": "a" * 100_000}}, 413),
     ("wrong content type", "/v1/embeddings/text", {"content": b"texts=a", "headers": {"content-type": "text/plain"}}, 415),
     ("wrong content type, image", "/v1/embeddings/image", {"content": _png(4), "headers": {"content-type": "image/png"}}, 415),
     ("missing field", "/v1/embeddings/text", {"json": {"text": ["a"]}}, 400),
-    ("missing input", "/v1/embeddings", {"json": {"model": "x"}}, 400),
+    ("missing input", "/v1/embeddings", {"json": {"model": "tiny"}}, 400),
     ("not JSON", "/v1/embeddings", {"content": b"{nope", "headers": {"content-type": "application/json"}}, 400),
     ("token arrays", "/v1/embeddings", {"json": {"input": [[1, 2, 3]]}}, 400),
     ("empty list", "/v1/embeddings/text", {"json": {"texts": []}}, 400),
     ("bad base64", "/v1/embeddings/image", {"json": {"images": ["%%%"]}}, 400),
     ("body over the limit", "/v1/embeddings/text", {"json": {"texts": ["a"] * 40_000}}, 413),
     ("unknown route", "/v1/nothing", {"json": {}}, 404),
+    # issue 24: JSON nested deeper than the parser's recursion limit (a 500 and a traceback before)
+    ("deeply nested JSON", "/v1/embeddings", {"content": b"[" * 50_000, "headers": {"content-type": "application/json"}}, 400),
+    ("deeply nested input", "/v1/embeddings", {"content": b'{"input": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+                                               "headers": {"content-type": "application/json"}}, 400),
+    # issue 24: an empty text is not something to embed (OpenAI answers 400 too)
+    ("empty input", "/v1/embeddings", {"json": {"input": ""}}, 400),
+    ("blank text in a list", "/v1/embeddings/text", {"json": {"texts": ["a dog", "  "]}}, 400),
+    # issue 24: 1 x 20,000 pixels passes the pixel cap, but resizing its short side to 32 px would make it
+    # 32 x 640,000 (at 1 x 1,000,000 and 224 px: 6.5 GB); refused from the header
+    ("aspect-ratio bomb", "/v1/embeddings/image", {"files": [("f", ("thin.png", b"", "image/png"))]}, 413),
 ]
+
+
+def _thin_png(width: int, height: int) -> bytes:
+    """A real (fully decodable) greyscale PNG of width x height: small on the wire whatever its shape."""
+    buf = io.BytesIO()
+    Image.new("L", (width, height), 128).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+BAD_REQUESTS = [(name, route, {"files": [("f", ("thin.png", _thin_png(1, 20_000), "image/png"))]}
+                 if name == "aspect-ratio bomb" else kwargs, status) for name, route, kwargs, status in BAD_REQUESTS]
 
 
 def test_bad_input_is_a_4xx_json_error_and_the_server_keeps_answering(tiny_pair, start_server):
@@ -139,12 +163,15 @@ def test_bad_input_is_a_4xx_json_error_and_the_server_keeps_answering(tiny_pair,
             response = httpx.post(server.url + route, timeout=60, **kwargs)
             assert response.status_code == status, (name, response.text)
             error = response.json()["error"]
+            if name == "8000 x 8000 PNG":
+                assert "40,000,000" in error["message"], error  # the server's cap, not Pillow's, refused it
             assert error["message"] and "\n" not in error["message"] and error["code"], name
             assert server.proc.poll() is None, name
             assert httpx.get(server.url + "/healthz").status_code == 200, name
         np.testing.assert_allclose(_rows(httpx.post(server.url + "/v1/embeddings/text", json={"texts": TEXTS})),
                                    _direct(tiny_pair, texts=TEXTS)["text"], atol=1e-5, rtol=0)
-        assert server.metric("clipsurgery_request_errors_total", route="image", code="image_too_large") == 1
+        assert server.metric("clipsurgery_request_errors_total", route="image", code="image_too_large") == 3
+        assert server.metric("clipsurgery_requests_total", route="openai", status="500") is None
 
 
 def test_a_full_queue_answers_503_with_retry_after(tiny_pair, start_server):
@@ -175,3 +202,35 @@ def test_sigterm_under_load_answers_in_flight_requests_and_exits_0(tiny_pair, st
         assert server.proc.wait(timeout=60) == 0, server.output()
         with pytest.raises(httpx.TransportError):
             httpx.get(server.url + "/healthz")
+
+
+def test_the_servers_pixel_cap_refuses_images_below_pillows_own_limit(tiny_pair, start_server):
+    # issue 23: the bomb tests were all past Pillow's own guard, so --max-image-pixels was never what refused them
+    # (the default cap is in BAD_REQUESTS: "8000 x 8000 PNG"); here a cap set with the flag
+    with start_server(tiny_pair, "--max-image-pixels", "2000") as server:
+        over = httpx.post(server.url + "/v1/embeddings/image", files=[("f", ("b.png", _png(5, (50, 50)), "image/png"))],
+                          timeout=60)  # 2,500 pixels
+        assert over.status_code == 413 and over.json()["error"]["code"] == "image_too_large", over.text
+        assert "over the 2,000-pixel cap" in over.json()["error"]["message"], over.text
+        assert _rows(httpx.post(server.url + "/v1/embeddings/image", files=[("f", ("c.png", _png(6, (40, 40))))],
+                                timeout=60)).shape == (1, 32)  # 1,600 pixels
+
+
+def test_multipart_rows_match_the_items_sent_and_the_model_field_names_the_served_model(tiny_pair, start_server):
+    images = [_png(20), _png(21)]
+    with start_server(tiny_pair) as server:
+        url = server.url
+        # issue 23: a form field beside the files was dropped, and the answer had fewer rows than items sent
+        mixed = httpx.post(url + "/v1/embeddings/image", data={"caption": "a dog"},
+                           files=[("f", ("a.png", images[0], "image/png"))], timeout=60)
+        assert mixed.status_code == 400 and mixed.json()["error"]["code"] == "invalid_multipart", mixed.text
+        assert "caption" in mixed.json()["error"]["message"]
+        both = _rows(httpx.post(url + "/v1/embeddings/image", files=[("f", b) for b in images], timeout=60))
+        np.testing.assert_allclose(both, _direct(tiny_pair, images)["image"], atol=1e-5, rtol=0)
+        # issue 23: the OpenAI route's `model` was ignored; the served name is accepted, another is 404
+        named = httpx.post(url + "/v1/embeddings", json={"input": ["a dog"], "model": "tiny"}, timeout=60)
+        assert _rows(named).shape == (1, 32) and named.json()["model"] == "tiny"
+        other = httpx.post(url + "/v1/embeddings", json={"input": ["a dog"], "model": "text-embedding-3-small"},
+                           timeout=60)
+        assert other.status_code == 404 and other.json()["error"]["code"] == "model_not_found", other.text
+        assert "'tiny'" in other.json()["error"]["message"]

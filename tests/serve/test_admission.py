@@ -1,0 +1,120 @@
+"""Admission counts the work a request brings, not only its rows (issue 24): image pixels from the
+headers and text bytes are measured before any decoding or tokenizing; a request that does not fit
+now gets 503 with Retry-After, one that never fits 413, and the server's memory stays bounded."""
+from __future__ import annotations
+
+import concurrent.futures
+import io
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from serve_stub import StubPair
+from starlette.testclient import TestClient
+
+from surgery.serve.app import create_app
+from surgery.serve.batcher import BatchOptions
+from surgery.serve.limits import ServeLimits
+
+WAIT_S = 60  # how long a test waits for a held call to be reached (a guard against hanging, not a timing)
+
+
+def _png(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 10, 10)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _files(*sizes) -> list:
+    return [("f", (f"{i}.png", _png(*size), "image/png")) for i, size in enumerate(sizes)]
+
+
+@pytest.fixture
+def held():
+    """(client, stub): the app over a stub pair whose next held call waits for ``stub.release()``."""
+    stub = StubPair()
+    app = create_app(stub, BatchOptions(max_wait_s=0), ServeLimits(max_image_pixels=10_000))  # 20,000 px at once
+    with TestClient(app) as client:
+        for _ in range(600):
+            if client.get("/readyz").status_code == 200:
+                break
+        yield client, stub
+        stub.release()
+
+
+def test_image_pixels_are_admitted_from_the_headers_before_decoding(held):
+    client, stub = held
+    stub.hold("pixels")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(client.post, "/v1/embeddings/image", files=_files((100, 100)))  # 10,000 px, held
+        assert stub.entered.wait(WAIT_S)
+        busy = client.post("/v1/embeddings/image", files=_files((100, 100), (100, 100)))  # 20,000: not now
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "1", busy.text
+        assert busy.json()["error"]["code"] == "busy"
+        never = client.post("/v1/embeddings/image", files=_files((100, 100), (100, 100), (100, 60)))  # 26,000
+        assert never.status_code == 413 and never.json()["error"]["code"] == "request_too_large", never.text
+        stub.release()
+        assert first.result(WAIT_S).status_code == 200
+    again = client.post("/v1/embeddings/image", files=_files((100, 100), (100, 100)))  # the share was given back
+    assert again.status_code == 200 and len(again.json()["data"]) == 2
+
+
+def test_text_bytes_are_admitted_before_tokenizing_and_heavy_requests_never_fill_the_budget(held):
+    client, stub = held
+    stub.hold("tokens", min_items=2)  # requests of one text go through
+    big = {"texts": ["a" * 4096] * 256}  # 1 MiB (heavy): four fit in 3/4 of the default 6 MiB of text in flight
+    gauge = 'clipsurgery_admitted_work{budget="bytes of text being tokenized"} 4.194304e+06'
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        first = [pool.submit(client.post, "/v1/embeddings/text", json=big) for _ in range(4)]
+        for _ in range(WAIT_S * 50):  # all four admitted and held (one tokenizing, three waiting for the heavy thread)
+            if gauge in client.get("/metrics").text:
+                break
+            assert not any(f.done() for f in first), [f.result().text for f in first if f.done()]
+            stub.gate.wait(0.02)
+        else:
+            raise AssertionError("the four requests were never admitted together")
+        busy = client.post("/v1/embeddings/text", json=big)
+        assert busy.status_code == 503 and busy.json()["error"]["code"] == "busy", busy.text
+        # an ordinary request still finds room: heavy requests hold at most 3/4 of the budget
+        assert client.post("/v1/embeddings/text", json={"texts": ["a dog"]}).status_code == 200
+        stub.release()
+        assert [f.result(WAIT_S).status_code for f in first] == [200] * 4
+    assert client.post("/v1/embeddings/text", json=big).status_code == 200
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+
+
+@pytest.mark.slow
+def test_server_memory_stays_flat_over_many_distinct_long_texts(tiny_pair, start_server):
+    rng = np.random.default_rng(0)
+
+    def request() -> dict:  # 64 texts of 4,096 characters of new 9-letter words: 262 KB, as in the issue
+        letters = rng.integers(ord("a"), ord("z") + 1, size=(64, 4096), dtype=np.uint8)
+        letters[:, 9::10] = ord(" ")
+        return {"texts": [row.tobytes().decode() for row in letters]}
+
+    with start_server(tiny_pair) as server:
+        for _ in range(5):  # settle: sessions, allocator pools, the tokenizer's first words
+            assert httpx.post(server.url + "/v1/embeddings/text", json=request(), timeout=120).status_code == 200
+        before = _rss_kib(server.proc.pid)
+        for _ in range(40):
+            assert httpx.post(server.url + "/v1/embeddings/text", json=request(), timeout=120).status_code == 200
+        grown = _rss_kib(server.proc.pid) - before
+    # open_clip's cache kept ~5.4 MB per such request (40 requests: ~200 MB); bounded now
+    assert grown < 40 * 1024, f"RSS grew {grown / 1024:.0f} MiB over 40 requests of new words"
+    print(f"RSS grew {grown / 1024:.1f} MiB over 40 requests of new words")
+
+
+def test_limits_are_checked():
+    from surgery.errors import SurgeryError
+
+    assert ServeLimits(max_image_pixels=1000).max_decode_pixels == 2000
+    with pytest.raises(SurgeryError, match="below 4/3 of max_image_pixels"):
+        ServeLimits(max_image_pixels=1000, max_decode_pixels=10)
+    with pytest.raises(SurgeryError, match="max_aspect_ratio"):
+        ServeLimits(max_aspect_ratio=0.5)
+    assert np.isfinite(ServeLimits().max_aspect_ratio)
