@@ -29,7 +29,7 @@ from surgery.debias.budget import POINTS_TOLERANCE, Budget, bias_ratio
 from surgery.debias.heads import SearchResult, plan_from_search
 from surgery.debias.neurons import NeuronStageOptions, neuron_edit, train_social_sae
 from surgery.debias.search import BalanceCandidate, EditSearchOptions, search_edits
-from surgery.edit.bake import bake
+from surgery.edit.bake import bake_copy
 from surgery.edit.plan import NeuronEdit, SurgeryPlan
 from surgery.errors import SurgeryError
 from surgery.eval.compare import Row, compare, format_query_cuts, format_table, write_report
@@ -449,7 +449,7 @@ def bake_and_export(loaded: LoadedModel, plan: SurgeryPlan, out: str, probes: Pr
     """Bake ``plan`` into a copy of the model and export it (ONNX parity-gated); returns the patched
     model and what was written."""
     patched = copy.copy(loaded)
-    patched.model = bake(copy.deepcopy(loaded.model), plan)
+    patched.model = bake_copy(loaded.model, plan)  # shares every tensor the plan leaves alone
     say(f"baked {len(plan.heads)} head edits, {sum(len(n.ids) for n in plan.neurons)} neuron deactivations and "
         f"{len(plan.balance)} balance edit(s); exporting {out}")
     if not out.endswith(".onnx"):

@@ -16,6 +16,8 @@ The baked model equals the runtime-masked model (:func:`apply_runtime`) to float
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -47,6 +49,30 @@ def bake(model: nn.Module, plan: SurgeryPlan) -> nn.Module:
     if plan.neurons:
         bake_neurons(model, plan)
     return model
+
+
+def bake_copy(model: nn.Module, plan: SurgeryPlan) -> nn.Module:
+    """A baked copy of ``model`` that shares every tensor the plan leaves alone with it (only the
+    tensors an edit writes are copied), so a ViT-B plan of one projection costs one matrix, not a
+    second model. ``model`` is not changed; the copy's modules are its own (neuron modules attach
+    to the copy only)."""
+    touched = {id(t) for t in touched_tensors(model, plan)}
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) not in touched}
+    return bake(copy.deepcopy(model, memo), plan)
+
+
+def touched_tensors(model: nn.Module, plan: SurgeryPlan) -> list[torch.Tensor]:
+    """The parameters :func:`bake` writes in place for ``plan``: edited heads' out_proj weight and
+    bias, balanced towers' projection."""
+    towers = get_towers(model)
+    out: list[torch.Tensor] = []
+    for edit in plan.heads:
+        proj = towers[edit.tower].attention(edit.layer).out_proj
+        out += [proj.weight, proj.bias]
+    for edit in plan.balance:
+        proj = towers[edit.tower].projection
+        out += [proj.weight, proj.bias] if isinstance(proj, nn.Linear) else [proj]
+    return [t for t in out if t is not None]
 
 
 def _factors(edit: BalanceEdit) -> tuple[torch.Tensor, torch.Tensor]:

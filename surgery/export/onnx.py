@@ -29,6 +29,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -198,18 +199,26 @@ def _export_checked(module: nn.Module, inputs: tuple, tower: str, tmp: str, opt:
 
 
 def _fused_copy(module: nn.Module, tower: str) -> nn.Module:
-    """A copy of the encoder whose tower blocks are :class:`FusedBlock` s."""
-    import copy
-
-    fused = copy.deepcopy(module)
+    """A copy of the encoder whose tower blocks are :class:`FusedBlock` s. Its modules are new, its
+    tensors shared with ``module`` (the fused blocks hold their own re-laid-out weights), so the copy
+    costs the fused tower's weights, not a whole model."""
+    fused = _shared_copy(module)
     fuse_blocks_(_model_of(fused), tower)
     return fused
 
 
-def _encoder_module(loaded: LoadedModel, tower: str, opt: OnnxOptions) -> nn.Module:
-    import copy
+def _shared_copy(module: nn.Module) -> nn.Module:
+    """New module objects over the same tensors: swapping or replacing submodules of the copy
+    leaves ``module`` as it was, and no weight is duplicated."""
+    return copy.deepcopy(module, {id(t): t for t in (*module.parameters(), *module.buffers())})
 
-    model = copy.deepcopy(loaded.model).float().eval()
+
+def _encoder_module(loaded: LoadedModel, tower: str, opt: OnnxOptions) -> nn.Module:
+    """The tower's export wrapper around the model itself when it is an fp32 model in eval mode
+    (exporting only reads it), else around an fp32 eval copy (the caller's model is never changed)."""
+    model = loaded.model
+    if model.training or any(p.dtype != torch.float32 for p in model.parameters()):
+        model = copy.deepcopy(model).float().eval()
     return (ImageEncoder if tower == "vision" else TextEncoder)(model, opt.normalize).eval()
 
 
@@ -231,7 +240,7 @@ def _torch_export(module: nn.Module, inputs: tuple, tower: str, path: str, opset
                 custom_opsets={ORT_CONTRIB_DOMAIN: 1},
             )
         elif opset >= FUSED_ATTENTION_OPSET:
-
+            module = _shared_copy(module)  # the swap replaces attention modules: never the caller's
             swap_attention(_model_of(module), backend="sdpa")
             batch = torch.export.Dim("batch", min=1, max=65536)
             torch.onnx.export(module, inputs, path, input_names=[name], output_names=["embeddings"],

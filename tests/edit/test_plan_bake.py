@@ -235,3 +235,20 @@ def test_inner_attention_norm_is_refused():
     model, _ = build_tiny_clip(seed=0, vision_cfg={"scale_attn_inner": True})
     with pytest.raises(surgery.UnsupportedTowerError, match="cannot be baked exactly"):
         bake(model, SurgeryPlan(heads=[HeadEdit("vision", 0, 0, 0.0)]))
+
+
+def test_bake_copy_equals_a_baked_deep_copy_and_shares_every_tensor_the_plan_leaves_alone(tiny, images, tokens):
+    from surgery.edit.bake import bake_copy, touched_tensors
+
+    model, _ = tiny
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = _mixed_plan()
+    cheap = bake_copy(model, plan)
+    assert_same_embeddings(cheap, bake(copy.deepcopy(model), plan), images, tokens, atol=0)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the original is untouched
+    touched = {id(t) for t in touched_tensors(model, plan)}
+    layers = {(e.tower, e.layer) for e in plan.heads}
+    assert len(touched) == 2 * len(layers) + 2  # out_proj weight and bias per edited layer; both projections
+    mine, theirs = dict(model.named_parameters()), dict(cheap.named_parameters())
+    for name, param in mine.items():
+        assert (theirs[name] is param) == (id(param) not in touched), name

@@ -145,8 +145,11 @@ def test_opset23_fused_attention_export(tmp_path, images, tokens):
     import onnx
 
     loaded = surgery.load("builtin:tiny")
+    attention = [type(b.attn) for b in loaded.model.visual.transformer.resblocks]
     results = export_onnx(loaded, str(tmp_path / "f.onnx"), None, OnnxOptions(opset=23))
     assert all(r["max_abs_error"] <= 1e-4 for r in results.values())
+    # the export swapped attention on a copy that shares the weights, never on the caller's model
+    assert [type(b.attn) for b in loaded.model.visual.transformer.resblocks] == attention
     for path in (tmp_path / "f.visual.onnx", tmp_path / "f.text.onnx"):
         ops = {n.op_type for n in onnx.load(str(path)).graph.node}
         assert "Attention" in ops, (path, sorted(ops))
