@@ -165,7 +165,7 @@ def audit_text_tower(loaded: LoadedModel, prompts: TextProbe | None, probe: Prob
         return None
     placement = placement or options.placement()
     text_options = TextAuditOptions(k=options.k, top_k=options.top_k, batch_size=options.batch_size,
-                                    ablation=options.ablation, sweep=options.sweep, sweep_top=options.sweep_top, backend=placement.backend)
+                                    ablation=options.ablation, sweep=options.sweep, backend=placement.backend)  # text sweep: every head (it restarts from stored residuals, cheap)
     result = audit_text(loaded.model, loaded.tokenizer, prompts, text_options, images=probe, image_emb=image_emb,
                         supervised=cavs)
     result.plan.source = {"arch": loaded.arch, "sha256": loaded.sha256}

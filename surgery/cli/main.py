@@ -161,7 +161,7 @@ def export(model, out, tower, precision, normalize, opset, graph, force, arch, q
 @click.option("--no-sweep", is_flag=True,
               help="Skip the causal ablation sweep (c); the proposed set is then measured over the cheap ranking.")
 @click.option("--sweep", "sweep_mode", type=click.Choice(["top", "all"]), default="top", show_default=True,
-              help="top: ablate only the --sweep-top heads of the cheap ranking (a, b, d); all: every head.")
+              help="Vision tower: top ablates only the --sweep-top heads of the cheap ranking (a, b, d); all: every head. The text tower's sweep is cheap and always covers every head.")
 @click.option("--sweep-top", type=click.IntRange(1), default=16, show_default=True,
               help="Heads the ablation sweep (c) ablates with --sweep top (a model with fewer is swept whole).")
 @click.option("--max-accuracy-drop", "audit_accuracy_drop", type=click.FloatRange(0, 100), default=2.0,

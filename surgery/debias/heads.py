@@ -49,7 +49,8 @@ def plan_from_search(search: SearchResult, audit: AuditResult | None, source: di
                       "(the balance edit, head soft-prunings and social neurons in one candidate pool)",
             "targets": budget.to_dict(), "order": search.order,
             "met_on_selection_probe": search.met, "before": search.before, "after": search.after,
-            "search_budget": search.budget,
+            # without the wall-clock seconds: the same command gives a byte-identical plan
+            "search_budget": {k: v for k, v in (search.budget or {}).items() if k != "seconds"} or None,
             "search": search.steps,
         },
     ).validate()

@@ -234,7 +234,7 @@ def _edits_markdown(plan: dict | None) -> list[str]:
                                        f"{budget['max_seconds']:g} s" if budget.get("max_seconds") else "") if x)
         heads = (f", {budget['head_sets']} of them head sets (a forward pass over the selection images each; "
                  f"budget {budget['max_head_sets']})" if budget.get("max_head_sets") else "")
-        parts += ["", f"The edit search measured {budget['trials']} sets in {budget['seconds']:.1f} s{heads} (budget: "
+        parts += ["", f"The edit search measured {budget['trials']} sets{heads} (budget: "
                       f"{limits or 'none'}) and stopped: {budget['stopped_by']}."]
     for edit in plan.get("balance", []):
         held = (edit.get("provenance") or {}).get("held_out_queries") or {}

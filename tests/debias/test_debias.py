@@ -173,8 +173,10 @@ def test_clipsurgery_balance_writes_a_plan_that_bake_folds_into_the_text_project
 
     plan_path, out = tmp_path / "plan.json", tmp_path / "balanced.safetensors"
     runner = CliRunner()
+    # one draw's text->image Recall@5 moves in steps of 1/60 (1.7 points), coarser than the selection
+    # budget's 1.5: a wider recall budget keeps this a test of the command, not of one caption's rank
     result = runner.invoke(main, ["balance", "builtin:world", "--out", str(plan_path), "--selection-draws", "1",
-                                  "--k", "20"])
+                                  "--k", "20", "--max-recall-drop", "4"])
     assert result.exit_code == 0, result.output
     assert "removal only: not asked for" in result.output
     plan = SurgeryPlan.load(str(plan_path))

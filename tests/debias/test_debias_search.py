@@ -172,7 +172,7 @@ def test_search_edits_with_heads_only_equals_a_plain_greedy_over_heads_and_scale
     audit = audit_vision(loaded.model, draws[0], loaded.tokenizer,
                          AuditOptions(k=20, textspan_iterations=0, propose=False))
     budget = Budget(max_bias_ratio=0.05, max_accuracy_drop=0.02)
-    options = EditSearchOptions(budget=budget, max_heads=2, k=20, confirm=16)
+    options = EditSearchOptions(budget=budget, max_heads=2, k=20, confirm=16, max_head_sets=None)  # no budget cut
     result = search_edits(loaded.model, draws, audit, q, q, options)
     heads = [(l, h) for l in range(4) for h in range(4)]
     before = evaluate_on_draws(loaded.model, draws, {}, audit.means, q, q, 20)

@@ -140,7 +140,7 @@ def test_sae_train_killed_then_resumed(tmp_path):
 
 def test_debias_killed_then_rerun(tmp_path):
     args = ["debias", "builtin:world", "m.onnx", "--n-probe", "240", "--k", "20", "--selection-draws", "1",
-            "--allow-miss"]
+            "--allow-miss", "--removal", "always"]  # the removal path trains the SAE too
     reference = tmp_path / "reference"
     reference.mkdir()
     start = time.perf_counter()
