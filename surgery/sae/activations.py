@@ -292,14 +292,16 @@ def _check_part(path: str, meta: dict, info: dict, i: int) -> None:
     if not os.path.isfile(file):
         raise CacheError(f"{path}: part {info['file']} is missing; delete the cache folder and rebuild it")
     if os.path.dirname(os.path.realpath(file)) != os.path.realpath(path):
-        raise CacheError(f"{path}: part {info['file']} links outside the cache folder; a cache keeps its parts inside it")
+        raise CacheError(f"{path}: part {info['file']} links outside the cache folder; a cache keeps its parts "
+                         "inside it")
     try:
         with safe_open(file, framework="pt") as fh:
             stamp = fh.metadata() or {}
             names = set(fh.keys())
             shapes = {k: list(fh.get_slice(k).get_shape()) for k in ("acts", "sample", "token") if k in names}
     except Exception as exc:  # noqa: BLE001 - truncated, not safetensors: say which, never a traceback
-        raise CacheError(f"{path}: part {info['file']} is damaged ({str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__}); "
+        reason = str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__
+        raise CacheError(f"{path}: part {info['file']} is damaged ({reason}); "
                          "it may have been cut short (a full disk): rerun 'clipsurgery embed' (the part is redone) or "
                          "rebuild the cache") from None
     rows, d = info["rows"], meta["d"]

@@ -385,7 +385,8 @@ def load_sae(sae_dir: str) -> SparseAutoencoder:
     except SAEError:
         raise
     except (TypeError, ValueError) as exc:  # a value of the wrong type that the checks could not compare
-        raise SAEError(f"{os.path.join(sae_dir, CONFIG_FILE)}: bad config ({exc}); retrain or restore the file") from None
+        raise SAEError(f"{os.path.join(sae_dir, CONFIG_FILE)}: bad config ({exc}); retrain or restore the "
+                       "file") from None
     path = os.path.join(sae_dir, WEIGHTS_FILE)
     try:  # the header first: a config that does not fit the weights (a huge d_in) allocates nothing
         with safe_open(path, framework="pt") as fh:
