@@ -44,19 +44,24 @@ def _killed_inside(args, cwd: Path, writer: str, name: str, sig: signal.Signals,
     with open(log, "w") as out:  # a file, not a pipe: a full pipe would stall the run before its write
         proc = subprocess.Popen([sys.executable, HOLD, str(marker), writer, name, str(nth), "--", *args], cwd=cwd,
                                 stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + REACH_LIMIT_S
-        while not marker.exists():
-            if proc.poll() is not None:
-                pytest.fail(f"the run ended (exit {proc.returncode}) before write {nth} of {name}: {log.read_text()}")
-            if time.monotonic() > deadline:
+        try:
+            deadline = time.monotonic() + REACH_LIMIT_S
+            while not marker.exists():
+                if proc.poll() is not None:
+                    pytest.fail(f"the run ended (exit {proc.returncode}) before write {nth} of {name}: "
+                                f"{log.read_text()}")
+                if time.monotonic() > deadline:
+                    pytest.fail(f"the run did not reach write {nth} of {name}: {log.read_text()}")
+                time.sleep(0.05)
+            held = Path(marker.read_text())
+            assert proc.poll() is None  # alive, and stopped inside the write
+            assert held.is_file()  # the bytes are written, to a temporary or staging path
+            proc.send_signal(sig)
+            rc = proc.wait(timeout=600)
+        finally:
+            if proc.poll() is None:  # a failed check above: a held run would wait for ever
                 proc.kill()
-                pytest.fail(f"the run did not reach write {nth} of {name}: {log.read_text()}")
-            time.sleep(0.05)
-        held = Path(marker.read_text())
-        assert proc.poll() is None  # alive, and stopped inside the write
-        assert held.is_file() and held.parent.exists()
-        proc.send_signal(sig)
-        rc = proc.wait(timeout=600)
+                proc.wait()
     expected = 128 + signal.SIGTERM if sig == signal.SIGTERM else -signal.SIGKILL  # the CLI's handler: exit 143
     assert rc == expected, log.read_text()
     return rc, log.read_text(), held
