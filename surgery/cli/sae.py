@@ -16,6 +16,7 @@ from surgery.cli.errors import user_errors as _user_errors
 from surgery.cli.launch import echo, join_job, launch_options, relaunch_if_asked
 from surgery.errors import SurgeryError
 from surgery.io.checkpoint import state_dict_hash
+from surgery.io.fs import check_folder_writable, check_output_path
 from surgery.io.images import ImageFolderDataset, data_hash, resolve_images_dir
 from surgery.io.labels import load_labels
 from surgery.model.attention import head_masked
@@ -129,8 +130,8 @@ def sae_train(model, images_dir, texts_path, site, kind, expansion, k, l1_coeff,
     torchrun) each step's batch is split over the ranks (data parallel; the same run as one process).
     """
     relaunch_if_asked(launch)
-    from_cache = cache_dir and os.path.isfile(os.path.join(cache_dir, "cache.json"))
-    if images_dir is None and texts_path is None and from_cache:
+    if images_dir is None and texts_path is None and cache_dir:
+        open_cache(cache_dir)  # a missing, unfinished or damaged cache: one line saying which, before any work
         return _train_from_cache(model, cache_dir, site, kind, expansion, k, l1_coeff, matryoshka, steps, batch_size,
                                  lr, seed, resume, checkpoint_every, device, out_dir)
     if (images_dir is None) == (texts_path is None):
@@ -141,6 +142,9 @@ def sae_train(model, images_dir, texts_path, site, kind, expansion, k, l1_coeff,
     images_dir = resolve_images_dir(images_dir) if images_dir else None
     # the SAE stage stays fp32 (the cache feeds an SAE whose edits must match the fp32 model)
     placement = resolve_placement(device, autocast=False)
+    for folder in (out_dir, cache_dir):  # a read-only or impossible output: refused before minutes of work
+        if folder:
+            check_folder_writable(folder)
     loaded = load(model, device=placement.device)
     where = Site("vision" if images_dir else "text", site)
     model_hash = state_dict_hash(loaded.model)
@@ -192,6 +196,7 @@ def _train_from_cache(model, cache_dir, site, kind, expansion, k, l1_coeff, matr
     """``sae train MODEL --cache DIR``: train on an existing cache, on one rank or many (each rank on
     its local GPU when the job runs on CUDA)."""
     placement = resolve_placement(device, autocast=False)
+    check_folder_writable(out_dir)
     ranks = join_job(placement.device)
     if ranks.distributed and placement.device.startswith("cuda"):
         placement = resolve_placement(f"cuda:{ranks.local_rank}", autocast=False)
@@ -262,6 +267,9 @@ def sae_neurons(sae_dir, model, images_dir, labels_path, groups, cache_dir, attr
         raise click.UsageError("give either --images DIR --labels CSV, --cache DIR [--labels CSV], or --groups g1,g2,...")
     images_dir = resolve_images_dir(images_dir) if images_dir else None
     placement = resolve_placement(device, autocast=False)
+    inputs = (labels_path, os.path.join(sae_dir, "cfg.json"), os.path.join(sae_dir, "weights.safetensors"), model)
+    check_output_path(out_path, inputs=inputs, exists_hint="'sae neurons' never replaces a file: choose another "
+                                                           "--out, or remove that file first")
     loaded = load(model, device=placement.device)
     trained = load_sae(sae_dir)
     options = NeuronOptions(tau=tau, top_n=top_n, token_reduce=token_reduce)
@@ -289,6 +297,8 @@ def sae_neurons(sae_dir, model, images_dir, labels_path, groups, cache_dir, attr
                                          image_transform(loaded.preprocess), options)
     write_neurons(report, out_path, {"sae_dir": os.path.abspath(sae_dir), "model": model})
     click.echo(placement.describe("sae neurons"))
+    if report.bad_labels:
+        click.echo(f"{report.bad_labels} samples have label JSON that cannot be parsed; left out of the search")
     for group in report.groups:
         click.echo(f"{group}: rule {len(report.rule.get(group, []))} latents; selected {report.selected.get(group, [])}")
     click.echo(f"wrote {out_path}")

@@ -172,8 +172,9 @@ def bake_neurons(model: nn.Module, plan: SurgeryPlan) -> nn.Module:
     """Attach every neuron edit of ``plan`` (loading each SAE from its folder); records each SAE's
     kind and k in the edit so the baked checkpoint can be rebuilt without the SAE files."""
 
-    for edit in plan.neurons:
+    for i, edit in enumerate(plan.neurons):
         sae = load_sae(edit.sae)
+        edit.check_sae(sae.cfg.to_dict(), f"neurons[{i}]")  # trained where the edit acts (tower, site)
         edit.kind, edit.k = sae.cfg.kind, int(sae.cfg.k)
         attach(model, edit.tower, edit.site, deactivation(sae, edit.ids, edit.alpha, edit.form))
     return model

@@ -30,12 +30,16 @@ import json
 import logging
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from surgery.errors import PlanError
+from surgery.errors import PlanError, SurgeryError
+from surgery.io.checkpoint import state_dict_hash
 from surgery.io.fs import write_text_atomic
 from surgery.model.towers import TOWERS, get_towers
+from surgery.sae.activations import Site, site_width
+from surgery.sae.model import read_sae_config
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +107,27 @@ class NeuronEdit:
         if self.site not in NEURON_SITES:
             raise PlanError(f"{where}: site must be one of {', '.join(NEURON_SITES)}, got {self.site!r}")
 
-    def check_files(self, where: str) -> None:
+    def check_files(self, where: str) -> dict:
+        """The SAE folder exists and was trained where this edit acts; returns the SAE's config."""
         for name in ("weights.safetensors", "cfg.json"):
             if not os.path.isfile(os.path.join(self.sae, name)):
                 raise PlanError(f"{where}: SAE file {os.path.join(self.sae, name)} is missing; "
                                 "point 'sae' at the folder written by clipsurgery sae train")
+        try:
+            config = read_sae_config(self.sae)["config"]
+        except SurgeryError as exc:
+            raise PlanError(f"{where}: {exc}") from None
+        self.check_sae(config, where)
+        return config
+
+    def check_sae(self, config: dict, where: str) -> None:
+        """Refuse an SAE trained at another tower or site than this edit names: its latents would be
+        read from (and subtracted from) activations they were never trained on."""
+        trained = (config.get("tower"), config.get("site"))
+        if trained != (self.tower, self.site):
+            raise PlanError(f"{where}: the SAE in {self.sae} was trained on {trained[0]}/{trained[1]} activations, "
+                            f"but the edit acts on {self.tower}/{self.site}; set the edit's tower and site to the "
+                            "SAE's, or train an SAE there")
 
 
 @dataclass
@@ -233,8 +253,23 @@ class SurgeryPlan:
                 raise PlanError(f"heads[{i}]: head {edit.head} is out of range (0..{view.n_heads - 1})")
             if edit.mean is not None and len(edit.mean) != view.head_dim:
                 raise PlanError(f"heads[{i}]: mean has {len(edit.mean)} values; the head width is {view.head_dim}")
+        model_hash = None
         for i, edit in enumerate(self.neurons):
-            edit.check_files(f"neurons[{i}]")
+            where = f"neurons[{i}]"
+            config = edit.check_files(where)
+            width = site_width(model, Site(edit.tower, edit.site))
+            if config.get("d_in") != width:
+                raise PlanError(f"{where}: the SAE in {edit.sae} reads {config.get('d_in')}-wide activations; "
+                                f"{edit.tower}/{edit.site} of this model is {width} wide")
+            if config.get("model_hash"):
+                model_hash = model_hash or state_dict_hash(model)
+                if config["model_hash"] != model_hash:
+                    if not force:
+                        raise PlanError(f"{where}: the SAE in {edit.sae} was trained on another model's activations "
+                                        f"(weights hash {str(config['model_hash'])[:12]}, this model "
+                                        f"{model_hash[:12]}); pass --force to apply it anyway")
+                    log.warning("%s: the SAE was trained on another model's activations; applying it anyway (--force)",
+                                where)
         for i, edit in enumerate(self.balance):
             view = towers[edit.tower]
             if view.projection is None:
@@ -265,6 +300,11 @@ class SurgeryPlan:
         for key in ("source", "provenance"):
             if not isinstance(data.get(key, {}), dict):
                 raise PlanError(f"'{key}' must be a JSON object, got {type(data[key]).__name__}")
+        for key in ("sha256", "arch"):
+            value = data.get("source", {}).get(key)
+            if value is not None and not isinstance(value, str):
+                raise PlanError(f"'source.{key}' must be a string (the checkpoint's {key}), got "
+                                f"{type(value).__name__} {str(value)[:20]}")
         if not isinstance(data.get("schema", ""), str):
             raise PlanError(f"'schema' must be a string such as {SCHEMA!r}")
         edits = _parse_edits(data.get("heads", []), "heads", HeadEdit, ("tower", "layer", "head"))
@@ -276,6 +316,8 @@ class SurgeryPlan:
 
     @classmethod
     def load(cls, path: str) -> "SurgeryPlan":
+        if os.path.isdir(path):
+            raise PlanError(f"{path} is a folder, not a plan file; give the plan's .json file")
         if not os.path.isfile(path):
             raise PlanError(f"plan file {path} does not exist; check the path")
         try:
@@ -285,6 +327,9 @@ class SurgeryPlan:
             raise PlanError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
         except UnicodeDecodeError:
             raise PlanError(f"{path} is not UTF-8 text; a plan is a JSON file") from None
+        except RecursionError:
+            raise PlanError(f"{path} is nested too deeply to be a plan (JSON deeper than "
+                            f"{sys.getrecursionlimit()} levels); a plan is a flat JSON object") from None
         try:
             plan = cls.from_dict(data)
         except PlanError as exc:

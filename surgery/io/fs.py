@@ -6,6 +6,7 @@ never overwritten by mistake.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -15,14 +16,33 @@ from typing import Iterator
 from surgery.errors import SurgeryError
 
 
-def check_output_path(out: str | os.PathLike, *, inputs: tuple = (), force: bool = False) -> Path:
-    """Refuse an output equal to an input, or an existing output without ``force``."""
+#: What a full or read-only disk raises (an OSError's errno): the message says so in one line.
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
+
+
+def disk_error_message(exc: BaseException, target: str | os.PathLike | None, *, atomic: bool = True) -> str | None:
+    """One line for an OSError of a full, read-only or forbidden disk while writing ``target``
+    (``atomic``: the write was atomic, so nothing was left half-written); None for any other error
+    (a bug, not the user's disk)."""
+    if not isinstance(exc, OSError) or exc.errno not in DISK_ERRNOS:
+        return None
+    reason = (exc.strerror or os.strerror(exc.errno)).lower()
+    hint = "free some space and rerun" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else \
+        "choose a folder you can write in"
+    done = "; nothing was half-written" if atomic else ""
+    return f"cannot write {target or 'the output'} ({reason}){done}: {hint}"
+
+
+def check_output_path(out: str | os.PathLike, *, inputs: tuple = (), force: bool = False,
+                      exists_hint: str = "pass --force to overwrite it") -> Path:
+    """Refuse an output equal to an input, or an existing output without ``force`` (``exists_hint``
+    says what to do instead: commands without --force name another way)."""
     out_path = Path(out)
     for item in inputs:
         if item is not None and os.path.exists(item) and out_path.exists() and os.path.samefile(out_path, item):
-            raise SurgeryError(f"output {out} is the input file; choose another output path")
+            raise SurgeryError(f"output {out} is the input file {item}; choose another output path")
     if out_path.exists() and not force:
-        raise SurgeryError(f"{out} already exists; pass --force to overwrite it")
+        raise SurgeryError(f"{out} already exists; {exists_hint}")
     if out_path.is_dir():
         raise SurgeryError(f"{out} is a folder; give a file path (--force replaces files, never folders)")
     parent = out_path.parent
@@ -44,13 +64,22 @@ def check_output_folder(out_dir: str | os.PathLike, *, force: bool = False) -> P
     if path.is_dir() and any(path.iterdir()) and not force:
         raise SurgeryError(f"{out_dir} already holds files; pass --force to write the report into it, or "
                            "choose another --out")
+    check_folder_writable(path)
+    return path
+
+
+def check_folder_writable(folder: str | os.PathLike) -> None:
+    """Refuse an output folder that cannot be made or written in: a file stands at it (or above
+    it), or the nearest folder that exists is read-only. Nothing is created."""
+    path = Path(os.path.abspath(folder))
+    if path.exists() and not path.is_dir():
+        raise SurgeryError(f"{folder} is a file, not a folder; choose another output folder")
     existing = path
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise SurgeryError(f"{existing} is a file, not a folder; choose another --out")
+        raise SurgeryError(f"{existing} is a file, not a folder; choose another output folder")
     check_writable(existing)
-    return path
 
 
 def check_writable(folder: str | os.PathLike) -> None:
@@ -82,9 +111,12 @@ def atomic_output(out: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp (and some writers) leave 0600: normal permissions
         os.replace(tmp_path, out_path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        message = disk_error_message(exc, out)
+        if message:  # a full or read-only disk: one line for the user, and nothing left behind
+            raise SurgeryError(message) from None
         raise
 
 

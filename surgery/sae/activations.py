@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -141,9 +142,13 @@ class ActivationCache:
         info = self.shards[shard]
         path = os.path.join(self.path, info["file"])
         handle = self._handles.get(shard)
-        if handle is None:  # memory-mapped; a slice reads only its rows
-            handle = self._handles[shard] = safe_open(path, framework="pt")
-        rows = handle.get_slice("acts")[start:stop if stop is not None else info["rows"]]
+        try:
+            if handle is None:  # memory-mapped; a slice reads only its rows
+                handle = self._handles[shard] = safe_open(path, framework="pt")
+            rows = handle.get_slice("acts")[start:stop if stop is not None else info["rows"]]
+        except Exception as exc:  # noqa: BLE001 - changed on disk since the cache was opened: one line
+            raise CacheError(f"{path} cannot be read ({str(exc)[:80]}); it changed since the cache was opened: "
+                             "rebuild the cache") from None
         if not torch.isfinite(rows).all():
             raise CacheError(f"{path}: activations contain NaN or inf (rows {start}..{stop}); "
                              "the model produced non-finite values: check its weights/precision and rebuild the cache")
@@ -188,22 +193,143 @@ class ActivationCache:
 
 
 def open_cache(path: str) -> ActivationCache:
-    """Open a cache folder written by :func:`build_cache`."""
+    """Open a cache folder written by :func:`build_cache` or ``clipsurgery embed``.
+
+    Everything is checked before a row is read, each failure a one-line CacheError: the manifest's
+    keys and types; part files that are plain names inside the folder (no absolute path, no '..', no
+    subfolder, no link out of it); each part's header (a truncated file is refused here) with
+    ``acts`` of shape (rows, d) as the manifest says; and, where the part records them, the model
+    hash, tower, site, row count and content hash the manifest holds for it (a part swapped in from
+    another model or data set is refused).
+    """
     meta_path = os.path.join(path, CACHE_JSON)
     if not os.path.isfile(meta_path):
-        raise CacheError(f"{path} is not an activation cache (no {CACHE_JSON}); build one with build_cache / 'sae train'")
+        raise CacheError(_no_manifest(path))
     try:
         meta = json.loads(Path(meta_path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CacheError(f"{meta_path}: damaged ({exc}); delete the cache folder and rebuild it") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CacheError(f"{meta_path}: damaged ({type(exc).__name__}: {str(exc)[:80]}); delete the cache folder "
+                         "and rebuild it") from None
+    if not isinstance(meta, dict):
+        raise CacheError(f"{meta_path}: not a cache manifest (a JSON object); rebuild the cache")
     if meta.get("schema") != CACHE_SCHEMA:
-        raise CacheError(f"{meta_path}: schema {meta.get('schema')!r}, this version reads {CACHE_SCHEMA}; rebuild the cache")
-    for info in meta["shards"]:
-        if not os.path.isfile(os.path.join(path, info["file"])):
-            raise CacheError(f"{path}: shard {info['file']} is missing; delete the cache folder and rebuild it")
+        raise CacheError(f"{meta_path}: schema {str(meta.get('schema'))[:40]!r}, this version reads {CACHE_SCHEMA}; "
+                         "rebuild the cache")
+    _check_manifest(meta, meta_path)
+    for i, info in enumerate(meta["shards"]):
+        _check_part(path, meta, info, i)
     return ActivationCache(path=path, model_hash=meta["model_hash"], site=Site(meta["tower"], meta["site"]),
-                           d=int(meta["d"]), rows=int(meta["rows"]), shards=list(meta["shards"]),
-                           samples=int(meta.get("samples", 0)), source=dict(meta.get("source") or {}))
+                           d=meta["d"], rows=meta["rows"], shards=list(meta["shards"]),
+                           samples=meta.get("samples") or 0, source=dict(meta.get("source") or {}))
+
+
+_PART_FILE = re.compile(r"(part|shard)-\d{5,}\.safetensors")
+
+
+def _no_manifest(path: str) -> str:
+    """Why a folder without cache.json cannot be read: missing, unfinished, or something else."""
+    if not os.path.exists(path):
+        return f"cache folder {path} does not exist; build one with 'clipsurgery embed' (or 'sae train --images')"
+    if not os.path.isdir(path):
+        return f"{path} is a file, not a cache folder; pass the folder 'clipsurgery embed' wrote"
+    with contextlib.suppress(OSError):
+        names = os.listdir(path)
+        if any(n.startswith("part-") and _PART_FILE.fullmatch(n) for n in names):
+            return (f"{path} is an unfinished cache: it has parts but no {CACHE_JSON} ('clipsurgery embed' was "
+                    "stopped or failed before it finished); rerun the same 'clipsurgery embed' command to finish it "
+                    "(finished parts are kept)")
+        if any(_PART_FILE.fullmatch(n) for n in names):
+            return (f"{path} is an unfinished cache: it has shards but no {CACHE_JSON} (its build was stopped); "
+                    "rerun the command that built it")
+    return f"{path} is not an activation cache (no {CACHE_JSON}); build one with 'clipsurgery embed'"
+
+
+def _is_int(value, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _check_manifest(meta: dict, where: str) -> None:
+    """Types and ranges of a manifest's fields (CacheError naming the first that is wrong)."""
+    def bad(what: str) -> CacheError:
+        return CacheError(f"{where}: {what}; the manifest is damaged or was edited: delete the cache folder and "
+                          "rebuild it")
+
+    for key in ("model_hash", "tower", "site"):
+        if not isinstance(meta.get(key), str):
+            raise bad(f"'{key}' must be a string, got {type(meta.get(key)).__name__}")
+    if meta["tower"] not in TOWER_NAMES or meta["site"] not in SITES:
+        raise bad(f"unknown tower/site {meta['tower'][:20]!r}/{meta['site'][:20]!r}")
+    shards = meta.get("shards")
+    if not isinstance(shards, list) or not shards:
+        raise bad("'shards' must be a non-empty list of parts")
+    if not _is_int(meta.get("d"), 1) or not _is_int(meta.get("rows")):
+        raise bad(f"'d' and 'rows' must be whole numbers (d >= 1), got {meta.get('d')!r}, {meta.get('rows')!r}")
+    if meta.get("samples") is not None and not _is_int(meta["samples"]):
+        raise bad(f"'samples' must be a whole number, got {meta['samples']!r}")
+    if meta.get("source") is not None and not isinstance(meta["source"], dict):
+        raise bad("'source' must be an object")
+    for i, info in enumerate(shards):
+        if not isinstance(info, dict) or not isinstance(info.get("file"), str) or not _is_int(info.get("rows")):
+            raise bad(f"shards[{i}] must be an object with 'file' (a name) and 'rows' (a whole number)")
+        if info.get("first_sample") is not None and not _is_int(info["first_sample"]):
+            raise bad(f"shards[{i}].first_sample must be a whole number")
+        if info.get("samples") is not None and not _is_int(info["samples"]):
+            raise bad(f"shards[{i}].samples must be a whole number")
+        name = info["file"]
+        if name in ("", ".", "..") or os.path.basename(name) != name or "\0" in name or "\\" in name \
+                or len(name) > 255:
+            raise bad(f"shards[{i}].file {name[:60]!r} is not a file name in the cache folder (an absolute path, "
+                      "'..' or a subfolder)")
+    if sum(info["rows"] for info in shards) != meta["rows"]:
+        raise bad(f"'rows' is {meta['rows']} but the parts hold {sum(info['rows'] for info in shards)}")
+
+
+def _check_part(path: str, meta: dict, info: dict, i: int) -> None:
+    """One part against the manifest: inside the folder, readable, shapes and stamps as recorded."""
+    from safetensors import safe_open
+
+    file = os.path.join(path, info["file"])
+    if not os.path.isfile(file):
+        raise CacheError(f"{path}: part {info['file']} is missing; delete the cache folder and rebuild it")
+    if os.path.dirname(os.path.realpath(file)) != os.path.realpath(path):
+        raise CacheError(f"{path}: part {info['file']} links outside the cache folder; a cache keeps its parts "
+                         "inside it")
+    try:
+        with safe_open(file, framework="pt") as fh:
+            stamp = fh.metadata() or {}
+            names = set(fh.keys())
+            shapes = {k: list(fh.get_slice(k).get_shape()) for k in ("acts", "sample", "token") if k in names}
+    except Exception as exc:  # noqa: BLE001 - truncated, not safetensors: say which, never a traceback
+        reason = str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__
+        raise CacheError(f"{path}: part {info['file']} is damaged ({reason}); "
+                         "it may have been cut short (a full disk): rerun 'clipsurgery embed' (the part is redone) or "
+                         "rebuild the cache") from None
+    rows, d = info["rows"], meta["d"]
+    if "acts" not in shapes or "sample" not in shapes:
+        raise CacheError(f"{path}: part {info['file']} has no 'acts'/'sample' tensors; rebuild the cache")
+    if shapes["acts"] != [rows, d] or shapes["sample"] != [rows] or shapes.get("token", [rows]) != [rows]:
+        raise CacheError(f"{path}: part {info['file']} holds acts of shape {shapes['acts']}, the manifest says "
+                         f"[{rows}, {d}]: the part does not belong to this cache; rebuild it")
+    recorded = {k: _stored(stamp[k]) for k in ("model_hash", "clipsurgery.model_hash", "tower", "site", "rows",
+                                                "content", "unit") if k in stamp}
+    expected = {"model_hash": meta["model_hash"], "clipsurgery.model_hash": meta["model_hash"],
+                "tower": meta["tower"], "site": meta["site"], "rows": rows, "content": info.get("content"),
+                "unit": info.get("unit")}
+    differ = [k.replace("clipsurgery.", "") for k, v in recorded.items()
+              if expected[k] is not None and v != expected[k] and stamp[k] != expected[k]]
+    if differ:
+        what = ("another model" if any("model_hash" in k for k in differ) else
+                "other data" if "content" in differ or "unit" in differ else "other settings")
+        raise CacheError(f"{path}: part {info['file']} was made from {what} than the manifest records "
+                         f"({', '.join(differ)} differ): the cache mixes parts of different runs; rebuild it")
+
+
+def _stored(value: str):
+    """A safetensors metadata value as written by write_safetensors (JSON for non-strings)."""
+    try:
+        return json.loads(value)
+    except (json.JSONDecodeError, RecursionError):
+        return value
 
 
 def build_cache(model: nn.Module, site: Site, batches: Iterable[torch.Tensor], out_dir: str, *,

@@ -362,10 +362,13 @@ def read_sae_config(sae_dir: str) -> dict[str, Any]:
         raise SAEError(f"{sae_dir}: no {CONFIG_FILE}; pass a folder written by 'clipsurgery sae train'")
     try:
         record = json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise SAEError(f"{path}: not valid JSON ({exc}); retrain or restore the file") from None
-    if record.get("schema") != SCHEMA:
-        raise SAEError(f"{path}: schema {record.get('schema')!r}, this version reads {SCHEMA}")
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise SAEError(f"{path}: not valid JSON ({type(exc).__name__}); retrain or restore the file") from None
+    if not isinstance(record, dict) or record.get("schema") != SCHEMA:
+        schema = record.get("schema") if isinstance(record, dict) else None
+        raise SAEError(f"{path}: schema {str(schema)[:40]!r}, this version reads {SCHEMA}")
+    if not isinstance(record.get("config"), dict):
+        raise SAEError(f"{path}: 'config' must be an object with the SAE's settings; retrain or restore the file")
     return record
 
 
@@ -374,9 +377,26 @@ def load_sae(sae_dir: str) -> SparseAutoencoder:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from safetensors import safe_open
+
     record = read_sae_config(sae_dir)
-    sae = SparseAutoencoder(SAEConfig.from_dict(record["config"]))
+    try:
+        cfg = SAEConfig.from_dict(record["config"])
+    except SAEError:
+        raise
+    except (TypeError, ValueError) as exc:  # a value of the wrong type that the checks could not compare
+        raise SAEError(f"{os.path.join(sae_dir, CONFIG_FILE)}: bad config ({exc}); retrain or restore the "
+                       "file") from None
     path = os.path.join(sae_dir, WEIGHTS_FILE)
+    try:  # the header first: a config that does not fit the weights (a huge d_in) allocates nothing
+        with safe_open(path, framework="pt") as fh:
+            shape = list(fh.get_slice("W_enc").get_shape()) if "W_enc" in fh.keys() else None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise SAEError(f"{path}: unreadable SAE weights ({str(exc).splitlines()[0][:160]}); retrain") from None
+    if shape != [cfg.d_in, cfg.width]:
+        raise SAEError(f"{path}: weights do not fit {CONFIG_FILE} (W_enc is {shape}, the config says "
+                       f"[{cfg.d_in}, {cfg.width}]); retrain or restore the files")
+    sae = SparseAutoencoder(cfg)
     try:
         state = load_file(path)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:

@@ -28,6 +28,7 @@ from surgery.errors import NeuronError, SurgeryError
 from surgery.io.checkpoint import state_dict_hash
 from surgery.io.fs import atomic_output
 from surgery.io.images import ImageFolderDataset
+from surgery.io.shards import LABEL_ERROR_KEY
 from surgery.io.labels import load_labels
 from surgery.model.preprocess import tokenize
 from surgery.model.towers import get_towers
@@ -47,10 +48,13 @@ class NeuronOptions:
     top_n: int = 3  # latents selected per group by the ranked score
     token_reduce: str = "pooled"  # residual site: "pooled" (token pooled into the embedding) | "max" | "mean" | "first"
     batch_size: int = 128  # samples per forward pass
+    max_bad_labels: float = 0.05  # caches: samples whose label JSON cannot be parsed (fraction) before refusing
 
     def __post_init__(self) -> None:
         if not 0.0 < self.tau <= 1.0:
             raise SAEError(f"tau must be in (0, 1], got {self.tau}")
+        if not 0.0 <= self.max_bad_labels <= 1.0:
+            raise SAEError(f"max_bad_labels must be a fraction in [0, 1], got {self.max_bad_labels}")
         if self.top_n < 1 or self.batch_size < 1:
             raise SAEError("top_n and batch_size must be >= 1")
         if self.token_reduce not in TOKEN_REDUCTIONS:
@@ -68,6 +72,7 @@ class NeuronReport:
     selected: dict[str, list[int]]  # per group, the top_n ids by score
     source: str = "images"  # "images" | "texts"
     sae: dict = field(default_factory=dict)  # kind, site, tower, width, model_hash of the SAE searched
+    bad_labels: int = 0  # samples left out because their label JSON could not be parsed (caches)
 
     @property
     def selected_ids(self) -> list[int]:
@@ -221,12 +226,25 @@ def neurons_from_cache(sae: SparseAutoencoder, cache: ActivationCache, attribute
         raise SAEError("this SAE was trained on another model's activations than the cache's (weights hash differs)")
     reduce = pooled_as if opt.token_reduce == "pooled" else opt.token_reduce
     group_of: dict[int, str] = {}  # global sample id -> group
+    bad: list[str] = []  # keys whose label JSON could not be parsed (shard labels only)
+    samples = 0
     for info, sidecar in zip(cache.shards, read_part_sidecars(cache)):
         first = int(info.get("first_sample", 0))
         for pos, (key, meta) in enumerate(zip(sidecar["keys"], sidecar["meta"])):
+            samples += 1
+            if labels is None and LABEL_ERROR_KEY in (meta or {}):
+                bad.append(str(key))
+                continue
             value = labels.get(key) if labels is not None else (meta or {}).get(attribute)
             if value not in (None, ""):
                 group_of[first + pos] = str(value)
+    if bad:
+        share = len(bad) / max(1, samples)
+        if share > opt.max_bad_labels:
+            raise NeuronError(f"{len(bad)} of {samples} samples of the cache have label JSON that cannot be parsed "
+                              f"({share:.1%} > {opt.max_bad_labels:.1%}), e.g. {bad[0]!r}; fix the shards' JSON, "
+                              "or pass --labels CSV")
+        log.warning("%d samples have label JSON that cannot be parsed; left out of the search", len(bad))
     if not group_of:
         where = "the labels given" if labels is not None else f"the shards' JSON (key {attribute!r})"
         raise SAEError(f"no sample of the cache has a {attribute!r} label in {where}; pass --labels CSV")
@@ -259,6 +277,7 @@ def neurons_from_cache(sae: SparseAutoencoder, cache: ActivationCache, attribute
     report = find_neurons(latents, groups, names, opt, attribute)
     report.sae = _sae_info(sae)
     report.source = "cache"
+    report.bad_labels = len(bad)
     return report
 
 

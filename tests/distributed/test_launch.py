@@ -7,7 +7,7 @@ import pytest
 
 from surgery.cli.launch import LauncherFilter, strip_launch_flags
 from surgery.errors import DataError
-from surgery.runtime.distributed import launch_command
+from surgery.runtime.distributed import LAUNCH_OPTIONS, launch_command
 
 
 def test_launch_command_is_standalone_on_one_machine_and_passes_rendezvous_flags_through():
@@ -46,3 +46,36 @@ def test_launcher_filter_keeps_one_error_line_and_drops_torchrun_noise():
     # a rank's own traceback with no one-line error before it is shown (a bug should be visible)
     crash = LauncherFilter()
     assert "Traceback" in crash.feed("Traceback (most recent call last):\n  File x\nValueError: boom\n", final=True)
+
+
+def _readme_command(start: str) -> list[str]:
+    """The README's command line that starts with ``start`` (continuation lines joined), as argv."""
+    import shlex
+    from pathlib import Path
+
+    lines = (Path(__file__).parents[2] / "README.md").read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.strip().startswith(start))
+    text = lines[at]
+    while text.rstrip().endswith("\\"):
+        at += 1
+        text = text.rstrip()[:-1] + " " + lines[at]
+    return shlex.split(text.split("#")[0])[1:]
+
+
+def test_the_readme_multi_node_example_gives_each_machine_its_node_rank_and_a_rendezvous_backend():
+    from surgery.cli.embed import embed
+
+    argv = _readme_command("clipsurgery embed MODEL --images '/shared/laion/")
+    launch = embed.make_context("embed", argv[1:]).params
+    assert launch["nnodes"] == "2" and launch["node_rank"] == "0" and launch["rdzv_backend"] == "static"
+    cmd = launch_command(launch["nproc"], strip_launch_flags(argv[1:]),
+                         {k: launch[k] for k in LAUNCH_OPTIONS})
+    assert {"--nnodes=2", "--node-rank=0", "--rdzv-backend=static", "--rdzv-endpoint=host0:29500"} <= set(cmd)
+
+
+def test_the_readme_headline_debias_of_a_checkpoint_shows_its_probe_images():
+    from surgery.cli.main import debias
+
+    argv = _readme_command("clipsurgery debias in.pt")
+    params = debias.make_context("debias", argv[1:]).params
+    assert params["images_dir"] and params["labels_path"]  # a checkpoint carries no world to probe with

@@ -1,5 +1,12 @@
 """Data-parallel SAE training on 2 gloo ranks (torchrun) equals one process with the same global
-batch, and a 2-rank run resumed from its checkpoint equals an unbroken one."""
+batch, and a 2-rank run resumed from its checkpoint equals an unbroken one.
+
+Every batch is split unevenly: 63 rows (31 + 32 over two ranks), and a short last shard of 37 rows
+(18 + 19). So each rank's loss must be weighted by its share of the batch: with equal weights (or
+none: Adam hides a common factor, not a different mix) the two runs part. Checked by mutation:
+``weight = 1.0 / ranks.world`` and ``weight = 1.0`` in surgery/sae/train.py::_distributed_step
+each fail test_two_ranks_train_the_same_sae_as_one_process.
+"""
 from __future__ import annotations
 
 import json
@@ -28,9 +35,12 @@ RUNS = [  # dense BatchTopK (narrow), the sparse path (d >= 256), TopK, ReLU + L
 ]
 
 
-def _cache(path, d: int, n: int = 1500, shard_rows: int = 250):
-    """Sparse-dictionary rows through build_cache (an identity 'model'), with one shard smaller than
-    a batch (its batch is split unevenly over the ranks)."""
+BATCH = 63  # odd: every batch splits 31 / 32 over two ranks
+
+
+def _cache(path, d: int, n: int = 1537, shard_rows: int = 250):
+    """Sparse-dictionary rows through build_cache (an identity 'model'): six shards of 250 rows and a
+    last one of 37, smaller than a batch (its batch splits 18 / 19)."""
     gen = torch.Generator().manual_seed(d)
     dictionary = torch.randn(3 * d, d, generator=gen)
     codes = torch.rand(n, 3 * d, generator=gen) * (torch.rand(n, 3 * d, generator=gen) < 0.05)
@@ -48,7 +58,14 @@ def _torchrun(cache, out, spec) -> None:
 
 
 def _options(**kw) -> dict:
-    return {"steps": STEPS, "batch_size": 64, "lr": 3e-3, "warmup_steps": 5, "init_rows": 512, **kw}
+    return {"steps": STEPS, "batch_size": BATCH, "lr": 3e-3, "warmup_steps": 5, "init_rows": 512, **kw}
+
+
+def _batch_sizes(cache) -> list[int]:
+    """The rows of every batch an epoch visits (full batches of each shard; a shard smaller than a
+    batch is one batch; remainders are dropped), as surgery.sae.train cuts them."""
+    return [BATCH] * sum(s["rows"] // BATCH for s in cache.shards if s["rows"] >= BATCH) + \
+        [s["rows"] for s in cache.shards if s["rows"] < BATCH]
 
 
 def test_two_ranks_train_the_same_sae_as_one_process(tmp_path):
@@ -57,7 +74,9 @@ def test_two_ranks_train_the_same_sae_as_one_process(tmp_path):
         by_width.setdefault(run["d"], []).append(run)
     for d, runs in by_width.items():
         cache = _cache(tmp_path / f"cache{d}", d)
-        assert any(s["rows"] % 64 for s in cache.shards)  # a short batch: an uneven split over the ranks
+        sizes = _batch_sizes(cache)
+        assert sorted(set(sizes)) == [37, BATCH] and STEPS > len(sizes)  # every batch is visited, the short one too
+        assert all(n // 2 != n - n // 2 for n in sizes)  # two ranks' shares differ on every step
         spec = [{"name": r["name"], "cfg": r["cfg"], "options": _options()} for r in runs]
         _torchrun(cache, tmp_path / "ranks", spec)
         torch.set_num_threads(1)

@@ -1,161 +1,199 @@
-"""Kill tests: SIGTERM and SIGKILL at seeded random points of export, bake and sae train, then a
-re-run. No file sits at a final path unless it is complete, no staging is left after the re-run, and
-the re-run's result equals an unbroken run's."""
+"""Kill tests: SIGTERM and SIGKILL inside a file write of export, bake, embed, sae train and debias,
+then a re-run.
+
+The kill point is not a guess in time: the command runs under hold_in_write.py, which stops it
+inside a chosen write (the bytes written to the temporary or staging file, the rename not done) and
+leaves a marker the test waits for. The test then checks the process is still alive, kills it, and
+checks: no file sits at a final path unless it is complete (the held one is not there at all), a
+SIGTERM leaves no temporary file behind, the re-run leaves none either, a re-run of embed keeps the
+parts finished before the kill and one of sae train resumes from its checkpoint (step > 0), and
+every re-run ends equal, byte for byte, to an unbroken run.
+"""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from helpers import labelled_image_folder
 
 pytestmark = pytest.mark.slow
-SEED = 1234  # the kill points are drawn from this, so a failure reproduces
+HOLD = str(Path(__file__).with_name("hold_in_write.py"))
+SIGNALS = (signal.SIGTERM, signal.SIGKILL)
+#: How long a held run may take to reach its write before the test gives up (a hang, not a timing check).
+REACH_LIMIT_S = 900
 
 
-def _cli(args, cwd, kill_after=None, sig=signal.SIGTERM):
-    proc = subprocess.Popen([sys.executable, "-m", "surgery", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    if kill_after is not None:
-        time.sleep(kill_after)
-        if proc.poll() is None:
+def _cli(args, cwd) -> tuple[int, str]:
+    proc = subprocess.run([sys.executable, "-m", "surgery", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=1200)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def _killed_inside(args, cwd: Path, writer: str, name: str, sig: signal.Signals, nth: int = 1) -> tuple[int, str, Path]:
+    """Run ``args`` until it is inside its ``nth`` write of a file named like ``name``, check it is
+    alive there, send ``sig``; returns (exit code, output, the file being written when killed)."""
+    marker = cwd.parent / f"{cwd.name}.held"
+    log = cwd.parent / f"{cwd.name}.log"
+    with open(log, "w") as out:  # a file, not a pipe: a full pipe would stall the run before its write
+        proc = subprocess.Popen([sys.executable, HOLD, str(marker), writer, name, str(nth), "--", *args], cwd=cwd,
+                                stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + REACH_LIMIT_S
+            while not marker.exists():
+                if proc.poll() is not None:
+                    pytest.fail(f"the run ended (exit {proc.returncode}) before write {nth} of {name}: "
+                                f"{log.read_text()}")
+                if time.monotonic() > deadline:
+                    pytest.fail(f"the run did not reach write {nth} of {name}: {log.read_text()}")
+                time.sleep(0.05)
+            held = Path(marker.read_text())
+            assert proc.poll() is None  # alive, and stopped inside the write
+            assert held.is_file()  # the bytes are written, to a temporary or staging path
             proc.send_signal(sig)
-    out, err = proc.communicate(timeout=600)
-    return proc.returncode, out + err
+            rc = proc.wait(timeout=600)
+        finally:
+            if proc.poll() is None:  # a failed check above: a held run would wait for ever
+                proc.kill()
+                proc.wait()
+    expected = 128 + signal.SIGTERM if sig == signal.SIGTERM else -signal.SIGKILL  # the CLI's handler: exit 143
+    assert rc == expected, log.read_text()
+    return rc, log.read_text(), held
 
 
 def _sha(path) -> str:
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _leftovers(folder) -> list[str]:
-    return sorted(n for n in os.listdir(folder) if n.startswith((".", "clipsurgery-")) and n != ".cache")
+    """Temporary files and staging folders (hidden or clipsurgery-*) anywhere under ``folder``."""
+    return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*")
+                  if (p.name.endswith(".tmp") or p.name.startswith((".", "clipsurgery-")))
+                  and ".cache" not in p.relative_to(folder).parts)  # a tool cache (matplotlib, hub) is not ours
 
 
-def _kill_and_rerun(tmp_path, args, finals, unbroken_seconds, check_complete, compare):
-    rng = random.Random(SEED)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+def _reference(tmp_path, args) -> Path:
+    folder = tmp_path / "reference"
+    folder.mkdir()
+    rc, output = _cli(args, folder)
+    assert rc == 0, output
+    return folder
+
+
+def _kill_rerun(tmp_path, args, writer, name, finals, same, nth=1, after_kill=None, after_rerun=None):
+    """``finals``: outputs that cannot exist yet when the held write is killed."""
+    for sig in SIGNALS:
         work = tmp_path / f"run-{sig.name}"
         work.mkdir()
-        rc, output = _cli(args, work, kill_after=rng.uniform(0.3, unbroken_seconds), sig=sig)
-        for name in finals:
-            path = work / name
-            if path.exists():  # a file at a final path is complete
-                check_complete(path)
+        _, output, held = _killed_inside(args, work, writer, name, sig, nth)
+        assert not any((work / f).exists() for f in finals), output  # killed before the rename: no output
         if sig == signal.SIGTERM:
-            # 143: our handler unwound the run. -15: the signal came before the handler was installed
-            # (during imports) or after the work was done (interpreter shutdown): nothing half-made either way
-            assert rc in (0, 128 + signal.SIGTERM, -signal.SIGTERM), output
-            assert _leftovers(work) == [], output  # SIGTERM cleans up at once
-        rc, output = _cli([*args, "--force"] if any((work / n).exists() for n in finals) else args, work)
+            assert _leftovers(work) == [] and not held.exists(), output  # SIGTERM unwinds: nothing left
+        if after_kill:
+            after_kill(work)
+        rc, output = _cli(args, work)  # no --force: nothing was left at an output path
         assert rc == 0, output
-        assert _leftovers(work) == []  # SIGKILL's staging is removed by the re-run
-        compare(work)
+        assert _leftovers(work) == []  # a SIGKILL's temp files and staging are removed by the re-run
+        if after_rerun:
+            after_rerun(work, output)
+        same(work)
 
 
-def test_export_killed_then_rerun(tmp_path):
-    reference = tmp_path / "reference"
-    reference.mkdir()
-    start = time.perf_counter()
-    assert _cli(["export", "builtin:tiny", "m.onnx"], reference)[0] == 0
-    seconds = time.perf_counter() - start
+def test_export_killed_inside_its_onnx_write_then_rerun(tmp_path):
+    args = ["export", "builtin:tiny", "m.onnx"]
+    reference = _reference(tmp_path, args)
     finals = ["m.visual.onnx", "m.text.onnx"]
-
-    def complete(path):
-        import onnx
-
-        onnx.checker.check_model(onnx.load(str(path)))
 
     def same(work):
         assert [_sha(work / n) for n in finals] == [_sha(reference / n) for n in finals]
 
-    _kill_and_rerun(tmp_path, ["export", "builtin:tiny", "m.onnx"], finals, seconds, complete, same)
+    _kill_rerun(tmp_path, args, "onnx", "m.visual.onnx", finals, same)
 
 
-def test_bake_killed_then_rerun(tmp_path):
+def test_bake_killed_inside_its_safetensors_write_then_rerun(tmp_path):
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"schema": "clipsurgery.plan/1", "heads": [
         {"tower": "vision", "layer": 1, "head": 2, "scale": 0.0, "ablation": "zero"}]}))
-    reference = tmp_path / "reference"
-    reference.mkdir()
-    start = time.perf_counter()
-    assert _cli(["bake", "builtin:tiny", str(plan), "b.safetensors"], reference)[0] == 0
-    seconds = time.perf_counter() - start
-
-    def complete(path):
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            assert f.metadata()["clipsurgery.plan"]
+    args = ["bake", "builtin:tiny", str(plan), "b.safetensors"]
+    reference = _reference(tmp_path, args)
 
     def same(work):
         assert _sha(work / "b.safetensors") == _sha(reference / "b.safetensors")
 
-    _kill_and_rerun(tmp_path, ["bake", "builtin:tiny", str(plan), "b.safetensors"], ["b.safetensors"], seconds,
-                    complete, same)
+    _kill_rerun(tmp_path, args, "safetensors", "b.safetensors", ["b.safetensors"], same)
 
 
-def test_sae_train_killed_then_resumed(tmp_path):
+def test_embed_killed_inside_a_part_write_resumes_with_the_finished_parts(tmp_path):
+    from safetensors.torch import load_file
+
     images, _ = labelled_image_folder(tmp_path, 12)
-    args = ["sae", "train", "builtin:tiny", "--images", images, "--site", "embedding", "--kind", "topk",
-            "--expansion", "2", "--k", "4", "--steps", "300", "--batch-size", "8", "--out", "sae"]
-    reference = tmp_path / "reference"
-    reference.mkdir()
-    start = time.perf_counter()
-    assert _cli(args, reference)[0] == 0
-    seconds = time.perf_counter() - start
+    args = ["embed", "builtin:tiny", "--images", images, "--site", "embedding", "--unit-images", "4",
+            "--batch-size", "4", "--out", "cache"]
+    reference = _reference(tmp_path, args)
+    parts = [f"part-0000{i}.safetensors" for i in range(3)]
+    finished: dict[str, int] = {}
 
-    def weights(folder):
-        from safetensors.torch import load_file
+    def after_kill(work):
+        assert not (work / "cache" / "cache.json").exists()
+        finished.clear()
+        finished.update({p: (work / "cache" / p).stat().st_mtime_ns for p in parts[:2]})  # done before the kill
 
-        return load_file(str(folder / "sae" / "weights.safetensors"))
-
-    def complete(path):
-        weights(path.parent.parent)
+    def after_rerun(work, output):
+        assert "2 kept from an earlier run" in output, output
+        assert {p: (work / "cache" / p).stat().st_mtime_ns for p in parts[:2]} == finished  # kept, not redone
 
     def same(work):
-        import torch
+        assert (work / "cache" / "cache.json").read_text() == (reference / "cache" / "cache.json").read_text()
+        for p in parts:
+            got, ref = load_file(str(work / "cache" / p)), load_file(str(reference / "cache" / p))
+            assert got.keys() == ref.keys() and all((got[k] == ref[k]).all() for k in ref), p
 
-        ref, got = weights(reference), weights(work)
-        assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
-
-    rng = random.Random(SEED + 1)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        work = tmp_path / f"run-{sig.name}"
-        work.mkdir()
-        _cli(args, work, kill_after=rng.uniform(1.0, seconds), sig=sig)
-        if (work / "sae" / "weights.safetensors").exists():
-            complete(work / "sae" / "weights.safetensors")
-        rc, output = _cli(args, work)  # resumes from the cache and the last checkpoint
-        assert rc == 0, output
-        assert [n for n in os.listdir(work / "sae") if n.endswith(".tmp")] == []
-        same(work)
+    _kill_rerun(tmp_path, args, "safetensors", "part-00002.safetensors", ["cache/part-00002.safetensors"], same,
+                after_kill=after_kill, after_rerun=after_rerun)
 
 
-def test_debias_killed_then_rerun(tmp_path):
+def test_sae_train_killed_inside_a_checkpoint_write_resumes_from_the_last_checkpoint(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    images, _ = labelled_image_folder(tmp_path, 12)
+    args = ["sae", "train", "builtin:tiny", "--images", images, "--site", "embedding", "--kind", "topk",
+            "--expansion", "2", "--k", "4", "--steps", "300", "--batch-size", "8", "--checkpoint-every", "100",
+            "--out", "sae"]
+    reference = _reference(tmp_path, args)
+
+    def after_kill(work):  # killed while writing the step-200 checkpoint: the step-100 one is whole
+        with safe_open(str(work / "sae" / "checkpoint.safetensors"), "pt") as fh:
+            assert json.loads(fh.metadata()["step"]) == 100
+
+    def after_rerun(work, output):
+        assert "using cached activations" in output, output
+        assert json.loads((work / "sae" / "cfg.json").read_text())["training"]["resumed_at"] == 100
+
+    def same(work):
+        ref, got = load_file(str(reference / "sae" / "weights.safetensors")), load_file(str(work / "sae" /
+                                                                                            "weights.safetensors"))
+        assert ref.keys() == got.keys() and all((ref[k] == got[k]).all() for k in ref)
+
+    _kill_rerun(tmp_path, args, "safetensors", "checkpoint.safetensors", ["sae/weights.safetensors"], same, nth=2,
+                after_kill=after_kill, after_rerun=after_rerun)
+
+
+def test_debias_killed_inside_its_sae_write_then_rerun(tmp_path):
     args = ["debias", "builtin:world", "m.onnx", "--n-probe", "240", "--k", "20", "--selection-draws", "1",
-            "--allow-miss", "--removal", "always"]  # the removal path trains the SAE too
-    reference = tmp_path / "reference"
-    reference.mkdir()
-    start = time.perf_counter()
-    assert _cli(args, reference)[0] == 0
-    seconds = time.perf_counter() - start
-    finals = ["m.plan.json", "m.visual.onnx", "m.text.onnx", "m.sae", "m.report"]
-
-    def complete(path):
-        if path.name == "m.sae":
-            assert (path / "weights.safetensors").is_file() and (path / "cfg.json").is_file()
-        elif path.suffix == ".json":
-            json.loads(path.read_text())
+            "--allow-miss", "--removal", "always"]  # the removal path trains the SAE
+    reference = _reference(tmp_path, args)
+    outputs = ["m.plan.json", "m.visual.onnx", "m.text.onnx", "m.sae", "m.report"]
 
     def same(work):
         for name in ("m.plan.json", "m.visual.onnx", "m.text.onnx", "m.sae/weights.safetensors"):
             assert _sha(work / name) == _sha(reference / name), name
 
-    _kill_and_rerun(tmp_path, args, finals, seconds, complete, same)
+    # the SAE is written in a staging folder beside m.sae and moved into place only with its plan
+    _kill_rerun(tmp_path, args, "safetensors", "weights.safetensors", outputs, same)
