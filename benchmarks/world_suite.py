@@ -42,10 +42,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from surgery.audit.vision import DEFAULT_SWEEP_TOP
 from surgery.world.checkpoint import save_world_model
 from surgery.world.generator import balanced_size
 from surgery.world.params import WorldParams
-from surgery.world.prompts import neutral_queries
+from surgery.world.prompts import group_prompts, neutral_queries
 from surgery.world.train import WorldTrainOptions, evaluate_world_model, train_world_model
 
 FRESH_SEED_OFFSET = 5000  # a fresh draw: another seed of the same world than any the tool generated
@@ -225,6 +226,13 @@ def is_current(world: SuiteWorld) -> bool:
             and trained == dataclasses.asdict(train_options(world)))
 
 
+def labels_only_row(world: SuiteWorld, work: str, group_prompts_file: bool = True) -> dict:
+    """Only the group-labels-only path (``--labels-only``): a fresh draw, then :func:`labels_only_check`."""
+    fresh = os.path.join(work, f"{world.name}-fresh")
+    error = generate_split(world, fresh, world_params(world).seed + FRESH_SEED_OFFSET)
+    return {"error": error} if error else {"labels_only": labels_only_check(world, work, fresh, group_prompts_file)}
+
+
 def check(world: SuiteWorld, work: str, noise_draws: int = 3, labels_path: bool = True) -> dict:
     row: dict = {}
     out = os.path.join(work, f"{world.name}.onnx")
@@ -257,10 +265,11 @@ def check(world: SuiteWorld, work: str, noise_draws: int = 3, labels_path: bool 
     return row
 
 
-def labels_only_check(world: SuiteWorld, work: str, fresh: str) -> dict:
+def labels_only_check(world: SuiteWorld, work: str, fresh: str, group_prompts_file: bool = True) -> dict:
     """debias on a folder whose CSV has only file,group (a fresh draw of 2x the usual size; half of it
-    held out for debias's own report), the world's concept queries as a list; then compared on the
-    world's eval split and on the fresh draw with every figure."""
+    held out for debias's own report), the world's concept queries as a list and, unless
+    ``group_prompts_file`` is off, the world's group prompts as ``--group-prompts``; then compared
+    on the world's eval split and on the fresh draw with every figure."""
     params = world_params(world)
     folder = os.path.join(work, f"{world.name}-labels")
     n = 2 * balanced_size(params)
@@ -276,9 +285,13 @@ def labels_only_check(world: SuiteWorld, work: str, fresh: str) -> dict:
         f.write("file,group\n" + "".join(f"{r['file']},{r['group']}\n" for r in rows))
     with open(os.path.join(group_only, "queries.txt"), "w", encoding="utf-8") as f:
         f.write("\n".join(neutral_queries(params)) + "\n")
+    # how the groups are named, as a user with non-people groups writes it (the people template names none)
+    with open(os.path.join(group_only, "group_prompts.csv"), "w", encoding="utf-8") as f:
+        f.write("group,prompt\n" + "".join(f"{g},{p}\n" for g, p in zip(params.groups, group_prompts(params))))
     out = os.path.join(work, f"{world.name}-labels.onnx")
+    named = ["--group-prompts", os.path.join(group_only, "group_prompts.csv")] if group_prompts_file else []
     run = _cli("debias", model_path(world), out, "--images", os.path.join(folder, "images"), "--labels",
-               os.path.join(group_only, "labels.csv"), "--queries", os.path.join(group_only, "queries.txt"))
+               os.path.join(group_only, "labels.csv"), "--queries", os.path.join(group_only, "queries.txt"), *named)
     if run.returncode not in (0, 3):
         return {"error": (run.stderr.strip().splitlines() or ["?"])[-1]}
     report = os.path.join(work, f"{world.name}-labels-eval")
@@ -290,10 +303,11 @@ def labels_only_check(world: SuiteWorld, work: str, fresh: str) -> dict:
             "fresh": compare_on(world, model_path(world), out, fresh, os.path.join(work, f"{world.name}-labels-fresh"))}
 
 
-def audit_check(world: SuiteWorld) -> dict:
+def audit_check(world: SuiteWorld, sweep_top: int | None = DEFAULT_SWEEP_TOP) -> dict:
     """The audit's proposed 3-head set (``clipsurgery audit`` defaults), chosen on one probe draw,
     against every 3-head set, all measured on another draw: the share of sets it beats (lower mean
-    MaxSkew@50), of all sets and of those within the audit's accuracy budget (2 points)."""
+    MaxSkew@50), of all sets and of those within the audit's accuracy budget (2 points).
+    ``sweep_top``: heads the causal sweep ablates (the audit's shortlist; None: every head)."""
     import itertools
 
     from surgery.audit.ablation import evaluate_head_set
@@ -310,11 +324,13 @@ def audit_check(world: SuiteWorld) -> dict:
     measure = world_probe_set(dataclasses.replace(params, seed=params.seed + AUDIT_MEASURE_OFFSET),
                               loaded.preprocess, n)
     start = time.perf_counter()
-    result = audit_vision(loaded.model, choose, loaded.tokenizer, AuditOptions(textspan_iterations=0))
+    result = audit_vision(loaded.model, choose, loaded.tokenizer, AuditOptions(textspan_iterations=0,
+                                                                                  sweep_top=sweep_top))
     audit_seconds = time.perf_counter() - start
     # the same audit with no accuracy budget: its set is the one comparable with every 3-head set
     free = audit_vision(loaded.model, choose, loaded.tokenizer, AuditOptions(textspan_iterations=0,
-                                                                                max_accuracy_drop=1.0))
+                                                                                max_accuracy_drop=1.0,
+                                                                                sweep_top=sweep_top))
     L, H = result.scores["gradient"].shape
     heads = [(l, h) for l in range(L) for h in range(H)]
     queries = text_embeddings(loaded.model, measure.queries, loaded.tokenizer)
@@ -327,7 +343,7 @@ def audit_check(world: SuiteWorld) -> dict:
     every = {t: figures(t) for t in itertools.combinations(heads, 3)}
     within = [f for f in every.values() if base["accuracy"] - f["accuracy"] <= 0.02]
     share = lambda pool, f: sum(f["max_skew"] < g["max_skew"] for g in pool) / max(1, len(pool))  # noqa: E731
-    out = {"sets": len(every), "audit_seconds": audit_seconds, "sets_within_budget": len(within),
+    out = {"sets": len(every), "audit_seconds": audit_seconds, "swept_heads": len(heads) if result.sweep is None or result.sweep.swept is None else int(result.sweep.swept.sum()), "sets_within_budget": len(within),
            "max_skew_before": base["max_skew"], "accuracy_before": base["accuracy"],
            "every_set": {" ".join(f"{l}.{h}" for l, h in t): [f["max_skew"], f["accuracy"]] for t, f in every.items()}}
     for name, res in (("budget", result), ("free", free)):
@@ -341,9 +357,9 @@ def audit_check(world: SuiteWorld) -> dict:
 
 
 def audit_table(rows: list[dict]) -> str:
-    lines = ["| world | role | budget | proposed set | beats, of all 560 3-head sets (>=90%) | beats, of the sets "
-             "within 2 acc. points | MaxSkew@50 before -> after | acc. drop |",
-             "| --- | --- | --- | --- | ---: | ---: | --- | ---: |"]
+    lines = ["| world | role | swept heads | budget | proposed set | beats, of all 560 3-head sets (>=90%) | beats, of "
+             "the sets within 2 acc. points | MaxSkew@50 before -> after | acc. drop |",
+             "| --- | --- | ---: | --- | --- | ---: | ---: | --- | ---: |"]
     for r in rows:
         a = r.get("audit")
         if a is None:
@@ -351,7 +367,7 @@ def audit_table(rows: list[dict]) -> str:
         for name, label in (("budget", "2 points (default)"), ("free", "none")):
             p = a[name]
             heads = " ".join(f"L{l}.H{h}" for l, h in p["proposed"]) or "(none)"
-            lines.append(f"| {r['world']} | {r['role']} | {label} | {heads} | {p['beats_all']:.1%} | "
+            lines.append(f"| {r['world']} | {r['role']} | {a.get('swept_heads', '-')} | {label} | {heads} | {p['beats_all']:.1%} | "
                          f"{p['beats_within_budget']:.1%} of {a['sets_within_budget']} | "
                          f"{a['max_skew_before']:.3f} -> {p['max_skew_after']:.3f} | {p['accuracy_drop']:+.1f} |")
     audited = [r["audit"] for r in rows if "audit" in r]
@@ -432,6 +448,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="also write the rows here")
     ap.add_argument("--roles", default=None, help="comma-separated roles to run (dev, held-out, new; default: all)")
     ap.add_argument("--noise-draws", type=int, default=3, help="more fresh draws for the spread of t2i@5")
+    ap.add_argument("--sweep-top", default=str(DEFAULT_SWEEP_TOP),
+                    help="the audit check's shortlist: heads its causal sweep ablates, or 'all'")
+    ap.add_argument("--labels-only", action="store_true",
+                    help="run only the group-labels-only path (no default debias run)")
+    ap.add_argument("--no-group-prompts", action="store_true",
+                    help="labels-only path without --group-prompts (groups named as people)")
     ap.add_argument("--skip-labels-only", action="store_true", help="skip the group-labels-only path")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="torch threads (1 when other jobs share the cores: oversubscribed threads thrash)")
@@ -452,13 +474,17 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="clipsurgery-suite-") as work:
         for world in worlds:
             row = {"world": world.name, "role": world.role, **quality_of(world)}
-            if not args.skip_debias:
+            if args.labels_only:
+                row.update(labels_only_row(world, work, not args.no_group_prompts))
+            elif not args.skip_debias:
                 row.update(check(world, work, args.noise_draws, not args.skip_labels_only))
             if not args.skip_audit:
-                row["audit"] = audit_check(world)
+                row["audit"] = audit_check(world, None if args.sweep_top == "all" else int(args.sweep_top))
             rows.append(row)
             print(f"[{world.name}] {json.dumps(row)}", flush=True)
-    if not args.skip_debias:
+    if args.labels_only:
+        print(table(rows))
+    elif not args.skip_debias:
         print(table(rows))
         print()
         print(detail_table(rows))

@@ -16,7 +16,7 @@ from surgery.eval.evaluate import PROTECTED_COLUMNS
 from surgery.io.captions import load_captions
 from surgery.io.images import ImageFolderDataset, data_hash, resolve_images_dir
 from surgery.io.labels import load_labels
-from surgery.io.queries import NEUTRAL_QUERIES, person_group_prompt
+from surgery.io.queries import NEUTRAL_QUERIES, prompts_for_groups
 from surgery.metrics.retrieval import retrieval_recall
 from surgery.model.preprocess import image_transform, images_to_tensor
 from surgery.world.generator import CAPTIONS_CSV, WORLD_JSON, generate, split_dir
@@ -136,10 +136,12 @@ def world_probe_set(params, preprocess: dict, n: int = 1200) -> ProbeSet:
 
 
 def folder_probe_set(images_dir: str, labels_path: str, attribute: str | None, preprocess: dict,
-                     queries: list[str] | None = None, max_skipped_fraction: float = 0.05) -> ProbeSet:
+                     queries: list[str] | None = None, max_skipped_fraction: float = 0.05,
+                     group_prompts: dict[str, str] | None = None) -> ProbeSet:
     """Labelled images from a folder (FairFace/UTKFace/generic CSV) as a probe set.
 
-    Group prompts are "a photo of a {value} person"; neutral queries default to the built-in
+    Group prompts are ``group_prompts[value]`` (``--group-prompts``), else "a photo of a {value}
+    person"; neutral queries default to the built-in
     occupations and traits. A world split (``world.json`` beside the labels, as ``clipsurgery
     world generate`` writes) brings the world's own queries, group prompts, concept labels and
     captions instead. Images are decoded batch by batch when used (memory does not grow with the
@@ -159,7 +161,7 @@ def folder_probe_set(images_dir: str, labels_path: str, attribute: str | None, p
     dataset = ImageFolderDataset(images_dir, labels.files, image_transform(preprocess),
                                  max_skipped_fraction=max_skipped_fraction)
     index = torch.tensor(dataset.indices, dtype=torch.long)
-    extra: dict = {"group_prompts": [person_group_prompt(v) for v in values],
+    extra: dict = {"group_prompts": prompts_for_groups(values, group_prompts),
                    "queries": queries or NEUTRAL_QUERIES["occupations"] + NEUTRAL_QUERIES["traits"]}
     side = split_dir(labels_path, images_dir)
     if (side / WORLD_JSON).is_file() and attribute == "group" and "concept" in labels.attributes:

@@ -30,7 +30,7 @@ from surgery.eval.evaluate import evaluate, spec_from_folder
 from surgery.export.onnx import OnnxOptions, export_onnx
 from surgery.export.safetensors import export_safetensors
 from surgery.io.fs import check_output_folder
-from surgery.io.queries import load_queries
+from surgery.io.queries import load_group_prompts, load_queries
 from surgery.metrics.bias import BiasConventions
 from surgery.model.inspect import describe_model, format_description
 from surgery.model.loading import load
@@ -203,6 +203,10 @@ def audit(model, images_dir, labels_path, tower, attributes, prompts_path, top_k
 @click.option("--queries", "queries_path", default=None, type=click.Path(),
               help="Neutral queries file (one per line or a JSON list; default: the world's concepts, or the "
                    "built-in occupations and traits).")
+@click.option("--group-prompts", "group_prompts_path", default=None, type=click.Path(),
+              help="How each group value is named in a zero-shot prompt: a CSV 'group,prompt' or a JSON object "
+                   "(default: as people, 'a photo of a {value} person'). The balance edit keeps these prompts "
+                   "still and the group-accuracy budget is measured with them.")
 @click.option("--max-bias-ratio", type=float, default=0.5, show_default=True, help="Target: MaxSkew after/before.")
 @click.option("--max-accuracy-drop", type=float, default=2.0, show_default=True, help="Target: points of concept accuracy.")
 @click.option("--max-recall-drop", type=float, default=2.0, show_default=True,
@@ -234,7 +238,7 @@ def audit(model, images_dir, labels_path, tower, attributes, prompts_path, top_k
 @click.option("--allow-miss", is_flag=True,
               help=f"Exit 0 even when the targets are not met on the report's images (default: exit {EXIT_TARGETS_MISSED}).")
 @_user_errors
-def debias(model_in, out, images_dir, labels_path, attributes, queries_path, max_bias_ratio, max_accuracy_drop, max_recall_drop,
+def debias(model_in, out, images_dir, labels_path, attributes, queries_path, group_prompts_path, max_bias_ratio, max_accuracy_drop, max_recall_drop,
            max_group_accuracy_drop, max_heads, k, n_probe, selection_draws, holdout, tower, heads_only, neurons_only,
            balance_only, no_balance, search_trials, search_seconds, removal, force, allow_miss):
     """Choose edits for IN (balance, heads, neurons), bake them, export OUT (.onnx or .safetensors), and compare.
@@ -253,6 +257,8 @@ def debias(model_in, out, images_dir, labels_path, attributes, queries_path, max
         raise click.UsageError(f"{only[0]} and {only[1]} exclude each other")
     if balance_only and no_balance:
         raise click.UsageError("--balance-only and --no-balance exclude each other")
+    if group_prompts_path is not None and images_dir is None:
+        raise click.UsageError("--group-prompts names the groups of an --images/--labels probe (a world names its own)")
     if holdout is not None and images_dir is None:
         raise click.UsageError("--holdout applies to --images probes only (a world model's report is on its own "
                                "eval split)")
@@ -267,6 +273,7 @@ def debias(model_in, out, images_dir, labels_path, attributes, queries_path, max
     summary = run_debias(model_in, out, options, images_dir=images_dir, labels_path=labels_path,
                          attribute=attributes.split(",")[0] if attributes else None,
                          queries=load_queries(queries_path) if queries_path else None,
+                         group_prompts=load_group_prompts(group_prompts_path) if group_prompts_path else None,
                          progress=lambda msg: click.echo(msg, err=True))
     click.echo(summary["table"])
     for line in summary["lines"]:
@@ -286,6 +293,10 @@ def debias(model_in, out, images_dir, labels_path, attributes, queries_path, max
 @click.option("--queries", "queries_path", default=None, type=click.Path(),
               help="Neutral queries to balance (one per line or a JSON list; default: the world's concepts, or the "
                    "built-in occupations and traits).")
+@click.option("--group-prompts", "group_prompts_path", default=None, type=click.Path(),
+              help="How each group value is named in a zero-shot prompt: a CSV 'group,prompt' or a JSON object "
+                   "(default: as people, 'a photo of a {value} person'). The balance edit keeps these prompts "
+                   "still and the group-accuracy budget is measured with them.")
 @click.option("--out", "plan_out", required=True, type=click.Path(), help="Plan JSON to write.")
 @click.option("--side", type=click.Choice(["text", "image"]), default="text", show_default=True,
               help="Which embedding the map moves: text (folded into text_projection) or image (visual.proj).")
@@ -297,18 +308,22 @@ def debias(model_in, out, images_dir, labels_path, attributes, queries_path, max
 @click.option("--max-group-accuracy-drop", type=float, default=2.0, show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite an existing plan (never an input).")
 @_user_errors
-def balance(model_in, images_dir, labels_path, attributes, queries_path, plan_out, side, k, selection_draws,
+def balance(model_in, images_dir, labels_path, attributes, queries_path, group_prompts_path, plan_out, side, k, selection_draws,
             max_accuracy_drop, max_recall_drop, max_group_accuracy_drop, force):
     """Fit only the balance edit of MODEL (equal evidence per group for each neutral query) and write its plan."""
     if (images_dir is None) != (labels_path is None):
         raise click.UsageError("--images and --labels go together")
+    if group_prompts_path is not None and images_dir is None:
+        raise click.UsageError("--group-prompts names the groups of an --images/--labels probe (a world names its own)")
     budget = Budget(max_accuracy_drop=max_accuracy_drop / 100.0, max_recall_drop=max_recall_drop / 100.0,
                     max_group_accuracy_drop=max_group_accuracy_drop / 100.0)
     options = DebiasOptions(budget=budget, k=k, selection_draws=selection_draws, heads=False, neurons=False,
                             balance_options=BalanceOptions(side=side, k=k))
     summary = run_balance(model_in, plan_out, options, images_dir=images_dir, labels_path=labels_path,
                           attribute=attributes.split(",")[0] if attributes else None,
-                          queries=load_queries(queries_path) if queries_path else None, force=force,
+                          queries=load_queries(queries_path) if queries_path else None,
+                          group_prompts=load_group_prompts(group_prompts_path) if group_prompts_path else None,
+                          force=force,
                           progress=lambda msg: click.echo(msg, err=True))
     for line in summary["lines"]:
         click.echo(line)
@@ -382,6 +397,9 @@ def _eval_options(f):
     f = click.option("--captions", "captions_path", default=None, type=click.Path(), help="Captions CSV or Karpathy JSON.")(f)
     f = click.option("--queries", "queries_path", default=None, type=click.Path(), help="Neutral queries file (one per line or JSON list).")(f)
     f = click.option("--attributes", default=None, help="Comma-separated protected-attribute columns.")(f)
+    f = click.option("--group-prompts", "group_prompts_path", default=None, type=click.Path(),
+                     help="How each group value is named for zero-shot group accuracy: CSV 'group,prompt' or JSON "
+                          "(default: as people).")(f)
     f = click.option("--k", type=int, default=50, show_default=True, help="Top-K for Skew and NDKL.")(f)
     f = click.option("--target", type=click.Choice(["uniform", "dataset"]), default="uniform", show_default=True)(f)
     f = click.option("--reduce", type=click.Choice(["mean", "sum"]), default="mean", show_default=True,
@@ -394,14 +412,15 @@ def _eval_options(f):
     return f
 
 
-def _spec_and_options(images_dir, labels_path, captions_path, queries_path, attributes, k, target, reduce,
-                      batch_size, cache_dir, out_dir, force):
+def _spec_and_options(images_dir, labels_path, captions_path, queries_path, group_prompts_path, attributes, k, target,
+                      reduce, batch_size, cache_dir, out_dir, force):
     check_output_folder(out_dir, force=force)
     spec = spec_from_folder(
         images_dir, labels_path, captions_path=captions_path,
         queries=load_queries(queries_path) if queries_path else None,
         attributes=attributes.split(",") if attributes else None,
         conventions=BiasConventions(k=k, target=target, reduce=reduce),
+        group_prompts=load_group_prompts(group_prompts_path) if group_prompts_path else None,
     )
     options = EmbedOptions(batch_size=batch_size, cache_dir=cache_dir or os.path.join(out_dir, ".cache"))
     return spec, options

@@ -30,7 +30,7 @@ from surgery.world.checkpoint import world_params_of
 
 def run_balance(model_in: str, plan_out: str, options: DebiasOptions, *, images_dir: str | None = None,
                 labels_path: str | None = None, attribute: str | None = None, queries: list[str] | None = None,
-                force: bool = False, progress: Callable[[str], None] | None = None) -> dict:
+                group_prompts: dict[str, str] | None = None, force: bool = False, progress: Callable[[str], None] | None = None) -> dict:
     """Fit the balance edit of ``model_in`` and save its plan to ``plan_out``; returns the lines to print."""
     say = progress or (lambda msg: None)
     check_output_path(plan_out, inputs=(model_in, labels_path), force=force)
@@ -38,7 +38,7 @@ def run_balance(model_in: str, plan_out: str, options: DebiasOptions, *, images_
     params = world_params_of(loaded)
     if images_dir:
         probe = folder_probe_set(resolve_images_dir(images_dir), labels_path, attribute, loaded.preprocess,
-                                 queries=queries)
+                                 queries=queries, group_prompts=group_prompts)
         probes = Probes([probe], None, None, None, source={"images": images_dir, "labels": labels_path,
                                                        "selection_images": len(probe)})
     elif params is not None:

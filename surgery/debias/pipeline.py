@@ -178,9 +178,10 @@ Say = Callable[[str], None]
 
 def run_debias(model_in: str, out: str, options: DebiasOptions, *, images_dir: str | None = None,
                labels_path: str | None = None, attribute: str | None = None, queries: list[str] | None = None,
-               progress: Say | None = None) -> dict:
+               group_prompts: dict[str, str] | None = None, progress: Say | None = None) -> dict:
     """Debias ``model_in`` into ``out`` (.onnx or .safetensors); returns the table and summary lines.
-    ``queries``: the neutral queries (default: the world's concepts, or the built-in occupations and traits)."""
+    ``queries``: the neutral queries (default: the world's concepts, or the built-in occupations and traits).
+    ``group_prompts``: how a folder probe's group values are named (default: as people)."""
     say = progress or (lambda msg: None)
     outputs = Outputs.of(out, options.tower)
     outputs.check(model_in, options.force)
@@ -188,7 +189,8 @@ def run_debias(model_in: str, out: str, options: DebiasOptions, *, images_dir: s
     work = staging_dir("clipsurgery-debias-")
     neurons, placed, plan_saved = None, False, False
     try:
-        probes = build_probes(loaded, model_in, options, work, images_dir, labels_path, attribute, say, queries)
+        probes = build_probes(loaded, model_in, options, work, images_dir, labels_path, attribute, say, queries,
+                              group_prompts)
         prompts = embed_prompts(loaded, probes, say)
         choice = choose_edits(loaded, probes, prompts, options, outputs.sae, say)
         neurons, search = choice.neurons, choice.search
@@ -214,7 +216,8 @@ def run_debias(model_in: str, out: str, options: DebiasOptions, *, images_dir: s
 
 
 def build_probes(loaded: LoadedModel, model_in: str, options: DebiasOptions, work: str, images_dir: str | None,
-                 labels_path: str | None, attribute: str | None, say: Say, queries: list[str] | None = None) -> Probes:
+                 labels_path: str | None, attribute: str | None, say: Say, queries: list[str] | None = None,
+                 group_prompts: dict[str, str] | None = None) -> Probes:
     """Folder probes (``--images``: a held-out part for the report) or draws of a world model's own world."""
     params = world_params_of(loaded)
     if images_dir:
@@ -227,7 +230,11 @@ def build_probes(loaded: LoadedModel, model_in: str, options: DebiasOptions, wor
                 f"the other {options.holdout:.0%} (--holdout)")
         else:
             say("warning: --holdout 0: the report is on the same images the edits were chosen on")
-        probe = folder_probe_set(images_dir, selection_labels, attribute, loaded.preprocess, queries=queries)
+        probe = folder_probe_set(images_dir, selection_labels, attribute, loaded.preprocess, queries=queries,
+                                 group_prompts=group_prompts)
+        if group_prompts is None and probe.concepts is None:
+            say(f"group prompts: the people template ({probe.group_prompts[0]!r}, ...): they anchor the balance edit "
+                "and measure group accuracy; pass --group-prompts FILE when the groups are not people's")
         probes = Probes([probe], images_dir, eval_labels, None,
                         source={"images": images_dir, "labels": labels_path, "holdout": options.holdout,
                                 "selection_images": len(probe)})
@@ -245,7 +252,8 @@ def build_probes(loaded: LoadedModel, model_in: str, options: DebiasOptions, wor
                            f"({model_in} carries no world to generate them from)")
     # The report's images are checked (K, groups, labels) before anything is chosen or written.
     probes.spec = spec_from_folder(probes.eval_images, probes.eval_labels, conventions=BiasConventions(k=options.k),
-                                   queries=list(queries) if queries else None)
+                                   queries=list(queries) if queries else None,
+                                   group_prompts=group_prompts if images_dir else None)
     return probes
 
 
@@ -432,6 +440,7 @@ def make_plan(loaded: LoadedModel, choice: Choice, options: DebiasOptions, probe
             "method": "clipsurgery balance: least change of the embeddings under 'equal mean score of every "
                       "group's nearest images' constraints per neutral query (closed form, iterated)",
             "queries": list(probe.queries), "groups": list(probe.group_names), "attribute": probe.attribute,
+            "group_prompts": list(probe.group_prompts),  # anchors that must not move, and the group-accuracy prompts
             "selection_images": sum(len(p) for p in probes.selection),
             "options": dataclasses.asdict(options.balance_options), "fit": search.balance.statistics(),
             "held_out_queries": search.held_out.to_dict() if search.held_out is not None else None,

@@ -22,7 +22,7 @@ from surgery.eval.encoders import Encoder
 from surgery.io.captions import caption_pairs, load_captions
 from surgery.io.images import resolve_images_dir
 from surgery.io.labels import LabelTable, load_labels
-from surgery.io.queries import NEUTRAL_QUERIES, person_group_prompt
+from surgery.io.queries import NEUTRAL_QUERIES, prompts_for_groups
 from surgery.world.generator import CAPTIONS_CSV, WORLD_JSON, split_dir
 from surgery.world.params import load_params
 from surgery.world.prompts import cell_queries, group_prompts, neutral_queries, query_wordings
@@ -70,9 +70,12 @@ class EvalSpec:
 
 def spec_from_folder(images_dir: str, labels_path: str, *, captions_path: str | None = None,
                      queries: list[str] | None = None, attributes: list[str] | None = None,
-                     conventions: metrics.BiasConventions | None = None) -> EvalSpec:
+                     conventions: metrics.BiasConventions | None = None,
+                     group_prompts: dict[str, str] | None = None) -> EvalSpec:
     """Build an :class:`EvalSpec`; a world split (world.json beside the labels) fills in the rest.
-    ``images_dir`` may be the split folder itself (its ``images/`` is used)."""
+    ``images_dir`` may be the split folder itself (its ``images/`` is used). ``group_prompts``
+    (``--group-prompts``) names each group value for zero-shot group accuracy; an attribute whose
+    values it does not name uses the people template."""
     images_dir = resolve_images_dir(images_dir)
     if not os.path.isdir(images_dir):
         raise DataError(f"images folder {images_dir!r} does not exist; check --images")
@@ -112,8 +115,14 @@ def spec_from_folder(images_dir: str, labels_path: str, *, captions_path: str | 
     if conv.k > len(labels):
         raise DataError(f"K={conv.k} is larger than the {len(labels)} images; pass a smaller --k")
     captions = load_captions(captions_path) if captions_path else None
+    if group_prompts is not None and not any(v in group_prompts for name in attributes
+                                             for v in labels.attributes[name]):
+        raise DataError(f"--group-prompts names none of the groups of {', '.join(attributes)} in {labels_path}; "
+                        "use the label values as its 'group' column")
     for name in attributes:
-        prompts_of.setdefault(name, {v: person_group_prompt(v) for v in sorted(set(labels.attributes[name]))})
+        values = sorted(set(labels.attributes[name]))
+        named = group_prompts is not None and any(v in group_prompts for v in values)
+        prompts_of.setdefault(name, dict(zip(values, prompts_for_groups(values, group_prompts if named else None))))
     return EvalSpec(images_dir=images_dir, labels=labels, attributes=attributes, queries=list(queries),
                     concept_column=concept_column, class_prompts=class_prompts, concept_values=concept_values,
                     captions=captions, conventions=conv, group_prompts=prompts_of, wordings=wordings,

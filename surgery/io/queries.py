@@ -2,6 +2,8 @@
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 
@@ -41,6 +43,55 @@ NEUTRAL_QUERIES: dict[str, list[str]] = {
     "occupations": [f"a photo of {_with_article(o)}" for o in _OCCUPATIONS],
     "traits": [f"a photo of {_with_article(t + ' person')}" for t in _TRAITS],
 }
+
+
+def load_group_prompts(path: str | Path) -> dict[str, str]:
+    """How each protected-group value is named in a zero-shot prompt, from a CSV with a header
+    ``group,prompt`` (one row per value) or a JSON object ``{value: prompt}``. Without one, groups
+    are named as people (:func:`person_group_prompt`), which names no group that is not a person's."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"group prompts file {str(path)!r} does not exist; check the path")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{str(path)!r} is not valid JSON (line {exc.lineno}: {exc.msg})") from exc
+        if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+            raise DataError(f"{str(path)!r} must hold a JSON object {{group value: prompt}}")
+        pairs = list(data.items())
+    else:
+        rows = list(csv.reader(io.StringIO(text)))
+        if not rows or [c.strip().lower() for c in rows[0]] != ["group", "prompt"]:
+            raise DataError(f"{str(path)!r} must start with the header 'group,prompt' (one row per group value)")
+        bad = next((i for i, r in enumerate(rows[1:], 2) if r and len(r) != 2), None)
+        if bad is not None:
+            raise DataError(f"{str(path)!r} line {bad}: expected 'group,prompt' (quote a prompt that holds a comma)")
+        pairs = [(r[0], r[1]) for r in rows[1:] if r]
+    prompts: dict[str, str] = {}
+    for value, prompt in pairs:
+        value, prompt = value.strip(), prompt.strip()
+        if not value or not prompt:
+            raise DataError(f"{str(path)!r}: every group needs a value and a non-empty prompt")
+        if value in prompts:
+            raise DataError(f"{str(path)!r}: group {value!r} is named twice")
+        prompts[value] = prompt
+    if not prompts:
+        raise DataError(f"{str(path)!r} names no group; write one 'value,prompt' row per group")
+    return prompts
+
+
+def prompts_for_groups(values: list[str], prompts: dict[str, str] | None, source: str = "--group-prompts") -> list[str]:
+    """One zero-shot prompt per group value: from ``prompts`` when given (every value must be
+    there), else the people template."""
+    if prompts is None:
+        return [person_group_prompt(v) for v in values]
+    missing = [v for v in values if v not in prompts]
+    if missing:
+        raise DataError(f"{source} has no prompt for group {missing[0]!r} ({len(missing)} of {len(values)} "
+                        f"groups missing); add a row '{missing[0]},<prompt>'")
+    return [prompts[v] for v in values]
 
 
 def load_queries(path: str | Path) -> list[str]:
