@@ -1,7 +1,7 @@
 """What ``clipsurgery debias`` costs at real model size (issues 15, 25): each stage's time and peak
 RSS, and the whole job / one forward pass over the probe images.
 
-    python benchmarks/bench_debias_cost.py --arch ViT-B-32 --images 2000     # the issue-25 figure
+    python benchmarks/bench_debias_cost.py --arch ViT-B-32 --images 2004     # the issue-25 figure (2,000 rounded up to a multiple of 12)
     python benchmarks/bench_debias_cost.py --arch ViT-B-16 --images 96 --budget default
 
 The model has random weights (no bias to find). ``--budget any`` (the default): the bias target is

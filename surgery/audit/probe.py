@@ -21,7 +21,8 @@ from surgery.metrics.retrieval import retrieval_recall
 from surgery.model.preprocess import image_transform, images_to_tensor
 from surgery.world.generator import CAPTIONS_CSV, WORLD_JSON, generate, split_dir
 from surgery.world.params import load_params
-from surgery.world.prompts import group_prompts, neutral_queries
+from surgery.world.prompts import group_prompts as world_group_prompts
+from surgery.world.prompts import neutral_queries
 
 
 class FolderImages:
@@ -129,7 +130,7 @@ def world_probe_set(params, preprocess: dict, n: int = 1200) -> ProbeSet:
     return ProbeSet(
         images=images_to_tensor(split.images, preprocess),
         groups=torch.from_numpy(split.groups), group_names=list(params.groups),
-        queries=neutral_queries(params), group_prompts=group_prompts(params),
+        queries=neutral_queries(params), group_prompts=world_group_prompts(params),
         concepts=torch.from_numpy(split.concepts), class_prompts=neutral_queries(params), captions=list(split.captions),
         source={"world": params.to_dict(), "hash": params.hash(), "split": "eval", "n": n},
     )
@@ -166,7 +167,7 @@ def folder_probe_set(images_dir: str, labels_path: str, attribute: str | None, p
     side = split_dir(labels_path, images_dir)
     if (side / WORLD_JSON).is_file() and attribute == "group" and "concept" in labels.attributes:
         params = load_params(side / WORLD_JSON)
-        prompt_of = dict(zip(params.groups, group_prompts(params)))
+        prompt_of = dict(zip(params.groups, world_group_prompts(params)))
         unknown = sorted(set(values) - set(prompt_of))
         if unknown:
             raise DataError(f"{labels_path}: group {unknown[0]!r} is not one of the world's groups "

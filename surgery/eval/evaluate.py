@@ -25,7 +25,8 @@ from surgery.io.labels import LabelTable, load_labels
 from surgery.io.queries import NEUTRAL_QUERIES, prompts_for_groups
 from surgery.world.generator import CAPTIONS_CSV, WORLD_JSON, split_dir
 from surgery.world.params import load_params
-from surgery.world.prompts import cell_queries, group_prompts, neutral_queries, query_wordings
+from surgery.world.prompts import cell_queries, neutral_queries, query_wordings
+from surgery.world.prompts import group_prompts as world_group_prompts
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def spec_from_folder(images_dir: str, labels_path: str, *, captions_path: str | 
             wordings = query_wordings(params)
         queries = queries or neutral_queries(params)
         attributes = attributes or ["group"]
-        prompts_of = {"group": dict(zip(params.groups, group_prompts(params)))}
+        prompts_of = {"group": dict(zip(params.groups, world_group_prompts(params)))}
         cells = cell_queries(params)
         if captions_path is None and (world_dir / CAPTIONS_CSV).is_file():
             captions_path = str(world_dir / CAPTIONS_CSV)
