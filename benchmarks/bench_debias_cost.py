@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -96,6 +97,9 @@ def main() -> None:
             finally:
                 times[_name] = times.get(_name, 0.0) + time.perf_counter() - t
                 sampler.stage = "other"
+                # as each stage ends, so that a run stopped early still tells where its time went
+                print(f"[stage] {_name}: {time.perf_counter() - t:.1f} s, peak RSS {sampler.peaks.get(_name, 0):.0f} MiB",
+                      file=sys.stderr, flush=True)
 
         setattr(pipeline, name, timed)
     # a bias target out of reach and budgets that accept any edit: every kind is searched, up to the
@@ -107,7 +111,8 @@ def main() -> None:
     failed = None
     try:
         run_debias(model_path, os.path.join(work, "out.onnx"), options, images_dir=split,
-                   labels_path=os.path.join(split, "labels.csv"), attribute="group")
+                   labels_path=os.path.join(split, "labels.csv"), attribute="group",
+                   progress=lambda msg: print(f"[{time.perf_counter() - start:7.0f} s] {msg}", file=sys.stderr, flush=True))
     except SurgeryError as exc:  # report the stages that ran
         failed = str(exc)
     total = time.perf_counter() - start
