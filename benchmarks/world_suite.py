@@ -478,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
                 row.update(labels_only_row(world, work, not args.no_group_prompts))
             elif not args.skip_debias:
                 row.update(check(world, work, args.noise_draws, not args.skip_labels_only))
-            if not args.skip_audit:
+            if not args.skip_audit and not args.labels_only:
                 row["audit"] = audit_check(world, None if args.sweep_top == "all" else int(args.sweep_top))
             rows.append(row)
             print(f"[{world.name}] {json.dumps(row)}", flush=True)
@@ -488,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table(rows))
         print()
         print(detail_table(rows))
-    if not args.skip_audit:
+    if not args.skip_audit and not args.labels_only:
         print(audit_table(rows))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
