@@ -194,6 +194,13 @@ def audit(model, images_dir, labels_path, tower, attributes, prompts_path, top_k
     click.echo(f"wrote {out_dir}/audit.json, report.md, plan.json and heatmaps")
 
 
+_group_prompts_option = click.option(
+    "--group-prompts", "group_prompts_path", default=None, type=click.Path(),
+    help="How each group value is named in a zero-shot prompt: a CSV 'group,prompt' or a JSON object "
+         "(default: as people, 'a photo of a {value} person'). The balance edit keeps these prompts "
+         "still and the group-accuracy budget is measured with them.")
+
+
 @main.command()
 @click.argument("model_in", metavar="IN")
 @click.argument("out", metavar="OUT")
@@ -203,10 +210,7 @@ def audit(model, images_dir, labels_path, tower, attributes, prompts_path, top_k
 @click.option("--queries", "queries_path", default=None, type=click.Path(),
               help="Neutral queries file (one per line or a JSON list; default: the world's concepts, or the "
                    "built-in occupations and traits).")
-@click.option("--group-prompts", "group_prompts_path", default=None, type=click.Path(),
-              help="How each group value is named in a zero-shot prompt: a CSV 'group,prompt' or a JSON object "
-                   "(default: as people, 'a photo of a {value} person'). The balance edit keeps these prompts "
-                   "still and the group-accuracy budget is measured with them.")
+@_group_prompts_option
 @click.option("--max-bias-ratio", type=float, default=0.5, show_default=True, help="Target: MaxSkew after/before.")
 @click.option("--max-accuracy-drop", type=float, default=2.0, show_default=True, help="Target: points of concept accuracy.")
 @click.option("--max-recall-drop", type=float, default=2.0, show_default=True,
@@ -293,10 +297,7 @@ def debias(model_in, out, images_dir, labels_path, attributes, queries_path, gro
 @click.option("--queries", "queries_path", default=None, type=click.Path(),
               help="Neutral queries to balance (one per line or a JSON list; default: the world's concepts, or the "
                    "built-in occupations and traits).")
-@click.option("--group-prompts", "group_prompts_path", default=None, type=click.Path(),
-              help="How each group value is named in a zero-shot prompt: a CSV 'group,prompt' or a JSON object "
-                   "(default: as people, 'a photo of a {value} person'). The balance edit keeps these prompts "
-                   "still and the group-accuracy budget is measured with them.")
+@_group_prompts_option
 @click.option("--out", "plan_out", required=True, type=click.Path(), help="Plan JSON to write.")
 @click.option("--side", type=click.Choice(["text", "image"]), default="text", show_default=True,
               help="Which embedding the map moves: text (folded into text_projection) or image (visual.proj).")

@@ -45,19 +45,26 @@ NEUTRAL_QUERIES: dict[str, list[str]] = {
 }
 
 
+def _read_text_or_json(path: Path, what: str) -> tuple[str, object]:
+    """A user's file as text, and parsed when it ends in .json (else None); one-line errors."""
+    if not path.is_file():
+        raise DataError(f"{what} {str(path)!r} does not exist; check the path")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() != ".json":
+        return text, None
+    try:
+        return text, json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{str(path)!r} is not valid JSON (line {exc.lineno}: {exc.msg})") from exc
+
+
 def load_group_prompts(path: str | Path) -> dict[str, str]:
     """How each protected-group value is named in a zero-shot prompt, from a CSV with a header
     ``group,prompt`` (one row per value) or a JSON object ``{value: prompt}``. Without one, groups
     are named as people (:func:`person_group_prompt`), which names no group that is not a person's."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"group prompts file {str(path)!r} does not exist; check the path")
-    text = path.read_text(encoding="utf-8")
+    text, data = _read_text_or_json(path, "group prompts file")
     if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{str(path)!r} is not valid JSON (line {exc.lineno}: {exc.msg})") from exc
         if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
             raise DataError(f"{str(path)!r} must hold a JSON object {{group value: prompt}}")
         pairs = list(data.items())
@@ -97,14 +104,8 @@ def prompts_for_groups(values: list[str], prompts: dict[str, str] | None, source
 def load_queries(path: str | Path) -> list[str]:
     """Queries from a text file (one per line; blank lines and ``#`` comments skipped) or a JSON list of strings."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"queries file {str(path)!r} does not exist; check the path")
-    text = path.read_text(encoding="utf-8")
+    text, data = _read_text_or_json(path, "queries file")
     if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{str(path)!r} is not valid JSON (line {exc.lineno}: {exc.msg})") from exc
         if not isinstance(data, list) or not all(isinstance(q, str) for q in data):
             raise DataError(f"{str(path)!r} must hold a JSON list of query strings")
         queries = [q.strip() for q in data if q.strip()]
