@@ -93,6 +93,14 @@ SUITE = (
     SuiteWorld("tex2-new", {"seed": 71, "attribute_kind": "texture", "groups": ("checks", "grid"),
                             "concepts": ("circle", "diamond", "crescent", "cross", "star"), "bias_strength": 0.9},
                role="new"),
+    # Added for the open-vocabulary balance (#28); no setting of the open mode was chosen on them, and
+    # they were first run for its acceptance table.
+    SuiteWorld("col3-open", {"seed": 91, "groups": ("pink", "cyan", "yellow"),
+                             "concepts": ("crescent", "hexagon", "square", "star", "ring", "diamond"),
+                             "bias_strength": 0.85}, role="open"),
+    SuiteWorld("tex3-open", {"seed": 101, "attribute_kind": "texture", "groups": ("stripes", "grid", "solid"),
+                             "concepts": ("circle", "triangle", "cross", "ring", "hexagon", "crescent"),
+                             "bias_strength": 0.9}, role="open"),
 )
 
 
@@ -446,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-debias", action="store_true", help="only the audit check")
     ap.add_argument("--skip-audit", action="store_true", help="only the debias checks")
     ap.add_argument("--json", default=None, help="also write the rows here")
-    ap.add_argument("--roles", default=None, help="comma-separated roles to run (dev, held-out, new; default: all)")
+    ap.add_argument("--roles", default=None, help="comma-separated roles to run (dev, held-out, new, open; default: all)")
     ap.add_argument("--noise-draws", type=int, default=3, help="more fresh draws for the spread of t2i@5")
     ap.add_argument("--sweep-top", default=str(DEFAULT_SWEEP_TOP),
                     help="the audit check's shortlist: heads its causal sweep ablates, or 'all'")
