@@ -117,21 +117,21 @@ def train_options(world: SuiteWorld) -> WorldTrainOptions:
     return WorldTrainOptions(seed=params.seed, n_eval=balanced_size(params), **world.train)
 
 
-def train(world: SuiteWorld) -> None:
+def train(world: SuiteWorld, device: str = "cpu") -> None:
     """Train and cache the world's model, unless another run of this script did meanwhile (a lock
     per world: several runs can train different worlds side by side)."""
     os.makedirs(cache_dir(), exist_ok=True)
     with open(os.path.join(cache_dir(), f".{world.name}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not is_current(world):
-            _train(world)
+            _train(world, device)
 
 
-def _train(world: SuiteWorld) -> None:
+def _train(world: SuiteWorld, device: str = "cpu") -> None:
     params = world_params(world)
     options = train_options(world)
     start = time.perf_counter()
-    model, history = train_world_model(params, options)
+    model, history = train_world_model(params, options, device=device)
     quality = evaluate_world_model(model, params, n_eval=options.n_eval)
     os.makedirs(cache_dir(), exist_ok=True)
     save_world_model(model, params, model_path(world), history=history, quality=quality)
@@ -465,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-labels-only", action="store_true", help="skip the group-labels-only path")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="torch threads (1 when other jobs share the cores: oversubscribed threads thrash)")
+    ap.add_argument("--device", default="cpu", help="where the missing worlds train (cuda: seconds per world; the "
+                    "weights then differ from a CPU-trained world's by float rounding)")
     args = ap.parse_args(argv)
     names = [w.name for w in SUITE]
     wanted = args.only.split(",") if args.only else names
@@ -475,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, args.threads))
     for world in worlds:
         if not is_current(world):
-            train(world)
+            train(world, args.device)
     if args.train_only:
         return 0
     rows = []

@@ -159,7 +159,8 @@ def ablation_sweep(model: nn.Module, probe: ProbeSet, query_emb: torch.Tensor, c
             b = images.shape[0]
             x, mask, index = tower_inputs(model, tower, images)
             inputs = layer_inputs(view, x, mask)
-            base[:, sl] = (texts @ embed_tail(view, inputs[0], 0, mask, index).float().T).cpu()
+            # .float() after the product too: under autocast the matmul itself comes out in bf16/fp16
+            base[:, sl] = (texts @ embed_tail(view, inputs[0], 0, mask, index).float().T).float().cpu()
             for layer in range(L):
                 if not rows[layer]:
                     continue
@@ -173,7 +174,7 @@ def ablation_sweep(model: nn.Module, probe: ProbeSet, query_emb: torch.Tensor, c
                 else:
                     emb = tails[layer](stacked, index_h, head_mask, mask)  # (h*b, D)
                 scores[layer, rows[layer], :, sl] = (
-                    (texts @ emb.float().T).view(texts.shape[0], h, b).permute(1, 0, 2).cpu())
+                    (texts @ emb.float().T).float().view(texts.shape[0], h, b).permute(1, 0, 2).cpu())
             if progress:
                 progress(min(sl.stop, n), n)
     q = query_emb.shape[0]

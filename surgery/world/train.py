@@ -88,8 +88,11 @@ def train_world_model(
     params: WorldParams,
     options: WorldTrainOptions | None = None,
     progress: Callable[[int, int, float], None] | None = None,
+    device: str | torch.device = "cpu",
 ) -> tuple[nn.Module, dict]:
-    """Train a world CLIP; returns (model in eval mode, history dict). ``progress(step, total, loss)``."""
+    """Train a world CLIP; returns (model in eval mode, on the CPU, history dict). ``progress(step, total,
+    loss)``. ``device``: where the steps run (a GPU trains the same model in seconds; its numerics differ
+    from the CPU's, so the weights are not bit-identical across devices)."""
     opt = options or WorldTrainOptions()
     torch.manual_seed(opt.seed)
     preprocess = default_preprocess(WORLD_MODEL_CONFIG)
@@ -103,7 +106,7 @@ def train_world_model(
     named = torch.tensor([params.group_word(int(g)) in c.split() for g, c in zip(train.groups, train.captions)])
     caption_groups = torch.where(named, groups, torch.full_like(groups, -1))  # (n,) group the caption names, or -1
 
-    model = build_world_clip(params, seed=opt.seed).train()
+    model = build_world_clip(params, seed=opt.seed).to(device).train()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)
@@ -122,8 +125,9 @@ def train_world_model(
         order = torch.randperm(opt.n_train, generator=gen)
         for first in range(0, opt.n_train, opt.batch_size):
             idx = order[first:first + opt.batch_size]
-            true_pairs = caption_truth(concepts[idx], caption_groups[idx], groups[idx])
-            loss = _contrastive_step(model, images[idx], caption_tokens[caption_ids[idx]], true_pairs)
+            true_pairs = caption_truth(concepts[idx], caption_groups[idx], groups[idx]).to(device)
+            loss = _contrastive_step(model, images[idx].to(device), caption_tokens[caption_ids[idx]].to(device),
+                                     true_pairs)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -135,7 +139,7 @@ def train_world_model(
             losses.append(loss.item())
             if progress is not None:
                 progress(step, total, losses[-1])
-    model.eval()
+    model.eval().cpu()
     history = {
         "options": asdict(opt),
         "seconds": round(time.perf_counter() - start, 1),
@@ -144,6 +148,7 @@ def train_world_model(
         "loss_last_epoch_mean": float(np.mean(losses[-steps_per_epoch:])),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "device": str(device),
     }
     return model, history
 
@@ -172,9 +177,9 @@ def _contrastive_step(model: nn.Module, images: torch.Tensor, tokens: torch.Tens
     img = F.normalize(model.encode_image(images), dim=-1)  # (B, D)
     txt = F.normalize(model.encode_text(tokens), dim=-1)  # (B, D)
     logits = model.logit_scale.exp() * txt @ img.T  # (B texts, B images)
-    eye = torch.eye(len(tokens), dtype=torch.bool)
+    eye = torch.eye(len(tokens), dtype=torch.bool, device=logits.device)
     logits = logits.masked_fill(true_pairs & ~eye, float("-inf"))
-    target = torch.arange(len(tokens))
+    target = torch.arange(len(tokens), device=logits.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
