@@ -26,6 +26,7 @@ from surgery.audit.probe import ProbeSet, folder_probe_set, world_probe_set
 from surgery.audit.vision import AuditOptions, AuditResult, audit_vision
 from surgery.debias.balance import BalanceOptions
 from surgery.debias.budget import POINTS_TOLERANCE, Budget, bias_ratio
+from surgery.debias.open_balance import OpenBalanceFit, OpenBalanceOptions
 from surgery.debias.heads import SearchResult, plan_from_search
 from surgery.debias.neurons import NeuronStageOptions, neuron_edit, train_social_sae
 from surgery.debias.search import BalanceCandidate, EditSearchOptions, search_edits
@@ -61,6 +62,9 @@ from surgery.world.generator import (
 
 SELECTION_SEED_OFFSET = 1000  # the selection probe is another draw of the world than the report's
 REMOVAL_MODES = ("auto", "always")
+# "auto": the open balance (every text corrected at run time) when it alone meets the targets on the
+# selection draws, else the fixed map fitted on the query list; "open" / "fixed": that one only
+BALANCE_MODES = ("auto", "open", "fixed")
 TEXT_BATCH = 256  # texts per forward pass of the text tower (a probe of thousands of captions stays in memory)
 
 
@@ -82,6 +86,8 @@ class DebiasOptions:
     # shows what each kind adds)
     removal: str = "auto"
     balance_options: BalanceOptions = field(default_factory=BalanceOptions)  # side, neighbourhood, ridge, ...
+    balance_mode: str = "auto"  # which balance: see BALANCE_MODES
+    open_options: OpenBalanceOptions = field(default_factory=OpenBalanceOptions)  # bank, neighbours
     search_trials: int | None = 1000  # the edit search measures at most this many sets (None: no limit)
     search_seconds: float | None = None  # ...and runs at most this long (None: no limit)
     # The edits are chosen on selection probes (other draws than the report's images); the accuracy
@@ -109,6 +115,10 @@ class DebiasOptions:
             raise SurgeryError(f"--search-seconds must be > 0, got {self.search_seconds}")
         if self.removal not in REMOVAL_MODES:
             raise SurgeryError(f"--removal must be one of {', '.join(REMOVAL_MODES)}, got {self.removal!r}")
+        if self.balance_mode not in BALANCE_MODES:
+            raise SurgeryError(f"--balance-mode must be one of {', '.join(BALANCE_MODES)}, got {self.balance_mode!r}")
+        if self.balance_mode == "open" and self.balance_options.side != "text":
+            raise SurgeryError("the open balance corrects texts: --balance-mode open needs --side text")
         if self.balance_options.k != self.k:
             self.balance_options = dataclasses.replace(self.balance_options, k=self.k)
 
@@ -343,9 +353,14 @@ def choose_edits(loaded: LoadedModel, probes: Probes, prompts: Prompts, options:
     balance = balance_candidate(prompts, options) if options.balance else None
     removal = options.heads or options.neurons
     if balance is not None and (options.removal == "auto" or not removal):
-        say("fitting the balance edit: the least change of the text embeddings that gives each neutral query "
-            "equal evidence in every group (measured on the selection draws)")
-        first = run_search(loaded, probes, prompts, options, None, None, balance, say)
+        first = None
+        for candidate, line in balance_stages(balance):
+            say(line)
+            result = run_search(loaded, probes, prompts, options, None, None, candidate, say)
+            if first is None or result.met or (not first.met and result.after["max_skew"] < first.after["max_skew"]):
+                first = result
+            if result.met:
+                break
         if first.met or not removal:
             if removal:
                 say("the balance edit alone met the targets on the selection draws: head and neuron edits not "
@@ -374,6 +389,21 @@ def choose_edits(loaded: LoadedModel, probes: Probes, prompts: Prompts, options:
     return Choice(search, audit, neurons, True)
 
 
+def balance_stages(balance: BalanceCandidate) -> list[tuple[BalanceCandidate, str]]:
+    """The balance searches tried one after the other, each alone: the open balance first (it
+    covers every text, not only the listed queries), then the fixed map."""
+    stages = []
+    if balance.open_options is not None:
+        stages.append((dataclasses.replace(balance, fixed=False),
+                       "fitting the open balance: every text's own least change toward equal evidence in each group's "
+                       "nearest probe images, gated off for texts that name a group (measured on the selection draws)"))
+    if balance.fixed:
+        stages.append((dataclasses.replace(balance, open_options=None),
+                       "fitting the balance edit: the least change of the text embeddings that gives each neutral "
+                       "query equal evidence in every group (measured on the selection draws)"))
+    return stages
+
+
 def balance_candidate(prompts: Prompts, options: DebiasOptions) -> BalanceCandidate:
     """The balance edit's texts that weigh its change, all normalised: the class prompts (weight 1),
     and the anchors at ``anchor_weight``: the group prompts and every distinct caption of the
@@ -393,7 +423,10 @@ def balance_candidate(prompts: Prompts, options: DebiasOptions) -> BalanceCandid
         if texts is not None:
             parts.append(texts)
             weights.append(torch.full((len(texts),), weight))
-    return BalanceCandidate(options.balance_options, torch.cat(parts), torch.cat(weights))
+    open_ok = options.balance_mode in ("auto", "open") and options.balance_options.side == "text"
+    return BalanceCandidate(options.balance_options, torch.cat(parts), torch.cat(weights),
+                            open_options=options.open_options if open_ok else None,
+                            fixed=options.balance_mode in ("auto", "fixed"))
 
 
 def run_search(loaded: LoadedModel, probes: Probes, prompts: Prompts, options: DebiasOptions,
@@ -436,16 +469,24 @@ def make_plan(loaded: LoadedModel, choice: Choice, options: DebiasOptions, probe
                                       "chosen": list(neurons_entry.ids)}
     if search.balance is not None:
         probe = probes.first
-        plan.balance = [search.balance.edit({
-            "method": "clipsurgery balance: least change of the embeddings under 'equal mean score of every "
-                      "group's nearest images' constraints per neutral query (closed form, iterated)",
-            "queries": list(probe.queries), "groups": list(probe.group_names), "attribute": probe.attribute,
-            "group_prompts": list(probe.group_prompts),  # anchors that must not move, and the group-accuracy prompts
-            "selection_images": sum(len(p) for p in probes.selection),
-            "options": dataclasses.asdict(options.balance_options), "fit": search.balance.statistics(),
-            "held_out_queries": search.held_out.to_dict() if search.held_out is not None else None,
-            "covers": "the queries it was fit on; other queries get only what they share with them "
-                      "(see held_out_queries)"})]
+        common = {"queries": list(probe.queries), "groups": list(probe.group_names), "attribute": probe.attribute,
+                  "group_prompts": list(probe.group_prompts),  # anchors / gate prompts, and the group-accuracy prompts
+                  "selection_images": sum(len(p) for p in probes.selection), "fit": search.balance.statistics(),
+                  "held_out_queries": search.held_out.to_dict() if search.held_out is not None else None}
+        if isinstance(search.balance, OpenBalanceFit):
+            plan.open_balance = [search.balance.edit({
+                "method": "clipsurgery open balance: per text, the least change giving equal mean score to every "
+                          "group's nearest bank images (closed form in the text graph), gated by the text's lean "
+                          "toward one group prompt", **common,
+                "options": dataclasses.asdict(options.open_options),
+                "covers": "every text: the queries listed only calibrate the gate (see held_out_queries)"})]
+        else:
+            plan.balance = [search.balance.edit({
+                "method": "clipsurgery balance: least change of the embeddings under 'equal mean score of every "
+                          "group's nearest images' constraints per neutral query (closed form, iterated)", **common,
+                "options": dataclasses.asdict(options.balance_options),
+                "covers": "the queries it was fit on; other queries get only what they share with them "
+                          "(see held_out_queries)"})]
     plan.validate()
     if plan.empty:
         raise SurgeryError("no edit lowered bias within the accuracy, recall and group-accuracy budgets; raise "
@@ -459,8 +500,8 @@ def bake_and_export(loaded: LoadedModel, plan: SurgeryPlan, out: str, probes: Pr
     model and what was written."""
     patched = copy.copy(loaded)
     patched.model = bake_copy(loaded.model, plan)  # shares every tensor the plan leaves alone
-    say(f"baked {len(plan.heads)} head edits, {sum(len(n.ids) for n in plan.neurons)} neuron deactivations and "
-        f"{len(plan.balance)} balance edit(s); exporting {out}")
+    say(f"baked {len(plan.heads)} head edits, {sum(len(n.ids) for n in plan.neurons)} neuron deactivations, "
+        f"{len(plan.balance)} balance edit(s) and {len(plan.open_balance)} open balance(s); exporting {out}")
     if not out.endswith(".onnx"):
         export_safetensors(patched, out, plan, force=options.force)
         return patched, [out]
@@ -474,7 +515,8 @@ def compare_before_after(loaded: LoadedModel, patched: LoadedModel, out: str, pr
                          report_dir: str, work: str, say: Say) -> dict:
     """The exported model against the original on the report's images; writes the report. A tower
     that was not exported (--tower vision|text) is run as the patched PyTorch model."""
-    vision_unchanged = not any(e.tower == "vision" for e in (*plan.heads, *plan.neurons, *plan.balance))
+    vision_unchanged = not any(e.tower == "vision" for e in (*plan.heads, *plan.neurons, *plan.balance,
+                                                              *plan.open_balance))
     say("comparing before / after" + (" (the plan leaves the image tower as it was: the report's images are "
                                       "embedded once, and the exported image tower was parity-checked)"
                                       if vision_unchanged else ""))
@@ -527,8 +569,14 @@ def contribution_lines(choice: Choice, k: int, removal_offered: bool = True) -> 
         lines.append(f"edit search: {b['trials']} trials in {b['seconds']:.1f} s (budget: {limits}); stopped: "
                      f"{b['stopped_by']}")
     if search.held_out is not None and search.held_out.cut is not None:
-        lines.append(f"the balance edit covers the {len(search.held_out.per_query)} queries it was fit on; a query "
-                     f"left out of the fit is cut {search.held_out.cut:.0%} on the mean (two folds, selection draws)")
+        if isinstance(search.balance, OpenBalanceFit):
+            lines.append(f"the open balance corrects every text at run time (the {len(search.held_out.per_query)} "
+                         f"queries only calibrate its gate); a query left out of the calibration is cut "
+                         f"{search.held_out.cut:.0%} on the mean (two folds, selection draws)")
+        else:
+            lines.append(f"the balance edit covers the {len(search.held_out.per_query)} queries it was fit on; a "
+                         f"query left out of the fit is cut {search.held_out.cut:.0%} on the mean (two folds, "
+                         "selection draws)")
     return lines
 
 

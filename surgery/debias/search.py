@@ -39,13 +39,17 @@ from surgery.audit.set_search import forward_select
 from surgery.audit.vision import AuditResult
 from surgery.debias.balance import BalanceFit, BalanceOptions, Draw, Texts, fit_balance, held_out_queries
 from surgery.debias.budget import Budget
+from surgery.debias.open_balance import OpenBalanceFit, OpenBalanceOptions, fit_open_balance, open_held_out_queries
 from surgery.debias.heads import SearchResult, mean_figures
 from surgery.runtime.progress import format_seconds
 
 HeadKey = tuple[int, int]
-# A candidate edit: ("head", (layer, head), kept scale), ("latent", latent id, None) or ("balance", None, None)
+# A candidate edit: ("head", (layer, head), kept scale), ("latent", latent id, None), ("balance", None, None)
+# (the fixed map) or ("open", None, None) (the open-vocabulary balance; the two balances exclude each other)
 Edit = tuple[str, object, float | None]
 BALANCE: Edit = ("balance", None, None)
+OPEN: Edit = ("open", None, None)
+BALANCES = (BALANCE, OPEN)
 
 
 @dataclass
@@ -56,6 +60,10 @@ class BalanceCandidate:
     options: BalanceOptions
     pool: torch.Tensor
     pool_weights: torch.Tensor
+    # the open-vocabulary balance as a candidate too (None: the fixed map only); its bank is the
+    # first selection draw's images, as the set's removal edits leave them
+    open_options: OpenBalanceOptions | None = None
+    fixed: bool = True  # the fixed map as a candidate
 
 
 @dataclass
@@ -137,15 +145,22 @@ def search_edits(model: nn.Module, probes: Sequence[ProbeSet], audit: AuditResul
         fix = S.deactivation(sae, ids, options.alpha, options.form) if ids else None
         return [fix(emb) if fix is not None else emb for emb in cache(heads)]
 
-    def fit(embs: list[torch.Tensor]) -> BalanceFit:
-        return fit_balance(Texts(query_emb, balance.pool, balance.pool_weights),
-                           [Draw(e, p.groups) for e, p in zip(embs, probes)], n_groups, balance.options)
+    def fit(embs: list[torch.Tensor], kind: Edit = BALANCE) -> BalanceFit | OpenBalanceFit:
+        draws = [Draw(e, p.groups) for e, p in zip(embs, probes)]
+        if kind == OPEN:
+            return fit_open_balance(query_emb, group_emb, draws[:1], n_groups, balance.open_options,
+                                    {"from": "the first selection draw", "draw_images": len(probes[0])})
+        return fit_balance(Texts(query_emb, balance.pool, balance.pool_weights), draws, n_groups, balance.options)
+
+    def chosen_balance(items: Sequence[Edit]) -> Edit | None:
+        return next((item for item in items if item in BALANCES), None)
 
     def evaluate(items: list[Edit]) -> dict:
         embs = embeddings(items)
         texts = [query_emb, class_emb, group_emb, *captions]
-        if BALANCE in items:
-            fitted = fit(embs)
+        kind = chosen_balance(items)
+        if kind is not None:
+            fitted = fit(embs, kind)
             embs = [fitted.apply_images(e) for e in embs]
             texts = [None if t is None else F.normalize(fitted.apply_texts(t), dim=-1) for t in texts]
         q, c, g, *caps = texts
@@ -154,7 +169,7 @@ def search_edits(model: nn.Module, probes: Sequence[ProbeSet], audit: AuditResul
 
     def shortlist(chosen: list[Edit], open_: list[Edit]) -> list[Edit]:
         heads, ids = split(chosen)
-        out: list[Edit] = [BALANCE] if BALANCE in open_ else []
+        out: list[Edit] = [item for item in BALANCES if item in open_]
         left = None if options.max_head_sets is None else max(0, options.max_head_sets - cache.computed)
         if len(heads) < options.max_heads and left != 0:
             open_heads = list(dict.fromkeys(item[1] for item in open_ if item[0] == "head"))
@@ -167,7 +182,10 @@ def search_edits(model: nn.Module, probes: Sequence[ProbeSet], audit: AuditResul
 
     rank_heads = head_shortlist(options.confirm, audit.sweep, probes[0], options.k, query_emb.shape[0]) \
         if audit is not None else None
-    candidates: list[Edit] = [BALANCE] if balance is not None else []
+    candidates: list[Edit] = []
+    if balance is not None:
+        candidates += [BALANCE] if balance.fixed else []
+        candidates += [OPEN] if balance.open_options is not None and group_emb is not None else []
     if options.max_heads > 0 and audit is not None:
         candidates += [("head", head, scale) for head in audit.cheap_rank for scale in options.scales]
     if sae is not None:
@@ -185,13 +203,19 @@ def search_edits(model: nn.Module, probes: Sequence[ProbeSet], audit: AuditResul
     met = budget.bias_met(before, selection.after)
     heads, ids = split(selection.chosen)
     fitted = held_out = None
-    if BALANCE in selection.chosen:
+    kind = chosen_balance(selection.chosen)
+    if kind is not None:
         embs = embeddings(selection.chosen)
-        fitted = fit(embs)
-        held_out = held_out_queries(Texts(query_emb, balance.pool, balance.pool_weights), probes[0].queries,
-                                    [Draw(e, p.groups) for e, p in zip(embs, probes)], n_groups, balance.options)
-    removal = [item for item in selection.chosen if item != BALANCE]
-    parts = {"balance only": [BALANCE] if fitted is not None else None, "removal only": removal or None,
+        fitted = fit(embs, kind)
+        draws = [Draw(e, p.groups) for e, p in zip(embs, probes)]
+        if kind == OPEN:
+            held_out = open_held_out_queries(query_emb, probes[0].queries, group_emb, draws[:1], draws, n_groups,
+                                             options.k, balance.open_options)
+        else:
+            held_out = held_out_queries(Texts(query_emb, balance.pool, balance.pool_weights), probes[0].queries,
+                                        draws, n_groups, balance.options)
+    removal = [item for item in selection.chosen if item not in BALANCES]
+    parts = {"balance only": [kind] if fitted is not None else None, "removal only": removal or None,
              "both": selection.chosen if fitted is not None and removal else None}
     contributions = {name: evaluate(items) if items is not None else None for name, items in parts.items()}
     return SearchResult(heads, met, before, selection.after, _compact(selection.steps), latents=ids,
@@ -204,8 +228,9 @@ def search_edits(model: nn.Module, probes: Sequence[ProbeSet], audit: AuditResul
 
 
 def _conflict(a: Edit, b: Edit) -> bool:
-    """One head at two scales cannot be chosen together; any candidate conflicts with itself."""
-    return a == b or (a[0] == b[0] == "head" and a[1] == b[1])
+    """One head at two scales cannot be chosen together, nor the two balances; any candidate
+    conflicts with itself."""
+    return a == b or (a[0] == b[0] == "head" and a[1] == b[1]) or (a in BALANCES and b in BALANCES)
 
 
 def _describe(item: Edit) -> dict:
@@ -213,12 +238,16 @@ def _describe(item: Edit) -> dict:
         return {"head": list(item[1]), "scale": item[2]}
     if item == BALANCE:
         return {"balance": True}
+    if item == OPEN:
+        return {"balance": "open"}
     return {"latent": item[1]}
 
 
 def _name(item: Edit) -> str:
     if item == BALANCE:
         return "balance"
+    if item == OPEN:
+        return "open balance"
     return f"L{item[1][0]}.H{item[1][1]}@{item[2]:g}" if item[0] == "head" else f"latent {item[1]}"
 
 

@@ -7,6 +7,9 @@ For head ``h`` of a block, with ``sl = h*d:(h+1)*d`` the head's columns of ``out
 * mean ablation:  ``out_proj.bias += (1 - s) * W_O[:, sl] @ mean_h`` (with the original W_O), then
   ``W_O[:, sl] *= s``
 
+An open balance (per-text correction from a bank of images, :mod:`surgery.model.open_balance`) is
+no weight change: its module is attached to the text tower's output, after the projection.
+
 A balance edit ``e -> e + U (V^T e)`` of a tower's output embedding folds into its projection:
 
 * a matrix ``P`` (width, D) with ``e = x @ P``:  ``P += (P @ V) @ U^T``
@@ -21,10 +24,11 @@ import copy
 import torch
 from torch import nn
 
-from surgery.edit.plan import BalanceEdit, SurgeryPlan
+from surgery.edit.plan import BalanceEdit, OpenBalanceEdit, SurgeryPlan
 from surgery.errors import PlanError, UnsupportedTowerError
 from surgery.model.attention import set_head_edits, swap_attention
 from surgery.model.neurons import attach
+from surgery.model.open_balance import OpenBalance, attach_open_balance
 from surgery.model.towers import get_towers
 from surgery.sae import deactivation, load_sae
 
@@ -46,9 +50,18 @@ def bake(model: nn.Module, plan: SurgeryPlan) -> nn.Module:
         weight[:, cols] *= edit.scale
     for edit in plan.balance:
         bake_balance(model, edit)
+    for edit in plan.open_balance:
+        attach_open_balance(model, open_balance_module(edit, next(model.parameters()).device))
     if plan.neurons:
         bake_neurons(model, plan)
     return model
+
+
+def open_balance_module(edit: OpenBalanceEdit, device: torch.device | str = "cpu") -> OpenBalance:
+    """The text tower's open-balance module of a plan entry (float32 buffers from the plan's numbers)."""
+    return OpenBalance(torch.tensor(edit.bank, dtype=torch.float32, device=device),
+                       torch.tensor(edit.contrast, dtype=torch.float32, device=device),
+                       **edit.module_values()).eval()
 
 
 def bake_copy(model: nn.Module, plan: SurgeryPlan) -> nn.Module:
@@ -140,6 +153,8 @@ def apply_runtime(model: nn.Module, plan: SurgeryPlan, backend: str = "math") ->
                         "embedding site; bake the plan instead")
     for edit in plan.balance:
         _wrap_output(model, edit.tower, balance_map(edit))
+    for edit in plan.open_balance:  # after the fixed map, as bake orders them
+        _wrap_output(model, "text", open_balance_module(edit, next(model.parameters()).device))
     swap_attention(model, backend=backend)
     device = next(model.parameters()).device
     for tower, view in get_towers(model).items():

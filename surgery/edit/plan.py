@@ -43,9 +43,11 @@ from surgery.sae.model import read_sae_config
 
 log = logging.getLogger(__name__)
 
-SCHEMA = "clipsurgery.plan/2"
-#: Plans this version reads: /1 had no balance edits.
-READABLE_SCHEMAS = ("clipsurgery.plan/1", SCHEMA)
+SCHEMA = "clipsurgery.plan/3"
+#: Plans this version reads: /1 had no balance edits, /2 no open balance.
+READABLE_SCHEMAS = ("clipsurgery.plan/1", "clipsurgery.plan/2", SCHEMA)
+#: The most bank images an open balance carries (each text is scored against all of them).
+MAX_OPEN_BANK = 8192
 ABLATIONS = ("zero", "mean")
 
 
@@ -175,6 +177,75 @@ class BalanceEdit:
         return None
 
 
+@dataclass
+class OpenBalanceEdit:
+    """The open-vocabulary balance (surgery.model.open_balance): a per-text closed-form correction of
+    the text embedding toward equal evidence in every group's nearest bank images, gated off for
+    texts that name a group. Applied after the text projection (and after a fixed balance map)."""
+
+    tower: str  # "text" (the only tower it acts on)
+    bank: list[list[float]]  # (n, D) L2-normalised image embeddings, sorted by group
+    group_counts: list[int]  # (G,) bank rows per group, in group order
+    contrast: list[list[float]]  # (G, D) normalised group prompts minus their mean
+    neighbours: int  # M: each group's nearest bank images a text is balanced on
+    lean_ref: float  # the group prompts' own mean lean (the lean unit)
+    gate_lo: float  # texts leaning at most this are corrected fully
+    gate_hi: float  # texts leaning at least this are left alone (they name a group)
+    iterations: int = 1  # neighbourhoods re-chosen under the corrected text
+    provenance: dict[str, Any] = field(default_factory=dict)  # bank source, gate calibration, held-out figures
+
+    @property
+    def dim(self) -> int:
+        return len(self.bank[0]) if self.bank and isinstance(self.bank[0], list) else 0
+
+    def validate(self, where: str) -> None:
+        if self.tower != "text":
+            raise PlanError(f"{where}: the open balance acts on the text tower only, got tower {self.tower!r}")
+        _matrix(self.bank, f"{where}: bank")
+        _matrix(self.contrast, f"{where}: contrast")
+        if len(self.bank) > MAX_OPEN_BANK:
+            raise PlanError(f"{where}: the bank has {len(self.bank)} images; at most {MAX_OPEN_BANK} are allowed")
+        if len(self.contrast[0]) != self.dim:
+            raise PlanError(f"{where}: contrast rows have {len(self.contrast[0])} numbers, bank rows {self.dim}")
+        counts = self.group_counts
+        if not isinstance(counts, list) or len(counts) < 2 or not all(
+                isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in counts):
+            raise PlanError(f"{where}: group_counts must list two or more positive integers (bank rows per group)")
+        if sum(counts) != len(self.bank) or len(counts) != len(self.contrast):
+            raise PlanError(f"{where}: group_counts {counts} must add up to the bank's {len(self.bank)} rows and "
+                            f"have one entry per contrast row ({len(self.contrast)})")
+        for name, low in (("neighbours", 1), ("iterations", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise PlanError(f"{where}: {name} must be an integer >= {low}, got {value!r}")
+        if self.neighbours > min(counts):
+            raise PlanError(f"{where}: neighbours {self.neighbours} is more than the smallest group's "
+                            f"{min(counts)} bank images")
+        for name in ("lean_ref", "gate_lo", "gate_hi"):
+            if not _finite(getattr(self, name)):
+                raise PlanError(f"{where}: {name} must be a finite number, got {getattr(self, name)!r}")
+        if not self.lean_ref > 0:
+            raise PlanError(f"{where}: lean_ref must be > 0, got {self.lean_ref}")
+        if not self.gate_hi > self.gate_lo:
+            raise PlanError(f"{where}: gate_hi ({self.gate_hi}) must be above gate_lo ({self.gate_lo})")
+        if not isinstance(self.provenance, dict):
+            raise PlanError(f"{where}: provenance must be a JSON object")
+
+    def module_values(self) -> dict:
+        """The plain values the model's module is rebuilt from (no bank, no provenance)."""
+        return {"group_counts": list(self.group_counts), "neighbours": self.neighbours, "lean_ref": self.lean_ref,
+                "gate_lo": self.gate_lo, "gate_hi": self.gate_hi, "iterations": self.iterations}
+
+
+def _matrix(rows: Any, where: str) -> None:
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, list) for r in rows):
+        raise PlanError(f"{where} must be a non-empty list of rows of numbers")
+    if len({len(r) for r in rows}) != 1 or not rows[0]:
+        raise PlanError(f"{where} must have rows of one length >= 1")
+    if not all(_finite(x) for r in rows for x in r):
+        raise PlanError(f"{where} must hold finite numbers only (no NaN, inf or strings)")
+
+
 def _parse_edits(items: Any, name: str, cls: type, required: tuple[str, ...]) -> list:
     """Dicts -> edit dataclasses, with errors naming the entry, unknown keys and missing keys."""
     if not isinstance(items, list):
@@ -200,6 +271,7 @@ class SurgeryPlan:
     heads: list[HeadEdit] = field(default_factory=list)
     neurons: list[NeuronEdit] = field(default_factory=list)  # SAE latent deactivations
     balance: list[BalanceEdit] = field(default_factory=list)  # low-rank maps of an output embedding, one per tower
+    open_balance: list[OpenBalanceEdit] = field(default_factory=list)  # at most one: the text tower's open balance
     provenance: dict[str, Any] = field(default_factory=dict)  # how the edits were chosen
     schema: str = SCHEMA
 
@@ -226,12 +298,18 @@ class SurgeryPlan:
             if edit.tower in towers:
                 raise PlanError(f"balance[{i}]: a second balance edit of the {edit.tower} tower; fit one map per tower")
             towers.add(edit.tower)
+        for i, edit in enumerate(self.open_balance):
+            edit.validate(f"open_balance[{i}]")
+        if len(self.open_balance) > 1:
+            raise PlanError("open_balance: a plan holds at most one open balance (of the text tower)")
+        if self.open_balance and any(n.tower == "text" and n.site == "embedding" for n in self.neurons):
+            raise PlanError("open_balance: a plan cannot also carry a neuron edit at the text embedding site")
         return self
 
     @property
     def empty(self) -> bool:
         """No edit of any kind."""
-        return not (self.heads or self.neurons or self.balance)
+        return not (self.heads or self.neurons or self.balance or self.open_balance)
 
     def check_fits(self, model, sha256: str | None, *, force: bool = False) -> None:
         """Raise unless every edit addresses an existing head and the plan was made for this model."""
@@ -274,10 +352,14 @@ class SurgeryPlan:
             view = towers[edit.tower]
             if view.projection is None:
                 raise PlanError(f"balance[{i}]: the {edit.tower} tower has no output projection to fold the map into")
-            width = view.projection.out_features if hasattr(view.projection, "out_features") \
-                else int(view.projection.shape[1])
+            width = _embedding_width(view)
             if edit.dim != width:
                 raise PlanError(f"balance[{i}]: the map is {edit.dim}-dimensional but the {edit.tower} embedding has "
+                                f"{width} dimensions; the plan was fit for another model")
+        for i, edit in enumerate(self.open_balance):
+            width = _embedding_width(towers["text"])
+            if width is not None and edit.dim != width:
+                raise PlanError(f"open_balance[{i}]: the bank is {edit.dim}-dimensional but the text embedding has "
                                 f"{width} dimensions; the plan was fit for another model")
 
     # ---------------------------------------------------------------------------------- I/O
@@ -286,6 +368,8 @@ class SurgeryPlan:
                "neurons": [asdict(n) for n in self.neurons]}
         if self.balance:
             out["balance"] = [asdict(b) for b in self.balance]
+        if self.open_balance:
+            out["open_balance"] = [asdict(b) for b in self.open_balance]
         out["provenance"] = self.provenance
         return out
 
@@ -293,10 +377,10 @@ class SurgeryPlan:
     def from_dict(cls, data: Any) -> "SurgeryPlan":
         if not isinstance(data, dict):
             raise PlanError("a plan must be a JSON object with 'schema', 'source' and 'heads'")
-        unknown = sorted(set(data) - {"schema", "source", "heads", "neurons", "balance", "provenance"})
+        unknown = sorted(set(data) - {"schema", "source", "heads", "neurons", "balance", "open_balance", "provenance"})
         if unknown:
             raise PlanError(f"unknown plan keys {', '.join(unknown)}; allowed: schema, source, heads, neurons, "
-                            "balance, provenance")
+                            "balance, open_balance, provenance")
         for key in ("source", "provenance"):
             if not isinstance(data.get(key, {}), dict):
                 raise PlanError(f"'{key}' must be a JSON object, got {type(data[key]).__name__}")
@@ -310,8 +394,11 @@ class SurgeryPlan:
         edits = _parse_edits(data.get("heads", []), "heads", HeadEdit, ("tower", "layer", "head"))
         neurons = _parse_edits(data.get("neurons", []) or [], "neurons", NeuronEdit, ("tower", "sae", "ids"))
         balance = _parse_edits(data.get("balance", []) or [], "balance", BalanceEdit, ("tower", "u", "v"))
+        open_balance = _parse_edits(data.get("open_balance", []) or [], "open_balance", OpenBalanceEdit,
+                                    ("tower", "bank", "group_counts", "contrast", "neighbours", "lean_ref", "gate_lo",
+                                     "gate_hi"))
         plan = cls(source=dict(data.get("source", {})), heads=edits, neurons=neurons, balance=balance,
-                   provenance=dict(data.get("provenance", {})), schema=data.get("schema", ""))
+                   open_balance=open_balance, provenance=dict(data.get("provenance", {})), schema=data.get("schema", ""))
         return plan.validate()
 
     @classmethod
@@ -366,7 +453,7 @@ class SurgeryPlan:
                             "tower's embedding site: baked together, the balance would act before the neurons")
         merged = SurgeryPlan(source=self.source or other.source, heads=[*self.heads, *other.heads],
                              neurons=[*self.neurons, *other.neurons], balance=[*self.balance, *other.balance],
-                             provenance={"merged": [self.provenance, other.provenance], "stacked": stacked})
+                             open_balance=[*self.open_balance, *other.open_balance], provenance={"merged": [self.provenance, other.provenance], "stacked": stacked})
         return merged.validate()
 
     def head_scales(self, tower: str, n_layers: int, n_heads: int):
@@ -378,6 +465,14 @@ class SurgeryPlan:
             if edit.tower == tower:
                 scales[edit.layer, edit.head] = edit.scale
         return scales
+
+
+def _embedding_width(view) -> int | None:
+    """The width of a tower's output embedding (its projection's output), None without a projection."""
+    proj = view.projection
+    if proj is None:
+        return None
+    return proj.out_features if hasattr(proj, "out_features") else int(proj.shape[1])
 
 
 def _finite(value: Any) -> bool:

@@ -33,6 +33,7 @@ from surgery.io.checkpoint import RawCheckpoint, read_checkpoint, sha256_file
 from surgery.io.metadata import META_ARCH, META_MODEL_CONFIG
 from surgery.model import arch as arch_mod
 from surgery.model.neurons import reattach, split_state
+from surgery.model.open_balance import attach_open_balance, open_balance_from_state, split_open_balance_state
 from surgery.model.preprocess import default_preprocess, tokenizer_info
 from surgery.model.tiny import build_tiny_clip
 
@@ -97,7 +98,8 @@ def load_file(path: str, *, arch: str | None = None, source: str | None = None,
     arch_mod.check_supported(cfg, name)
     model = arch_mod.build_model(cfg)
 
-    plain_state, neuron_state = split_state(raw.state_dict)
+    rest, open_state = split_open_balance_state(raw.state_dict)
+    plain_state, neuron_state = split_state(rest)
     state = arch_mod.normalise_keys(plain_state, cfg)
     problem = arch_mod.state_dict_matches(state, cfg)
     if problem:
@@ -111,6 +113,8 @@ def load_file(path: str, *, arch: str | None = None, source: str | None = None,
         if not metadata.get("plan"):
             raise CheckpointError(f"{path}: has neuron-module weights but no plan in its metadata; re-export it")
         reattach(model, _neuron_edits(metadata["plan"], path), neuron_state)
+    if open_state:
+        attach_open_balance(model, _open_balance(metadata.get("plan"), open_state, path))
     given = preprocess or metadata.pop("preprocess", None) or _sidecar_preprocess(raw) or {}
     pre = {**default_preprocess(cfg), **{k: (list(v) if isinstance(v, tuple) else v) for k, v in given.items()}}
     open_clip.model.set_model_preprocess_cfg(model, _as_preprocess_cfg(pre))
@@ -126,6 +130,18 @@ def _neuron_edits(plan: object, path: str) -> list[dict]:
     if not isinstance(edits, list) or not all(isinstance(e, dict) and isinstance(e.get("ids"), list) for e in edits):
         raise CheckpointError(f"{path}: the plan in its metadata has malformed neuron edits; re-export it")
     return edits
+
+
+def _open_balance(plan: object, buffers: dict, path: str):
+    """The open-balance module of a checkpoint from its buffers and its plan's entry."""
+    entries = plan.get("open_balance") if isinstance(plan, dict) else None
+    if not isinstance(entries, list) or len(entries) != 1 or not isinstance(entries[0], dict):
+        raise CheckpointError(f"{path}: has open-balance weights but its metadata's plan does not describe exactly "
+                              "one open balance; re-export it")
+    try:
+        return open_balance_from_state(entries[0], buffers)
+    except SurgeryError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
 
 
 def _resolve_config(raw: RawCheckpoint, arch: str | None, path: str) -> tuple[str, dict]:
