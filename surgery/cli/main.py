@@ -77,14 +77,14 @@ def inspect(model: str, arch: str | None, pretrained: str | None, as_json: bool)
 
 
 # ---------------------------------------------------------------------------------- bake/export
-def _export(loaded, out, plan, tower, precision, normalize, opset, force, graph="auto"):
+def _export(loaded, out, plan, tower, precision, normalize, opset, force, graph="auto", inputs=()):
     if out.endswith(".safetensors"):
-        export_safetensors(loaded, out, plan, force=force)
+        export_safetensors(loaded, out, plan, force=force, inputs=inputs)
         click.echo(f"wrote {out}")
     elif out.endswith(".onnx"):
         results = export_onnx(loaded, out, plan, OnnxOptions(tower=tower, precision=precision,
                                                              normalize=normalize, opset=opset, force=force,
-                                                             graph=graph))
+                                                             graph=graph, inputs=inputs))
         for name, res in results.items():
             click.echo(f"wrote {res['path']}  ({name}, {res['graph']} graph; ONNX Runtime vs PyTorch max abs error "
                        f"{res['max_abs_error']:.2e})")
@@ -121,7 +121,8 @@ def bake(model, plan_path, out, tower, precision, normalize, opset, graph, force
     prior = loaded.metadata.get("plan")
     record = SurgeryPlan.from_dict(prior).merged(plan, stacked=True) if prior else plan  # validates first
     bake_plan(loaded.model, plan)  # only the new edits: the prior ones are already in the weights
-    _export(loaded, out, record, tower, precision, normalize, opset, force, graph)
+    inputs = (plan_path, *(n.sae for n in plan.neurons))  # the plan and its SAE folders are never overwritten
+    _export(loaded, out, record, tower, precision, normalize, opset, force, graph, inputs)
 
 
 @main.command()
@@ -278,6 +279,7 @@ def debias(model_in, out, images_dir, labels_path, attributes, queries_path, gro
                          attribute=attributes.split(",")[0] if attributes else None,
                          queries=load_queries(queries_path) if queries_path else None,
                          group_prompts=load_group_prompts(group_prompts_path) if group_prompts_path else None,
+                         inputs=(queries_path, group_prompts_path),
                          progress=lambda msg: click.echo(msg, err=True))
     click.echo(summary["table"])
     for line in summary["lines"]:
@@ -324,7 +326,7 @@ def balance(model_in, images_dir, labels_path, attributes, queries_path, group_p
                           attribute=attributes.split(",")[0] if attributes else None,
                           queries=load_queries(queries_path) if queries_path else None,
                           group_prompts=load_group_prompts(group_prompts_path) if group_prompts_path else None,
-                          force=force,
+                          force=force, inputs=(queries_path, group_prompts_path),
                           progress=lambda msg: click.echo(msg, err=True))
     for line in summary["lines"]:
         click.echo(line)

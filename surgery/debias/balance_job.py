@@ -30,10 +30,12 @@ from surgery.world.checkpoint import world_params_of
 
 def run_balance(model_in: str, plan_out: str, options: DebiasOptions, *, images_dir: str | None = None,
                 labels_path: str | None = None, attribute: str | None = None, queries: list[str] | None = None,
-                group_prompts: dict[str, str] | None = None, force: bool = False, progress: Callable[[str], None] | None = None) -> dict:
-    """Fit the balance edit of ``model_in`` and save its plan to ``plan_out``; returns the lines to print."""
+                group_prompts: dict[str, str] | None = None, force: bool = False, progress: Callable[[str], None] | None = None,
+                inputs: tuple = ()) -> dict:
+    """Fit the balance edit of ``model_in`` and save its plan to ``plan_out``; returns the lines to print.
+    ``inputs``: the other files the caller read (the queries and group-prompts files): never overwritten."""
     say = progress or (lambda msg: None)
-    check_output_path(plan_out, inputs=(model_in, labels_path), force=force)
+    check_output_path(plan_out, inputs=(model_in, labels_path, images_dir, *inputs), force=force)
     loaded = load(model_in)
     params = world_params_of(loaded)
     if images_dir:

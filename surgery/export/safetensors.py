@@ -22,9 +22,11 @@ def model_metadata(loaded: LoadedModel, plan: SurgeryPlan | None) -> dict[str, o
     }
 
 
-def export_safetensors(loaded: LoadedModel, out: str, plan: SurgeryPlan | None = None, *, force: bool = False) -> str:
-    """The whole (patched) model as one safetensors file with its config and plan in the metadata."""
-    check_output_path(out, inputs=(loaded.source,), force=force)
+def export_safetensors(loaded: LoadedModel, out: str, plan: SurgeryPlan | None = None, *, force: bool = False,
+                       inputs: tuple = ()) -> str:
+    """The whole (patched) model as one safetensors file with its config and plan in the metadata.
+    ``inputs``: other files and folders the run read (a plan, its SAE, probe data): never overwritten."""
+    check_output_path(out, inputs=(loaded.source, *inputs), force=force)
     check_finite_outputs(loaded)
     metadata = {k: v for k, v in model_metadata(loaded, plan).items() if v is not None}
     state = {k: v.float() if v.is_floating_point() else v for k, v in loaded.model.state_dict().items()}
