@@ -42,6 +42,7 @@ from surgery.io.fs import check_output_folder, check_output_path, staging_dir
 from surgery.io.images import resolve_images_dir
 from surgery.io.labels import load_labels, split_label_table, write_labels_csv
 from surgery.io.onnx import onnx_paths
+from surgery.io.queries import check_query_count, unique_queries
 from surgery.metrics.bias import BiasConventions
 from surgery.model.encode import text_embeddings
 from surgery.model.loading import LoadedModel, load
@@ -202,6 +203,8 @@ def run_debias(model_in: str, out: str, options: DebiasOptions, *, images_dir: s
     say = progress or (lambda msg: None)
     outputs = Outputs.of(out, options.tower)
     outputs.check(model_in, options.force, (images_dir, labels_path, *inputs), sae_needed=options.neurons)
+    queries = checked_queries(queries)
+    check_exported_towers(out, options.tower, possible_towers(options))
     loaded = load(model_in)
     work = staging_dir("clipsurgery-debias-")
     neurons, placed, plan_saved = None, False, False
@@ -213,6 +216,7 @@ def run_debias(model_in: str, out: str, options: DebiasOptions, *, images_dir: s
         neurons, search = choice.neurons, choice.search
         entry = neuron_edit(outputs.sae, search.latents, NeuronStageOptions()) if search.latents else None
         plan = make_plan(loaded, choice, options, probes, entry)
+        check_exported_towers(out, options.tower, edited_towers(plan), every=True)
         remove_previous(outputs)  # --force: an earlier run's plan and SAE go together, before either is replaced
         if entry is not None:
             os.replace(neurons.staging, outputs.sae)  # complete: trained in staging beside it
@@ -230,6 +234,42 @@ def run_debias(model_in: str, out: str, options: DebiasOptions, *, images_dir: s
             shutil.rmtree(neurons.staging, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
     return summarise(result, choice, exported, outputs, plan, options)
+
+
+def possible_towers(options: DebiasOptions) -> set[str]:
+    """The towers the run's edit kinds can change: heads and neurons the image tower, the balance
+    edit the tower of its side."""
+    towers = {"vision"} if options.heads or options.neurons else set()
+    if options.balance:
+        towers.add("text" if options.balance_options.side == "text" else "vision")
+    return towers
+
+
+def edited_towers(plan: SurgeryPlan) -> set[str]:
+    """The towers ``plan`` changes."""
+    return {edit.tower for edit in (*plan.heads, *plan.neurons, *plan.balance)}
+
+
+def check_exported_towers(out: str, tower: str, towers: set[str], every: bool = False) -> None:
+    """Refuse an ONNX export of ``tower`` that would carry none (``every``: not all) of the edits in
+    ``towers``: the shipped file would not be the debiased model the report measures."""
+    if not out.endswith(".onnx") or tower == "both" or not towers:
+        return
+    left_out = sorted(t for t in towers if t != tower)
+    if left_out and (every or tower not in towers):
+        raise SurgeryError(f"the edits {'chosen' if every else 'asked for'} change the {' and '.join(left_out)} "
+                           f"tower, which --tower {tower} does not export (the file would not carry them); pass "
+                           + ("--tower both" if tower in towers else f"--tower {left_out[0]} or --tower both")
+                           + ("; nothing was written" if every else ""))
+
+
+def checked_queries(queries: list[str] | None) -> list[str] | None:
+    """The user's queries without repeats (first order kept), refused up front above the cap."""
+    if queries is None:
+        return None
+    queries = unique_queries(list(queries))
+    check_query_count(queries, "--queries")
+    return queries
 
 
 def build_probes(loaded: LoadedModel, model_in: str, options: DebiasOptions, work: str, images_dir: str | None,
