@@ -49,6 +49,23 @@ READABLE_SCHEMAS = ("clipsurgery.plan/1", SCHEMA)
 ABLATIONS = ("zero", "mean")
 
 
+#: Most digits a plan's integer may have (layer, head and latent indices are small): json would
+#: otherwise convert a 5,000-digit number, or fail with Python's own limit message.
+MAX_INT_DIGITS = 30
+
+
+class _LongNumber(ValueError):
+    pass
+
+
+def _plan_int(text: str) -> int:
+    """``parse_int`` for plan files: refuses absurdly long integers before converting them."""
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INT_DIGITS:
+        raise _LongNumber(digits)
+    return int(text)
+
+
 @dataclass
 class HeadEdit:
     tower: str  # "vision" | "text"
@@ -148,6 +165,8 @@ class BalanceEdit:
     def validate(self, where: str) -> None:
         if self.tower not in TOWERS:
             raise PlanError(f"{where}: unknown tower {self.tower!r}; use one of {', '.join(TOWERS)}")
+        if not isinstance(self.provenance, dict):
+            raise PlanError(f"{where}: provenance must be a JSON object, got {type(self.provenance).__name__}")
         for name in ("u", "v"):
             rows = getattr(self, name)
             if not isinstance(rows, list) or not rows or not all(isinstance(r, list) for r in rows):
@@ -164,8 +183,6 @@ class BalanceEdit:
         bound = self.rank_bound()
         if bound is not None and self.rank > bound:
             raise PlanError(f"{where}: rank {self.rank} is above queries x (groups - 1) = {bound} of its provenance")
-        if not isinstance(self.provenance, dict):
-            raise PlanError(f"{where}: provenance must be a JSON object")
 
     def rank_bound(self) -> int | None:
         """queries x (groups - 1) when the provenance names them (the most constraints a fit has)."""
@@ -322,9 +339,11 @@ class SurgeryPlan:
             raise PlanError(f"plan file {path} does not exist; check the path")
         try:
             with open(path, encoding="utf-8") as fh:
-                data = json.load(fh)
+                data = json.load(fh, parse_int=_plan_int)
         except json.JSONDecodeError as exc:
             raise PlanError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        except _LongNumber as exc:
+            raise PlanError(f"{path} holds a {exc.args[0]}-digit integer; no plan number is that long") from None
         except UnicodeDecodeError:
             raise PlanError(f"{path} is not UTF-8 text; a plan is a JSON file") from None
         except RecursionError:
