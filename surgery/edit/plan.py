@@ -388,11 +388,12 @@ class SurgeryPlan:
                              provenance={"merged": [self.provenance, other.provenance], "stacked": stacked})
         return merged.validate()
 
-    def head_scales(self, tower: str, n_layers: int, n_heads: int):
-        """(L, H) tensor of scales (1 where no edit) for the runtime-masked model."""
+    def head_scales(self, tower: str, n_layers: int, n_heads: int, dtype=None):
+        """(L, H) tensor of scales (1 where no edit) for the runtime-masked model, in ``dtype``
+        (default float32; a float64 model needs float64 scales: 0.3 in float32 is 0.3 + 1.2e-8)."""
         import torch
 
-        scales = torch.ones(n_layers, n_heads)
+        scales = torch.ones(n_layers, n_heads, dtype=dtype or torch.float32)
         for edit in self.heads:
             if edit.tower == tower:
                 scales[edit.layer, edit.head] = edit.scale
