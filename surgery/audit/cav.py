@@ -236,7 +236,8 @@ def load_prompt_sets(source: str | Path | None = None) -> dict[str, PromptSet]:
         return builtin_prompt_sets()
     path = Path(source)
     if not path.is_file():
-        raise CAVError(f"prompt file {str(path)!r} does not exist; pass 'builtin' or a .json / .yaml file")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise CAVError(f"prompt file {str(path)!r} {what}; pass 'builtin' or a .json / .yaml file")
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() in (".yaml", ".yml"):
         data = _parse_yaml(text, path)

@@ -162,10 +162,14 @@ def folder_probe_set(images_dir: str, labels_path: str, attribute: str | None, p
     dataset = ImageFolderDataset(images_dir, labels.files, image_transform(preprocess),
                                  max_skipped_fraction=max_skipped_fraction)
     index = torch.tensor(dataset.indices, dtype=torch.long)
+    side = split_dir(labels_path, images_dir)
+    world_split = (side / WORLD_JSON).is_file() and attribute == "group" and "concept" in labels.attributes
+    if world_split and group_prompts is not None:
+        raise DataError(f"{labels_path} belongs to a world split, whose groups are named by its {WORLD_JSON}; "
+                        "the group prompts given would be ignored: drop --group-prompts")
     extra: dict = {"group_prompts": prompts_for_groups(values, group_prompts),
                    "queries": queries or NEUTRAL_QUERIES["occupations"] + NEUTRAL_QUERIES["traits"]}
-    side = split_dir(labels_path, images_dir)
-    if (side / WORLD_JSON).is_file() and attribute == "group" and "concept" in labels.attributes:
+    if world_split:
         params = load_params(side / WORLD_JSON)
         prompt_of = dict(zip(params.groups, world_group_prompts(params)))
         unknown = sorted(set(values) - set(prompt_of))

@@ -77,14 +77,14 @@ def inspect(model: str, arch: str | None, pretrained: str | None, as_json: bool)
 
 
 # ---------------------------------------------------------------------------------- bake/export
-def _export(loaded, out, plan, tower, precision, normalize, opset, force, graph="auto"):
+def _export(loaded, out, plan, tower, precision, normalize, opset, force, graph="auto", inputs=()):
     if out.endswith(".safetensors"):
-        export_safetensors(loaded, out, plan, force=force)
+        export_safetensors(loaded, out, plan, force=force, inputs=inputs)
         click.echo(f"wrote {out}")
     elif out.endswith(".onnx"):
         results = export_onnx(loaded, out, plan, OnnxOptions(tower=tower, precision=precision,
                                                              normalize=normalize, opset=opset, force=force,
-                                                             graph=graph))
+                                                             graph=graph, inputs=inputs))
         for name, res in results.items():
             click.echo(f"wrote {res['path']}  ({name}, {res['graph']} graph; ONNX Runtime vs PyTorch max abs error "
                        f"{res['max_abs_error']:.2e})")
@@ -121,7 +121,8 @@ def bake(model, plan_path, out, tower, precision, normalize, opset, graph, force
     prior = loaded.metadata.get("plan")
     record = SurgeryPlan.from_dict(prior).merged(plan, stacked=True) if prior else plan  # validates first
     bake_plan(loaded.model, plan)  # only the new edits: the prior ones are already in the weights
-    _export(loaded, out, record, tower, precision, normalize, opset, force, graph)
+    inputs = (plan_path, *(n.sae for n in plan.neurons))  # the plan and its SAE folders are never overwritten
+    _export(loaded, out, record, tower, precision, normalize, opset, force, graph, inputs)
 
 
 @main.command()
@@ -278,6 +279,7 @@ def debias(model_in, out, images_dir, labels_path, attributes, queries_path, gro
                          attribute=attributes.split(",")[0] if attributes else None,
                          queries=load_queries(queries_path) if queries_path else None,
                          group_prompts=load_group_prompts(group_prompts_path) if group_prompts_path else None,
+                         inputs=(queries_path, group_prompts_path),
                          progress=lambda msg: click.echo(msg, err=True))
     click.echo(summary["table"])
     for line in summary["lines"]:
@@ -304,30 +306,42 @@ def debias(model_in, out, images_dir, labels_path, attributes, queries_path, gro
 @click.option("--k", type=int, default=50, show_default=True)
 @click.option("--selection-draws", type=click.IntRange(1, 16), default=8, show_default=True,
               help="World models: independent draws the fit uses.")
+@click.option("--max-bias-ratio", type=float, default=0.5, show_default=True,
+              help="Target: MaxSkew after/before on the probe (less the selection margin).")
 @click.option("--max-accuracy-drop", type=float, default=2.0, show_default=True)
 @click.option("--max-recall-drop", type=float, default=2.0, show_default=True)
 @click.option("--max-group-accuracy-drop", type=float, default=2.0, show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite an existing plan (never an input).")
+@click.option("--allow-miss", is_flag=True,
+              help=f"Exit 0 even when the bias target is missed on the probe (default: exit {EXIT_TARGETS_MISSED}).")
 @_user_errors
 def balance(model_in, images_dir, labels_path, attributes, queries_path, group_prompts_path, plan_out, side, k, selection_draws,
-            max_accuracy_drop, max_recall_drop, max_group_accuracy_drop, force):
-    """Fit only the balance edit of MODEL (equal evidence per group for each neutral query) and write its plan."""
+            max_bias_ratio, max_accuracy_drop, max_recall_drop, max_group_accuracy_drop, force, allow_miss):
+    """Fit only the balance edit of MODEL (equal evidence per group for each neutral query) and write its plan.
+
+    Exit status: 0 when the targets hold on the probe, 1 on an error, 2 on bad usage, 3 when the plan
+    was written but the bias target was missed (--allow-miss exits 0 then), as debias.
+    """
     if (images_dir is None) != (labels_path is None):
         raise click.UsageError("--images and --labels go together")
     if group_prompts_path is not None and images_dir is None:
         raise click.UsageError("--group-prompts names the groups of an --images/--labels probe (a world names its own)")
-    budget = Budget(max_accuracy_drop=max_accuracy_drop / 100.0, max_recall_drop=max_recall_drop / 100.0,
-                    max_group_accuracy_drop=max_group_accuracy_drop / 100.0)
+    budget = Budget(max_bias_ratio=max_bias_ratio, max_accuracy_drop=max_accuracy_drop / 100.0,
+                    max_recall_drop=max_recall_drop / 100.0, max_group_accuracy_drop=max_group_accuracy_drop / 100.0)
     options = DebiasOptions(budget=budget, k=k, selection_draws=selection_draws, heads=False, neurons=False,
                             balance_options=BalanceOptions(side=side, k=k))
     summary = run_balance(model_in, plan_out, options, images_dir=images_dir, labels_path=labels_path,
                           attribute=attributes.split(",")[0] if attributes else None,
                           queries=load_queries(queries_path) if queries_path else None,
                           group_prompts=load_group_prompts(group_prompts_path) if group_prompts_path else None,
-                          force=force,
+                          force=force, inputs=(queries_path, group_prompts_path),
                           progress=lambda msg: click.echo(msg, err=True))
     for line in summary["lines"]:
         click.echo(line)
+    if not summary["met"] and not allow_miss:
+        click.echo(f"exit {EXIT_TARGETS_MISSED}: missed on the probe: {'; '.join(summary['missed'])} (the plan was "
+                   "written; --allow-miss exits 0)", err=True)
+        click.get_current_context().exit(EXIT_TARGETS_MISSED)
 
 
 class _StageBar:

@@ -11,9 +11,10 @@ from surgery.edit.plan import SurgeryPlan
 from surgery.export.gate import GateData, GateOptions, format_gate
 from surgery.export.onnx import OnnxOptions
 from surgery.export.quantize import QuantizeOptions, calibration_feeds, export_quantized, quantize_pair
-from surgery.io.metadata import META_PREPROCESS, META_TOKENIZER
+from surgery.io.metadata import META_PREPROCESS, META_TOKENIZER, META_WORLD
 from surgery.io.onnx import read_metadata, resolve_pair
 from surgery.model.loading import load
+from surgery.world.params import WorldParams
 
 
 def quantize_options(f):
@@ -66,9 +67,11 @@ def export_int8(model: str, out: str, *, tower: str, precision: str, normalize: 
                        max_skew_change=gate_max_skew_change)
     if model.endswith(".onnx"):  # an exported fp32 pair
         pair = resolve_pair(model)
-        gate_data = GateData(images_dir=gate_images, labels_path=gate_labels, k=gate_k, concept=gate_concept,
-                             attributes=attributes)
         meta = {t: read_metadata(p) for t, p in pair.items()}
+        world = next((json.loads(m[META_WORLD]) for m in meta.values() if m.get(META_WORLD)), None)
+        gate_data = GateData(images_dir=gate_images, labels_path=gate_labels, k=gate_k, concept=gate_concept,
+                             attributes=attributes,  # a world model's pair is gated on its own world
+                             world=WorldParams.from_dict(world) if world is not None and gate_images is None else None)
         feeds = calibration_feeds(gate_data, json.loads(meta["vision"][META_PREPROCESS]),
                                   json.loads(meta["text"][META_TOKENIZER]), images_dir=calibration_images) \
             if calibration == "static" and "vision" in meta and "text" in meta else None

@@ -15,6 +15,7 @@ from surgery.debias.pipeline import (
     DebiasOptions,
     Probes,
     balance_candidate,
+    checked_queries,
     contribution_lines,
     embed_prompts,
     make_plan,
@@ -30,10 +31,13 @@ from surgery.world.checkpoint import world_params_of
 
 def run_balance(model_in: str, plan_out: str, options: DebiasOptions, *, images_dir: str | None = None,
                 labels_path: str | None = None, attribute: str | None = None, queries: list[str] | None = None,
-                group_prompts: dict[str, str] | None = None, force: bool = False, progress: Callable[[str], None] | None = None) -> dict:
-    """Fit the balance edit of ``model_in`` and save its plan to ``plan_out``; returns the lines to print."""
+                group_prompts: dict[str, str] | None = None, force: bool = False, progress: Callable[[str], None] | None = None,
+                inputs: tuple = ()) -> dict:
+    """Fit the balance edit of ``model_in`` and save its plan to ``plan_out``; returns the lines to print.
+    ``inputs``: the other files the caller read (the queries and group-prompts files): never overwritten."""
     say = progress or (lambda msg: None)
-    check_output_path(plan_out, inputs=(model_in, labels_path), force=force)
+    check_output_path(plan_out, inputs=(model_in, labels_path, images_dir, *inputs), force=force)
+    queries = checked_queries(queries)
     loaded = load(model_in)
     params = world_params_of(loaded)
     if images_dir:
@@ -50,14 +54,19 @@ def run_balance(model_in: str, plan_out: str, options: DebiasOptions, *, images_
     prompts = embed_prompts(loaded, probes, say)
     options = dataclasses.replace(options, heads=False, neurons=False, balance=True)
     search = run_search(loaded, probes, prompts, options, None, None, balance_candidate(prompts, options), say)
+    budget = options.selection_budget()
     if search.balance is None:
-        raise SurgeryError("the balance edit did not lower bias within the accuracy, recall and group-accuracy "
-                           "budgets on the probe; loosen a budget or check the probe's group labels")
+        step = next((st for st in search.steps if st.get("balance")), {})
+        missed = "; ".join(budget.misses(search.before, step)) or "no lower MaxSkew"
+        raise SurgeryError(f"the balance edit missed a budget on the probe: {missed} (the budgets less the selection "
+                           f"margin {options.selection_margin:g}); loosen that budget or check the probe's group labels")
     choice = Choice(search, None, None, False)
     plan = make_plan(loaded, choice, options, probes, None)
     plan.save(plan_out)
     before, after = search.before["max_skew"], search.after["max_skew"]
-    return {"plan": plan, "lines": [
+    missed = budget.misses(search.before, search.after, options.k)
+    return {"plan": plan, "met": not missed, "missed": missed, "lines": [
         f"wrote {plan_out} (bake it: clipsurgery bake {model_in} {plan_out} OUT)",
-        f"on the probe: mean MaxSkew@{options.k} {before:.3f} -> {after:.3f}; targets {'met' if search.met else 'NOT met'}",
+        f"on the probe: mean MaxSkew@{options.k} {before:.3f} -> {after:.3f}; targets "
+        + ("met" if not missed else f"NOT met: {'; '.join(missed)}"),
         *contribution_lines(choice, options.k, removal_offered=False)]}

@@ -53,6 +53,24 @@ class Budget:
                 and before.get("group_accuracy", 0.0) - trial.get("group_accuracy", 0.0)
                 <= self.max_group_accuracy_drop + POINTS_TOLERANCE)
 
+    def misses(self, before: dict, trial: dict, k: int | None = None) -> list[str]:
+        """What ``trial`` misses, one phrase per budget, each naming the figure and its limit:
+        "MaxSkew@50 ratio 0.62 (target <= 0.45)", "text->image Recall@5 drop 3.1 points (budget 2)".
+        The bias ratio is checked when both carry "max_skew"; an empty list: every budget holds."""
+        out = []
+        if "max_skew" in before and "max_skew" in trial and not self.bias_met(before, trial):
+            ratio = bias_ratio(before["max_skew"], trial["max_skew"])
+            out.append(f"MaxSkew{'@' + str(k) if k else ''} ratio {ratio:.2f} (target <= {self.max_bias_ratio:g})")
+        drops = [("accuracy", "concept accuracy", self.max_accuracy_drop),
+                 ("recall", "text->image Recall@5", self.max_recall_drop),
+                 ("recall_i2t", "image->text Recall@5", self.max_recall_drop),
+                 ("group_accuracy", "group accuracy", self.max_group_accuracy_drop)]
+        for key, name, limit in drops:
+            drop = before.get(key, 0.0) - trial.get(key, 0.0)
+            if drop > limit + POINTS_TOLERANCE:
+                out.append(f"{name} drop {100 * drop:.1f} points (budget {100 * limit:g})")
+        return out
+
     def tightened(self, margin: float, bias_margin: float) -> Budget:
         """The budget a search aims for on selection probes, so that it still holds on other images:
         accuracy and recall budgets less ``margin``, the bias ratio less ``bias_margin``."""

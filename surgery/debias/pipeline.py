@@ -43,11 +43,13 @@ from surgery.io.fs import check_output_folder, check_output_path, staging_dir
 from surgery.io.images import resolve_images_dir
 from surgery.io.labels import load_labels, split_label_table, write_labels_csv
 from surgery.io.onnx import onnx_paths
+from surgery.io.queries import check_query_count, unique_queries
 from surgery.metrics.bias import BiasConventions
 from surgery.model.encode import text_embeddings
 from surgery.model.loading import LoadedModel, load
 from surgery.model.preprocess import images_to_tensor
 from surgery.runtime.progress import StageProgress
+from surgery.sae.model import CONFIG_FILE, WEIGHTS_FILE
 from surgery.world.checkpoint import world_params_of
 from surgery.world.params import WorldParams
 from surgery.world.generator import (
@@ -65,6 +67,7 @@ REMOVAL_MODES = ("auto", "always")
 # "auto": the open balance (every text corrected at run time) when it alone meets the targets on the
 # selection draws, else the fixed map fitted on the query list; "open" / "fixed": that one only
 BALANCE_MODES = ("auto", "open", "fixed")
+SAE_FILES = (WEIGHTS_FILE, CONFIG_FILE)  # what an SAE folder the run writes holds: all --force ever removes there
 TEXT_BATCH = 256  # texts per forward pass of the text tower (a probe of thousands of captions stays in memory)
 
 
@@ -143,12 +146,26 @@ class Outputs:
         model = onnx_paths(out, tower) if onnx else {"model": out}
         return cls(model, f"{stem}.plan.json", f"{stem}.report", f"{stem}.sae")
 
-    def check(self, model_in: str, force: bool) -> None:
-        for path in self.model.values():
-            check_output_path(path, inputs=(model_in,), force=force)
-        check_output_path(self.plan, force=force)
+    def check(self, model_in: str, force: bool, inputs: tuple = (), sae_needed: bool = True) -> None:
+        """Refuse, before any work: an output that is an input (``inputs``: the probe's folder, labels,
+        queries, group prompts), one that exists without ``force``, and (``sae_needed``: the run may
+        train an SAE) an SAE folder holding files clipsurgery did not write (--force never removes them)."""
+        for path in (*self.model.values(), self.plan):
+            check_output_path(path, inputs=(model_in, *inputs), force=force)
         for folder in (self.report, self.sae):  # folders the run fills: refused now, not after minutes of work
             check_output_folder(folder, force=force)
+        foreign = foreign_sae_files(self.sae)
+        if foreign and sae_needed:
+            raise SurgeryError(f"{self.sae} holds files clipsurgery did not write ({', '.join(foreign[:3])}"
+                               f"{' ...' if len(foreign) > 3 else ''}); the run's SAE goes there and --force removes "
+                               "only the tool's own files: move them away or choose another output")
+
+
+def foreign_sae_files(folder: str) -> list[str]:
+    """The entries of an SAE output folder that are not the files an SAE is saved as (sorted)."""
+    if not os.path.isdir(folder) or os.path.islink(folder):
+        return []
+    return sorted(name for name in os.listdir(folder) if name not in SAE_FILES)
 
 
 @dataclass
@@ -188,13 +205,16 @@ Say = Callable[[str], None]
 
 def run_debias(model_in: str, out: str, options: DebiasOptions, *, images_dir: str | None = None,
                labels_path: str | None = None, attribute: str | None = None, queries: list[str] | None = None,
-               group_prompts: dict[str, str] | None = None, progress: Say | None = None) -> dict:
+               group_prompts: dict[str, str] | None = None, progress: Say | None = None, inputs: tuple = ()) -> dict:
     """Debias ``model_in`` into ``out`` (.onnx or .safetensors); returns the table and summary lines.
+    ``inputs``: the other files the caller read (queries, group prompts): no output may be one of them.
     ``queries``: the neutral queries (default: the world's concepts, or the built-in occupations and traits).
     ``group_prompts``: how a folder probe's group values are named (default: as people)."""
     say = progress or (lambda msg: None)
     outputs = Outputs.of(out, options.tower)
-    outputs.check(model_in, options.force)
+    outputs.check(model_in, options.force, (images_dir, labels_path, *inputs), sae_needed=options.neurons)
+    queries = checked_queries(queries)
+    check_exported_towers(out, options.tower, possible_towers(options))
     loaded = load(model_in)
     work = staging_dir("clipsurgery-debias-")
     neurons, placed, plan_saved = None, False, False
@@ -206,6 +226,7 @@ def run_debias(model_in: str, out: str, options: DebiasOptions, *, images_dir: s
         neurons, search = choice.neurons, choice.search
         entry = neuron_edit(outputs.sae, search.latents, NeuronStageOptions()) if search.latents else None
         plan = make_plan(loaded, choice, options, probes, entry)
+        check_exported_towers(out, options.tower, edited_towers(plan), every=True)
         remove_previous(outputs)  # --force: an earlier run's plan and SAE go together, before either is replaced
         if entry is not None:
             os.replace(neurons.staging, outputs.sae)  # complete: trained in staging beside it
@@ -223,6 +244,42 @@ def run_debias(model_in: str, out: str, options: DebiasOptions, *, images_dir: s
             shutil.rmtree(neurons.staging, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
     return summarise(result, choice, exported, outputs, plan, options)
+
+
+def possible_towers(options: DebiasOptions) -> set[str]:
+    """The towers the run's edit kinds can change: heads and neurons the image tower, the balance
+    edit the tower of its side."""
+    towers = {"vision"} if options.heads or options.neurons else set()
+    if options.balance:
+        towers.add("text" if options.balance_options.side == "text" else "vision")
+    return towers
+
+
+def edited_towers(plan: SurgeryPlan) -> set[str]:
+    """The towers ``plan`` changes."""
+    return {edit.tower for edit in (*plan.heads, *plan.neurons, *plan.balance, *plan.open_balance)}
+
+
+def check_exported_towers(out: str, tower: str, towers: set[str], every: bool = False) -> None:
+    """Refuse an ONNX export of ``tower`` that would carry none (``every``: not all) of the edits in
+    ``towers``: the shipped file would not be the debiased model the report measures."""
+    if not out.endswith(".onnx") or tower == "both" or not towers:
+        return
+    left_out = sorted(t for t in towers if t != tower)
+    if left_out and (every or tower not in towers):
+        raise SurgeryError(f"the edits {'chosen' if every else 'asked for'} change the {' and '.join(left_out)} "
+                           f"tower, which --tower {tower} does not export (the file would not carry them); pass "
+                           + ("--tower both" if tower in towers else f"--tower {left_out[0]} or --tower both")
+                           + ("; nothing was written" if every else ""))
+
+
+def checked_queries(queries: list[str] | None) -> list[str] | None:
+    """The user's queries without repeats (first order kept), refused up front above the cap."""
+    if queries is None:
+        return None
+    queries = unique_queries(list(queries))
+    check_query_count(queries, "--queries")
+    return queries
 
 
 def build_probes(loaded: LoadedModel, model_in: str, options: DebiasOptions, work: str, images_dir: str | None,
@@ -445,12 +502,18 @@ def run_search(loaded: LoadedModel, probes: Probes, prompts: Prompts, options: D
 
 
 def remove_previous(outputs: Outputs) -> None:
-    """Remove an earlier run's plan and SAE folder (``Outputs.check`` allowed it: --force), so a
-    new plan never sits beside an old SAE, nor an old plan beside a new SAE."""
+    """Remove an earlier run's plan and SAE (``Outputs.check`` allowed it: --force), so a new plan
+    never sits beside an old SAE, nor an old plan beside a new SAE. Only the files clipsurgery
+    writes are removed: the SAE folder itself goes only when nothing else is left in it."""
     if os.path.isfile(outputs.plan):
         os.remove(outputs.plan)
-    if os.path.isdir(outputs.sae):
-        shutil.rmtree(outputs.sae)
+    if os.path.isdir(outputs.sae) and not os.path.islink(outputs.sae):
+        for name in SAE_FILES:
+            path = os.path.join(outputs.sae, name)
+            if os.path.isfile(path) or os.path.islink(path):
+                os.remove(path)
+        if not os.listdir(outputs.sae):
+            os.rmdir(outputs.sae)
 
 
 def make_plan(loaded: LoadedModel, choice: Choice, options: DebiasOptions, probes: Probes,

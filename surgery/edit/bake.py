@@ -156,15 +156,15 @@ def apply_runtime(model: nn.Module, plan: SurgeryPlan, backend: str = "math") ->
     for edit in plan.open_balance:  # after the fixed map, as bake orders them
         _wrap_output(model, "text", open_balance_module(edit, next(model.parameters()).device))
     swap_attention(model, backend=backend)
-    device = next(model.parameters()).device
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     for tower, view in get_towers(model).items():
-        scales = plan.head_scales(tower, view.n_layers, view.n_heads).to(device)  # (L, H)
+        scales = plan.head_scales(tower, view.n_layers, view.n_heads, dtype).to(device)  # (L, H), the model's dtype
         fills = None
         mean_edits = [e for e in plan.heads if e.tower == tower and e.ablation == "mean"]
         if mean_edits:
-            fills = torch.zeros(view.n_layers, view.n_heads, view.head_dim, device=device)  # (L, H, d)
+            fills = torch.zeros(view.n_layers, view.n_heads, view.head_dim, device=device, dtype=dtype)  # (L, H, d)
             for e in mean_edits:
-                fills[e.layer, e.head] = torch.tensor(e.mean, device=device)
+                fills[e.layer, e.head] = torch.tensor(e.mean, device=device, dtype=dtype)
         set_head_edits(model, tower, scales, fills)
     return model
 

@@ -51,6 +51,23 @@ MAX_OPEN_BANK = 8192
 ABLATIONS = ("zero", "mean")
 
 
+#: Most digits a plan's integer may have (layer, head and latent indices are small): json would
+#: otherwise convert a 5,000-digit number, or fail with Python's own limit message.
+MAX_INT_DIGITS = 30
+
+
+class _LongNumber(ValueError):
+    pass
+
+
+def _plan_int(text: str) -> int:
+    """``parse_int`` for plan files: refuses absurdly long integers before converting them."""
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INT_DIGITS:
+        raise _LongNumber(digits)
+    return int(text)
+
+
 @dataclass
 class HeadEdit:
     tower: str  # "vision" | "text"
@@ -150,6 +167,8 @@ class BalanceEdit:
     def validate(self, where: str) -> None:
         if self.tower not in TOWERS:
             raise PlanError(f"{where}: unknown tower {self.tower!r}; use one of {', '.join(TOWERS)}")
+        if not isinstance(self.provenance, dict):
+            raise PlanError(f"{where}: provenance must be a JSON object, got {type(self.provenance).__name__}")
         for name in ("u", "v"):
             rows = getattr(self, name)
             if not isinstance(rows, list) or not rows or not all(isinstance(r, list) for r in rows):
@@ -166,8 +185,6 @@ class BalanceEdit:
         bound = self.rank_bound()
         if bound is not None and self.rank > bound:
             raise PlanError(f"{where}: rank {self.rank} is above queries x (groups - 1) = {bound} of its provenance")
-        if not isinstance(self.provenance, dict):
-            raise PlanError(f"{where}: provenance must be a JSON object")
 
     def rank_bound(self) -> int | None:
         """queries x (groups - 1) when the provenance names them (the most constraints a fit has)."""
@@ -409,9 +426,11 @@ class SurgeryPlan:
             raise PlanError(f"plan file {path} does not exist; check the path")
         try:
             with open(path, encoding="utf-8") as fh:
-                data = json.load(fh)
+                data = json.load(fh, parse_int=_plan_int)
         except json.JSONDecodeError as exc:
             raise PlanError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        except _LongNumber as exc:
+            raise PlanError(f"{path} holds a {exc.args[0]}-digit integer; no plan number is that long") from None
         except UnicodeDecodeError:
             raise PlanError(f"{path} is not UTF-8 text; a plan is a JSON file") from None
         except RecursionError:
@@ -456,11 +475,12 @@ class SurgeryPlan:
                              open_balance=[*self.open_balance, *other.open_balance], provenance={"merged": [self.provenance, other.provenance], "stacked": stacked})
         return merged.validate()
 
-    def head_scales(self, tower: str, n_layers: int, n_heads: int):
-        """(L, H) tensor of scales (1 where no edit) for the runtime-masked model."""
+    def head_scales(self, tower: str, n_layers: int, n_heads: int, dtype=None):
+        """(L, H) tensor of scales (1 where no edit) for the runtime-masked model, in ``dtype``
+        (default float32; a float64 model needs float64 scales: 0.3 in float32 is 0.3 + 1.2e-8)."""
         import torch
 
-        scales = torch.ones(n_layers, n_heads)
+        scales = torch.ones(n_layers, n_heads, dtype=dtype or torch.float32)
         for edit in self.heads:
             if edit.tower == tower:
                 scales[edit.layer, edit.head] = edit.scale

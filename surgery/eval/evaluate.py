@@ -116,6 +116,9 @@ def spec_from_folder(images_dir: str, labels_path: str, *, captions_path: str | 
     if conv.k > len(labels):
         raise DataError(f"K={conv.k} is larger than the {len(labels)} images; pass a smaller --k")
     captions = load_captions(captions_path) if captions_path else None
+    if group_prompts is not None and "group" in prompts_of and "group" in attributes:
+        raise DataError(f"{labels_path} belongs to a world split, whose groups are named by its {WORLD_JSON}; "
+                        "the group prompts given would be ignored: drop --group-prompts")
     if group_prompts is not None and not any(v in group_prompts for name in attributes
                                              for v in labels.attributes[name]):
         raise DataError(f"--group-prompts names none of the groups of {', '.join(attributes)} in {labels_path}; "

@@ -75,6 +75,7 @@ class OnnxOptions:
     normalize: bool = True  # L2-normalise the output embeddings inside the graph
     opset: int = 17  # ONNX opset (>= 17)
     force: bool = False  # replace existing outputs
+    inputs: tuple = ()  # other files and folders the run read (a plan, its SAE, probe data): never overwritten
     # "ort": transformer blocks as ONNX Runtime contrib ops (com.microsoft Attention,
     # SkipLayerNormalization, BiasGelu; runs on ONNX Runtime only, fp32, opset < 23);
     # "plain": standard ONNX ops only (any runtime); "auto": "ort" where it applies, else "plain"
@@ -135,7 +136,7 @@ def export_onnx(loaded: LoadedModel, out: str, plan: SurgeryPlan | None = None, 
     opt = options or OnnxOptions()
     paths = onnx_paths(out, opt.tower)
     for path in paths.values():
-        check_output_path(path, inputs=(loaded.source,), force=opt.force)
+        check_output_path(path, inputs=(loaded.source, *opt.inputs), force=opt.force)
     check_finite_outputs(loaded, tuple(paths))
     metadata = {k: json.dumps(v) if not isinstance(v, str) else v
                 for k, v in model_metadata(loaded, plan).items() if v is not None}

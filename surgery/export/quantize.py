@@ -109,7 +109,8 @@ def export_quantized(loaded: LoadedModel, out: str, plan: SurgeryPlan | None, ga
                            "quantize with --tower both")
     paths = onnx_paths(out, onnx_opt.tower)
     for path in paths.values():
-        check_output_path(path, inputs=(loaded.source,), force=opt.force)
+        check_output_path(path, inputs=(loaded.source, *onnx_opt.inputs, gate_data.images_dir, gate_data.labels_path),
+                          force=opt.force)
     work = staging_dir(STAGING_PREFIX, work_dir or os.path.dirname(os.path.abspath(out)))
     try:
         spec = gate_data.spec(work)  # a probe set the gate cannot measure is refused before the export
@@ -138,7 +139,7 @@ def quantize_pair(fp32: str, out: str, gate_data: GateData, *, options: Quantize
                            "export with --tower both")
     out_paths = onnx_paths(out, "both")
     for path in out_paths.values():
-        check_output_path(path, inputs=tuple(pair.values()), force=opt.force)
+        check_output_path(path, inputs=(*pair.values(), gate_data.images_dir, gate_data.labels_path), force=opt.force)
     work = staging_dir(STAGING_PREFIX, os.path.dirname(os.path.abspath(out)))
     try:
         spec = gate_data.spec(work)

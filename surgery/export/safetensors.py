@@ -7,11 +7,23 @@ from surgery.edit.plan import SurgeryPlan
 from surgery.export.inputs import check_finite_outputs
 from surgery.io.checkpoint import write_safetensors
 from surgery.io.fs import check_output_path
-from surgery.io.metadata import META_ARCH, META_MODEL_CONFIG, META_PLAN, META_PREPROCESS, META_SOURCE, META_TOKENIZER
+from surgery.io.metadata import (
+    META_ARCH,
+    META_MODEL_CONFIG,
+    META_PLAN,
+    META_PREPROCESS,
+    META_SOURCE,
+    META_TOKENIZER,
+    META_WORLD,
+)
 from surgery.model.loading import LoadedModel
+from surgery.world.checkpoint import world_params_of
 
 
 def model_metadata(loaded: LoadedModel, plan: SurgeryPlan | None) -> dict[str, object]:
+    """What every exported file says about itself; a world model's world travels along, so the
+    export can be gated (int8) or debiased again on draws of its own world."""
+    world = world_params_of(loaded)
     return {
         META_MODEL_CONFIG: loaded.config,
         META_ARCH: loaded.arch,
@@ -19,12 +31,15 @@ def model_metadata(loaded: LoadedModel, plan: SurgeryPlan | None) -> dict[str, o
         META_TOKENIZER: loaded.tokenizer,
         META_PLAN: plan.to_dict() if plan else None,
         META_SOURCE: loaded.sha256 or "",
+        META_WORLD: world.to_dict() if world is not None else None,
     }
 
 
-def export_safetensors(loaded: LoadedModel, out: str, plan: SurgeryPlan | None = None, *, force: bool = False) -> str:
-    """The whole (patched) model as one safetensors file with its config and plan in the metadata."""
-    check_output_path(out, inputs=(loaded.source,), force=force)
+def export_safetensors(loaded: LoadedModel, out: str, plan: SurgeryPlan | None = None, *, force: bool = False,
+                       inputs: tuple = ()) -> str:
+    """The whole (patched) model as one safetensors file with its config and plan in the metadata.
+    ``inputs``: other files and folders the run read (a plan, its SAE, probe data): never overwritten."""
+    check_output_path(out, inputs=(loaded.source, *inputs), force=force)
     check_finite_outputs(loaded)
     metadata = {k: v for k, v in model_metadata(loaded, plan).items() if v is not None}
     state = {k: v.float() if v.is_floating_point() else v for k, v in loaded.model.state_dict().items()}

@@ -30,6 +30,8 @@ def load_captions(
     e.g. ``"test"`` or ``("val", "restval")``) keeps only those images.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"captions file {str(path)!r} is a folder, not a file; pass the captions CSV or JSON")
     if not path.is_file():
         raise DataError(f"captions file {str(path)!r} does not exist; check the path")
     splits = None if split is None else ({split} if isinstance(split, str) else set(split))

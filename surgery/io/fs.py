@@ -9,6 +9,7 @@ import contextlib
 import errno
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -35,12 +36,13 @@ def disk_error_message(exc: BaseException, target: str | os.PathLike | None, *, 
 
 def check_output_path(out: str | os.PathLike, *, inputs: tuple = (), force: bool = False,
                       exists_hint: str = "pass --force to overwrite it") -> Path:
-    """Refuse an output equal to an input, or an existing output without ``force`` (``exists_hint``
-    says what to do instead: commands without --force name another way)."""
+    """Refuse an output that is an input (a file given, or an existing file inside an input folder:
+    ``inputs`` may name files and folders; None entries are skipped), anything that is not a regular
+    file (a device, a named pipe, a socket: --force never replaces one), or an existing output without
+    ``force`` (``exists_hint`` says what to do instead: commands without --force name another way)."""
     out_path = Path(out)
-    for item in inputs:
-        if item is not None and os.path.exists(item) and out_path.exists() and os.path.samefile(out_path, item):
-            raise SurgeryError(f"output {out} is the input file {item}; choose another output path")
+    check_not_input(out_path, inputs)
+    check_regular(out_path)
     if out_path.exists() and not force:
         raise SurgeryError(f"{out} already exists; {exists_hint}")
     if out_path.is_dir():
@@ -52,6 +54,39 @@ def check_output_path(out: str | os.PathLike, *, inputs: tuple = (), force: bool
         raise SurgeryError(f"{parent} is a file, not a folder; choose another output path")
     check_writable(parent)
     return out_path
+
+
+def check_not_input(out: str | os.PathLike, inputs: tuple = ()) -> None:
+    """Refuse an output path that is one of ``inputs`` (the same file, a link to it included) or an
+    existing file inside an input folder (an image under --images, an SAE's weights)."""
+    out_path = Path(out)
+    if not os.path.lexists(out_path):
+        return
+    real = os.path.realpath(out_path)
+    for item in inputs:
+        if item is None or not os.path.exists(item):
+            continue
+        if os.path.isdir(item) and not os.path.isdir(out_path):
+            folder = os.path.realpath(item)
+            if os.path.commonpath([folder, real]) == folder:
+                raise SurgeryError(f"output {out} lies in the input folder {item}; choose another output path")
+        elif os.path.exists(out_path) and os.path.samefile(out_path, item):
+            raise SurgeryError(f"output {out} is the input file {item}; choose another output path")
+
+
+def check_regular(out: str | os.PathLike) -> None:
+    """Refuse an existing output that is not a regular file or a folder (a device such as /dev/null,
+    a named pipe, a socket): writing would replace it, or block."""
+    try:
+        mode = os.stat(out).st_mode
+    except (FileNotFoundError, NotADirectoryError):  # nothing there (the folder checks explain a file above it)
+        return
+    except OSError as exc:
+        raise SurgeryError(f"cannot use {out} as an output ({(exc.strerror or str(exc)).lower()})") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        kind = "a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+        raise SurgeryError(f"{out} is {kind}, not a regular file; clipsurgery writes regular files only: "
+                           "choose another output path")
 
 
 def check_output_folder(out_dir: str | os.PathLike, *, force: bool = False) -> Path:
@@ -97,6 +132,7 @@ def check_writable(folder: str | os.PathLike) -> None:
 def atomic_output(out: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``out``; on success it is renamed to ``out``, else removed."""
     out_path = Path(out)
+    check_regular(out_path)  # never replace a device or a named pipe, whoever called
     parent = str(out_path.parent or ".")
     remove_stale_staging(f".{out_path.name}.", parent)  # temp files of a killed (SIGKILL) earlier write
     try:

@@ -217,7 +217,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise DataError(
                 f"{len(self.skipped)} of {len(self.files)} images are unreadable "
                 f"({self.skipped_fraction:.1%} > {self.max_skipped_fraction:.1%}), e.g. {first.file!r}: "
-                f"{first.reason}; fix the images or raise the threshold"
+                f"{first.reason}; fix or remove the unreadable images (at most {self.max_skipped_fraction:.0%} may be "
+                "skipped)"
             )
         if final and self.skipped:
             logger.warning("skipped %d unreadable images of %d", len(self.skipped), len(self.files))

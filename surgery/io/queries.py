@@ -45,17 +45,88 @@ NEUTRAL_QUERIES: dict[str, list[str]] = {
 }
 
 
+#: The most neutral queries a balance fit or a debias run takes. The balance edit's solve builds a
+#: matrix over every (query, group) constraint: its time and memory grow with the square of the
+#: query count (10,000 queries took 2.5-3 minutes and 3.3 GB; 1,000 take about 1/100 of that).
+MAX_QUERIES = 1000
+#: Deepest JSON nesting a queries or group-prompts file may have (both are flat: a list or an object).
+MAX_JSON_DEPTH = 64
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    """``object_pairs_hook`` that refuses a JSON object naming one key twice (json keeps the last)."""
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+def _json_depth(text: str) -> int:
+    """The deepest nesting of brackets in ``text`` outside strings (before parsing: json recurses)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
 def _read_text_or_json(path: Path, what: str) -> tuple[str, object]:
-    """A user's file as text, and parsed when it ends in .json (else None); one-line errors."""
+    """A user's file as text, and parsed when it ends in .json (else None); one-line errors for a
+    missing file, a folder, text that is not UTF-8 (a UTF-8 byte-order mark is dropped), invalid
+    or too deeply nested JSON, and a JSON object naming a key twice."""
+    if path.is_dir():
+        raise DataError(f"{what} {str(path)!r} is a folder, not a file; pass the file")
     if not path.is_file():
         raise DataError(f"{what} {str(path)!r} does not exist; check the path")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{what} {str(path)!r} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     if path.suffix.lower() != ".json":
         return text, None
+    if _json_depth(text) > MAX_JSON_DEPTH:
+        raise DataError(f"{str(path)!r} nests JSON deeper than {MAX_JSON_DEPTH} levels; a {what} is a flat "
+                        "list or object")
     try:
-        return text, json.loads(text)
+        return text, json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as exc:
-        raise DataError(f"{str(path)!r} is not valid JSON (line {exc.lineno}: {exc.msg})") from exc
+        raise DataError(f"{str(path)!r} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except _DuplicateKey as exc:
+        raise DataError(f"{str(path)!r} names key {str(exc)[:80]!r} twice; keep one") from None
+    except RecursionError:
+        raise DataError(f"{str(path)!r} nests JSON too deeply; a {what} is a flat list or object") from None
+
+
+def unique_queries(queries: list[str]) -> list[str]:
+    """``queries`` without repeats, in their first order (a repeated query would land in both folds
+    of the held-out measurement, and weigh twice in the fit)."""
+    return list(dict.fromkeys(queries))
+
+
+def check_query_count(queries: list[str], source: str = "the query list") -> None:
+    """Refuse more than :data:`MAX_QUERIES` queries, before any work."""
+    if len(queries) > MAX_QUERIES:
+        raise DataError(f"{source} holds {len(queries)} distinct queries; the balance fit takes at most "
+                        f"{MAX_QUERIES} (its solve grows with the square of the count): pass fewer")
 
 
 def load_group_prompts(path: str | Path) -> dict[str, str]:
@@ -102,7 +173,8 @@ def prompts_for_groups(values: list[str], prompts: dict[str, str] | None, source
 
 
 def load_queries(path: str | Path) -> list[str]:
-    """Queries from a text file (one per line; blank lines and ``#`` comments skipped) or a JSON list of strings."""
+    """Queries from a text file (one per line; blank lines and ``#`` comments skipped) or a JSON list of
+    strings; a repeated query is kept once, at its first place."""
     path = Path(path)
     text, data = _read_text_or_json(path, "queries file")
     if path.suffix.lower() == ".json":
@@ -113,4 +185,4 @@ def load_queries(path: str | Path) -> list[str]:
         queries = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if not queries:
         raise DataError(f"{str(path)!r} holds no queries; write one query per line")
-    return queries
+    return unique_queries(queries)

@@ -175,7 +175,7 @@ def _extra_metadata(raw: RawCheckpoint) -> dict:
             short = key[len("clipsurgery."):]
             try:
                 meta[short] = json.loads(value)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # not JSON (a plain string), or a number past int's digit limit
                 meta[short] = value
     return meta
 

@@ -415,7 +415,7 @@ def _check_losses(units, source, images, skipped, failed, bad_labels, opt) -> No
     if skipped and len(skipped) / max(1, seen) > opt.max_skipped_fraction:
         raise DataError(f"{len(skipped)} of {seen} images are unreadable ({len(skipped) / seen:.1%} > "
                         f"{opt.max_skipped_fraction:.1%}), e.g. '{skipped[0][0]}': {skipped[0][1]}; "
-                        "fix the images or raise the threshold")
+                        "fix the images or raise --max-skipped-images")
     if images == 0:
         raise DataError(f"no image of {source.spec!r} could be embedded; check the source")
     if bad_labels and len(bad_labels) / max(1, seen) > opt.max_bad_labels:

@@ -148,7 +148,7 @@ def find_neurons(latents: torch.Tensor, groups: Sequence[int] | torch.Tensor, gr
     if not effective.any():
         best = float(freq.max())
         raise NeuronError(f"no latent is non-zero on >= tau={opt.tau} of any group's samples (highest: {best:.3f}); "
-                          f"lower --tau below {best:.2f} or train the SAE longer / with a larger k")
+                          f"lower tau below {best:.2f} ('clipsurgery sae neurons --tau') or train the SAE longer / with a larger k")
     n_groups = len(present)
     total = freq.sum(0).clamp_min(1e-12)  # (F,)
     rule, ranked, selected = {}, {}, {}

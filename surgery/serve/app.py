@@ -10,6 +10,7 @@ Routes (every embedding answer has OpenAI's shape ``{"object": "list", "data": [
     GET  /readyz                200 after warm-up; 503 while warming up or draining
     GET  /metrics               Prometheus text format
     GET  /v1/model              towers, plan, provenance, preprocessing and tokenizer from the files' metadata
+    GET  /v1/models             OpenAI's model list (clients read the name requests must carry from it)
 
 Bad input is a 4xx JSON error ``{"error": {"message", "type", "code"}}``; a full queue, work over
 the admission budgets (:mod:`surgery.serve.admission`: image pixels being decoded, text bytes being
@@ -42,6 +43,7 @@ from surgery.serve.runtime import EncoderPair
 from surgery.serve.threads import DaemonPool
 
 log = logging.getLogger(__name__)
+STARTED = int(time.time())  # OpenAI's 'created' of the served model: when this process imported the app
 # Decoding and tokenizing run on two pools: a heavy request (admission.HEAVY_PIXELS / HEAVY_TEXT_BYTES of work:
 # a 2000 x 2000 image, 64 KB of text) waits for the one heavy thread, so heavy requests take at most one core
 # and never queue ahead of ordinary ones (admission bounds what they hold while they wait).
@@ -127,10 +129,17 @@ def create_app(pair: EncoderPair, batch: BatchOptions | None = None, limits: Ser
               methods=["GET"]),
         Route("/v1/model", lambda request: JSONResponse({**pair.describe(), "serving": _serving(state)}),
               methods=["GET"]),
+        Route("/v1/models", lambda request: JSONResponse(_model_list(state)), methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: _not_found, 405: _not_allowed})
     app.state.serve = state
     return app
+
+
+def _model_list(state) -> dict:
+    """OpenAI's ``GET /v1/models`` answer: the one served model, under the name requests must carry."""
+    return {"object": "list", "data": [{"id": state.pair.name, "object": "model", "created": STARTED,
+                                        "owned_by": "clipsurgery"}]}
 
 
 def _observe_batch(metrics: ServeMetrics, tower: str, n: int, seconds: float) -> None:
@@ -171,7 +180,8 @@ def _error(status: int, message: str, code: str, headers: dict | None = None) ->
 
 
 async def _not_found(request: Request, exc) -> JSONResponse:
-    return _error(404, f"no route {request.url.path}; see GET /v1/model and the /v1/embeddings routes", "not_found")
+    return _error(404, f"no route {request.url.path}; see GET /v1/model, /v1/models and the /v1/embeddings routes",
+                  "not_found")
 
 
 async def _not_allowed(request: Request, exc) -> JSONResponse:

@@ -57,7 +57,7 @@ def test_one_group_and_no_latent_passing_tau_are_clear_errors():
     z, _ = _latents()
     with pytest.raises(NeuronError, match="attribute 'gender' has one group \\(a\\).*pick an attribute"):
         find_neurons(z, [0] * 6, ["a", "b"], attribute="gender")
-    with pytest.raises(NeuronError, match=r"no latent is non-zero on >= tau=0.5.*highest: 0.000.*lower --tau"):
+    with pytest.raises(NeuronError, match=r"no latent is non-zero on >= tau=0.5.*highest: 0.000.*lower tau below"):
         find_neurons(torch.zeros(6, 5), [0, 0, 0, 1, 1, 1], ["a", "b"])
     with pytest.raises(SAEError, match="pooled, max, mean, first"):
         NeuronOptions(token_reduce="sum")
