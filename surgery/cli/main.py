@@ -195,6 +195,11 @@ def audit(model, images_dir, labels_path, tower, attributes, prompts_path, top_k
     click.echo(f"wrote {out_dir}/audit.json, report.md, plan.json and heatmaps")
 
 
+_balance_mode_option = click.option(
+    "--balance-mode", type=click.Choice(["auto", "open", "fixed"]), default="auto", show_default=True,
+    help="open: every text gets its own correction at run time from a bank of probe images (covers queries nobody "
+         "listed; texts naming a group are left alone); fixed: one map fitted on the query list, folded into "
+         "text_projection; auto: open when it alone meets the targets on the selection draws, else fixed.")
 _group_prompts_option = click.option(
     "--group-prompts", "group_prompts_path", default=None, type=click.Path(),
     help="How each group value is named in a zero-shot prompt: a CSV 'group,prompt' or a JSON object "
@@ -236,6 +241,7 @@ _group_prompts_option = click.option(
 @click.option("--search-trials", type=click.IntRange(1), default=1000, show_default=True,
               help="The edit search measures at most this many sets (it then keeps its best so far).")
 @click.option("--search-seconds", type=float, default=None, help="...and runs at most this long (default: no limit).")
+@_balance_mode_option
 @click.option("--removal", type=click.Choice(["auto", "always"]), default="auto", show_default=True,
               help="auto: search head and neuron edits only when the balance edit alone misses the targets on the "
                    "selection draws; always: search them in any case.")
@@ -245,7 +251,7 @@ _group_prompts_option = click.option(
 @_user_errors
 def debias(model_in, out, images_dir, labels_path, attributes, queries_path, group_prompts_path, max_bias_ratio, max_accuracy_drop, max_recall_drop,
            max_group_accuracy_drop, max_heads, k, n_probe, selection_draws, holdout, tower, heads_only, neurons_only,
-           balance_only, no_balance, search_trials, search_seconds, removal, force, allow_miss):
+           balance_only, no_balance, search_trials, search_seconds, balance_mode, removal, force, allow_miss):
     """Choose edits for IN (balance, heads, neurons), bake them, export OUT (.onnx or .safetensors), and compare.
 
     Exit status: 0 when the targets hold on the report's images, 1 on an error, 2 on bad usage,
@@ -272,6 +278,7 @@ def debias(model_in, out, images_dir, labels_path, attributes, queries_path, gro
     options = DebiasOptions(budget=budget, max_heads=max_heads, k=k, n_probe=n_probe,
                             selection_draws=selection_draws, holdout=0.5 if holdout is None else holdout,
                             tower=tower, force=force, removal=removal, search_trials=search_trials,
+                            balance_mode=balance_mode,
                             search_seconds=search_seconds,
                             heads=not (neurons_only or balance_only), neurons=not (heads_only or balance_only),
                             balance=not (heads_only or neurons_only or no_balance))
@@ -302,7 +309,8 @@ def debias(model_in, out, images_dir, labels_path, attributes, queries_path, gro
 @_group_prompts_option
 @click.option("--out", "plan_out", required=True, type=click.Path(), help="Plan JSON to write.")
 @click.option("--side", type=click.Choice(["text", "image"]), default="text", show_default=True,
-              help="Which embedding the map moves: text (folded into text_projection) or image (visual.proj).")
+              help="Which embedding the fixed map moves: text (folded into text_projection) or image (visual.proj).")
+@_balance_mode_option
 @click.option("--k", type=int, default=50, show_default=True)
 @click.option("--selection-draws", type=click.IntRange(1, 16), default=8, show_default=True,
               help="World models: independent draws the fit uses.")
@@ -315,7 +323,8 @@ def debias(model_in, out, images_dir, labels_path, attributes, queries_path, gro
 @click.option("--allow-miss", is_flag=True,
               help=f"Exit 0 even when the bias target is missed on the probe (default: exit {EXIT_TARGETS_MISSED}).")
 @_user_errors
-def balance(model_in, images_dir, labels_path, attributes, queries_path, group_prompts_path, plan_out, side, k, selection_draws,
+def balance(model_in, images_dir, labels_path, attributes, queries_path, group_prompts_path, plan_out, side, balance_mode,
+            k, selection_draws,
             max_bias_ratio, max_accuracy_drop, max_recall_drop, max_group_accuracy_drop, force, allow_miss):
     """Fit only the balance edit of MODEL (equal evidence per group for each neutral query) and write its plan.
 
@@ -328,8 +337,10 @@ def balance(model_in, images_dir, labels_path, attributes, queries_path, group_p
         raise click.UsageError("--group-prompts names the groups of an --images/--labels probe (a world names its own)")
     budget = Budget(max_bias_ratio=max_bias_ratio, max_accuracy_drop=max_accuracy_drop / 100.0,
                     max_recall_drop=max_recall_drop / 100.0, max_group_accuracy_drop=max_group_accuracy_drop / 100.0)
+    if balance_mode == "open" and side != "text":
+        raise click.UsageError("--balance-mode open corrects texts; it does not go with --side image")
     options = DebiasOptions(budget=budget, k=k, selection_draws=selection_draws, heads=False, neurons=False,
-                            balance_options=BalanceOptions(side=side, k=k))
+                            balance_options=BalanceOptions(side=side, k=k), balance_mode=balance_mode)
     summary = run_balance(model_in, plan_out, options, images_dir=images_dir, labels_path=labels_path,
                           attribute=attributes.split(",")[0] if attributes else None,
                           queries=load_queries(queries_path) if queries_path else None,

@@ -52,6 +52,7 @@ from surgery.runtime.progress import StageProgress
 from surgery.sae.model import CONFIG_FILE, WEIGHTS_FILE
 from surgery.world.checkpoint import world_params_of
 from surgery.world.params import WorldParams
+from surgery.world.prompts import neutral_queries
 from surgery.world.generator import (
     CAPTIONS_CSV,
     WORLD_JSON,
@@ -243,7 +244,7 @@ def run_debias(model_in: str, out: str, options: DebiasOptions, *, images_dir: s
         if neurons is not None:
             shutil.rmtree(neurons.staging, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
-    return summarise(result, choice, exported, outputs, plan, options)
+    return summarise(result, choice, exported, outputs, plan, options, probes.first.queries)
 
 
 def possible_towers(options: DebiasOptions) -> set[str]:
@@ -319,7 +320,7 @@ def build_probes(loaded: LoadedModel, model_in: str, options: DebiasOptions, wor
                            f"({model_in} carries no world to generate them from)")
     # The report's images are checked (K, groups, labels) before anything is chosen or written.
     probes.spec = spec_from_folder(probes.eval_images, probes.eval_labels, conventions=BiasConventions(k=options.k),
-                                   queries=list(queries) if queries else None,
+                                   queries=report_queries(queries, probes.world),
                                    group_prompts=group_prompts if images_dir else None)
     return probes
 
@@ -593,8 +594,32 @@ def compare_before_after(loaded: LoadedModel, patched: LoadedModel, out: str, pr
     return result
 
 
+def report_queries(queries: list[str] | None, world: WorldParams | None) -> list[str] | None:
+    """The report's neutral queries: the ones given, and on a world model also the world's other
+    concept queries (held out of the fit: the report measures what the edit does to queries nobody
+    listed)."""
+    if not queries:
+        return None
+    return list(queries) + ([q for q in neutral_queries(world) if q not in queries] if world is not None else [])
+
+
+def held_out_line(result: dict, fitted: list[str], k: int) -> str | None:
+    """One line: the report's cut of its queries that the edits were not chosen on (None: there are none)."""
+    for name, per in result["per_query"].items():
+        rows = [r for r in per["queries"] if r["query"] not in fitted]
+        if rows:
+            before, after = sum(r["before"] for r in rows), sum(r["after"] for r in rows)
+            cuts = [r["cut"] for r in rows if r["cut"] is not None]
+            mean = f"{1 - after / before:.0%}" if before > 0 else "-"
+            worst = f"{min(cuts):.0%}" if cuts else "-"
+            return (f"{name}: queries not in the fitted list ({len(rows)}: {', '.join(r['query'] for r in rows[:4])}"
+                    f"{', ...' if len(rows) > 4 else ''}): MaxSkew@{k} cut {mean} on the mean, {worst} on the worst "
+                    "(report's images)")
+    return None
+
+
 def summarise(result: dict, choice: Choice, exported: list[str], outputs: Outputs, plan: SurgeryPlan,
-              options: DebiasOptions) -> dict:
+              options: DebiasOptions, fitted: list[str] | None = None) -> dict:
     """The table and the lines the CLI prints."""
     search = choice.search
     rows = [Row(r["metric"], r["before"], r["after"], r["better"]) for r in result["rows"]]
@@ -607,6 +632,9 @@ def summarise(result: dict, choice: Choice, exported: list[str], outputs: Output
              f"vs <= {selection.max_bias_ratio:g}, the target less a {options.selection_bias_margin:g} margin)",
              *contribution_lines(choice, options.k, options.heads or options.neurons),
              *format_query_cuts(result["per_query"], options.k)]
+    held = held_out_line(result, list(fitted), options.k) if fitted else None
+    if held:
+        lines.append(held)
     met_on_report, line = check_targets(result, options)
     lines.append(line)
     return {"table": format_table(rows), "lines": lines, "result": result, "search": search, "met": met_on_report}

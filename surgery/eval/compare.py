@@ -209,7 +209,8 @@ def _edits_markdown(plan: dict | None) -> list[str]:
     parts = ["## The edits", "",
              f"- heads edited: {len(plan.get('heads', []))}; neurons deactivated: "
              f"{sum(len(n['ids']) for n in plan.get('neurons', []))}; balance edits: "
-             + (", ".join(f"{b['tower']} tower, rank {len(b['u'][0])}" for b in plan.get("balance", [])) or "none")]
+             + (", ".join(f"{b['tower']} tower, rank {len(b['u'][0])}" for b in plan.get("balance", [])) or "none")
+             + ("; open balance: text tower" if plan.get("open_balance") else "")]
     if "removal_searched" in provenance and not provenance["removal_searched"]:
         parts.append("- head and neuron edits were not searched: the balance edit alone met the targets on the "
                      "selection draws (`--removal always` searches them too)")
@@ -246,6 +247,22 @@ def _edits_markdown(plan: dict | None) -> list[str]:
         if held.get("cut") is not None:
             parts.append(f"Queries held out of the fit (two folds, each fit on half the queries and measured on the "
                          f"other half, selection draws): mean MaxSkew cut {_pct(held['cut'])}.")
+    for edit in plan.get("open_balance", []):
+        prov = edit.get("provenance") or {}
+        held, gate = prov.get("held_out_queries") or {}, prov.get("gate") or {}
+        parts += ["", "### The open balance (text tower)", "",
+                  f"Every text gets its own correction at run time: its {edit['neighbours']} nearest images of each "
+                  f"group in a bank of {len(edit['bank'])} probe images ({', '.join(map(str, edit['group_counts']))} "
+                  "per group) are given equal evidence, unless the text names a group. The "
+                  f"{len(prov.get('queries', []))} queries listed ({', '.join(prov.get('queries', [])[:8])}"
+                  f"{', ...' if len(prov.get('queries', [])) > 8 else ''}) only calibrate that gate: fully corrected "
+                  f"up to lean {edit['gate_lo']:.2f} (the most a listed query leans toward one group prompt, in units "
+                  f"of the group prompts' own lean), left alone from {edit['gate_hi']:.2f}"
+                  + ("" if gate.get("separable", True) else " (the listed queries lean as far as texts naming a group: "
+                                                                "the gate cannot tell them apart)") + "."]
+        if held.get("cut") is not None:
+            parts.append(f"Queries held out of the gate's calibration (two folds, selection draws): mean MaxSkew cut "
+                         f"{_pct(held['cut'])}.")
     parts.append("")
     return parts
 
