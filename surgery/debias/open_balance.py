@@ -38,9 +38,10 @@ MIN_GATE_WIDTH = 0.02
 
 @dataclass
 class OpenBalanceOptions:
-    # M: each group's bank images nearest a text that it is balanced on. 50 = MaxSkew@50's K: on the
-    # dev worlds (bundled, tex2, col3; 600/400 bank images per group) 25 and 50 cut 73-82%, 100 cut 46-68%
-    neighbours: int = 50
+    # M: each group's bank images nearest a text that it is balanced on; None: debias's K (MaxSkew@K,
+    # the top results people look at). On the dev worlds (bundled, tex2, col3; 600/400 bank images per
+    # group, K 50) M = 25 and 50 cut 73-82%, 100 cut 46-68%
+    neighbours: int | None = 50
     bank_per_group: int = 512  # most bank images per group (the ONNX graph scores each text against all)
     # neighbourhoods chosen under the corrected text and solved again: 2 moved tex2's fresh-draw cut from
     # 76% to 79% (worst query 61% -> 65%) and left the bundled world's at 83-84% (dev worlds); 3 added nothing
@@ -49,9 +50,11 @@ class OpenBalanceOptions:
     def __post_init__(self) -> None:
         for name in ("neighbours", "bank_per_group", "iterations"):
             value = getattr(self, name)
+            if value is None and name == "neighbours":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise SurgeryError(f"open balance {name} must be an integer >= 1, got {value!r}")
-        if self.neighbours > self.bank_per_group:
+        if self.neighbours is not None and self.neighbours > self.bank_per_group:
             raise SurgeryError(f"open balance neighbours ({self.neighbours}) must be at most bank_per_group "
                                f"({self.bank_per_group})")
 
@@ -148,6 +151,8 @@ def fit_open_balance(queries: torch.Tensor, group_prompts: torch.Tensor, bank_dr
     bank draws' image embeddings (unnormalised)."""
     if n_groups < 2:
         raise SurgeryError("the open balance needs two or more groups; the probe has one")
+    if options.neighbours is None:
+        raise SurgeryError("the open balance's neighbours are not set (debias sets them to its K)")
     bank, counts = build_bank(bank_draws, n_groups, options.bank_per_group)
     short = [g for g, c in enumerate(counts) if c < options.neighbours]
     if short:

@@ -91,7 +91,8 @@ class DebiasOptions:
     removal: str = "auto"
     balance_options: BalanceOptions = field(default_factory=BalanceOptions)  # side, neighbourhood, ridge, ...
     balance_mode: str = "auto"  # which balance: see BALANCE_MODES
-    open_options: OpenBalanceOptions = field(default_factory=OpenBalanceOptions)  # bank, neighbours
+    # bank, neighbours (None: K)
+    open_options: OpenBalanceOptions = field(default_factory=lambda: OpenBalanceOptions(neighbours=None))
     search_trials: int | None = 1000  # the edit search measures at most this many sets (None: no limit)
     search_seconds: float | None = None  # ...and runs at most this long (None: no limit)
     # The edits are chosen on selection probes (other draws than the report's images); the accuracy
@@ -125,6 +126,8 @@ class DebiasOptions:
             raise SurgeryError("the open balance corrects texts: --balance-mode open needs --side text")
         if self.balance_options.k != self.k:
             self.balance_options = dataclasses.replace(self.balance_options, k=self.k)
+        if self.open_options.neighbours is None:  # the open balance equalises each group's K nearest images
+            self.open_options = dataclasses.replace(self.open_options, neighbours=self.k)
 
     def selection_budget(self) -> Budget:
         """The budget the searches aim for on the selection probes (tightened by the margins)."""

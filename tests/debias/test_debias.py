@@ -20,7 +20,9 @@ def test_debias_world_to_onnx_meets_its_targets_with_the_balance_edit(tmp_path):
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["out.plan.json", "out.report", "out.text.onnx", "out.visual.onnx"]  # no SAE: not searched
     plan = json.loads((tmp_path / "out.plan.json").read_text())
-    assert plan["heads"] == [] and plan["neurons"] == [] and [b["tower"] for b in plan["balance"]] == ["text"]
+    # the default balance is the open one (every text corrected at run time), not a fixed map
+    assert plan["heads"] == [] and plan["neurons"] == [] and "balance" not in plan
+    assert [b["tower"] for b in plan["open_balance"]] == ["text"]
     assert plan["provenance"]["removal_searched"] is False
     assert json.loads(read_metadata(str(tmp_path / "out.text.onnx"))["clipsurgery.plan"]) == plan
     report = json.loads((tmp_path / "out.report" / "report.json").read_text())
@@ -33,7 +35,7 @@ def test_debias_world_to_onnx_meets_its_targets_with_the_balance_edit(tmp_path):
         assert before["retrieval"][key] - after["retrieval"][key] <= 0.02
     assert set(bias_b["wordings"]) == {"{}", "a picture of {}", "an image of {}", "a drawing of {}"}
     assert "cell_precision" in after and "targets on the report's images (met)" in result.output
-    assert "what each kind contributed" in result.output and "left out of the fit is cut" in result.output
+    assert "what each kind contributed" in result.output and "left out of the calibration is cut" in result.output
 
 
 def test_debias_removal_edits_to_onnx(tmp_path):
@@ -176,11 +178,11 @@ def test_clipsurgery_balance_writes_a_plan_that_bake_folds_into_the_text_project
     # one draw's text->image Recall@5 moves in steps of 1/60 (1.7 points), coarser than the selection
     # budget's 1.5: a wider recall budget keeps this a test of the command, not of one caption's rank
     result = runner.invoke(main, ["balance", "builtin:world", "--out", str(plan_path), "--selection-draws", "1",
-                                  "--k", "20", "--max-recall-drop", "4"])
+                                  "--k", "20", "--max-recall-drop", "4", "--balance-mode", "fixed"])
     assert result.exit_code == 0, result.output
     assert "removal only: not asked for" in result.output
     plan = SurgeryPlan.load(str(plan_path))
-    assert not plan.heads and not plan.neurons and len(plan.balance) == 1
+    assert not plan.heads and not plan.neurons and len(plan.balance) == 1 and not plan.open_balance
     prov = plan.balance[0].provenance
     assert prov["groups"] == ["red", "blue"] and len(prov["queries"]) == 6 and prov["fit"]["residual"] < 1e-6
     assert runner.invoke(main, ["balance", "builtin:world", "--out", str(plan_path)]).exit_code == 1  # no --force
@@ -193,6 +195,41 @@ def test_clipsurgery_balance_writes_a_plan_that_bake_folds_into_the_text_project
             texts, original.tokenizer))
     want = torch.nn.functional.normalize(balance_map(plan.balance[0])(raw), dim=-1)
     torch.testing.assert_close(text_embeddings(baked.model, texts, baked.tokenizer), want, atol=1e-5, rtol=0)
+
+
+def test_clipsurgery_balance_open_mode_writes_a_plan_that_bake_attaches_to_the_text_tower(tmp_path):
+    """`balance --balance-mode open` on a query list: the plan carries the open balance calibrated on
+    that list only, and the baked checkpoint's text embeddings are the module applied to the
+    original ones (a query outside the list is corrected, a group-naming text is not)."""
+    import torch
+
+    import surgery
+    from surgery.edit.bake import open_balance_module
+    from surgery.edit.plan import SurgeryPlan
+    from surgery.model.preprocess import tokenize
+
+    listed = ["a photo of a circle", "a photo of a square", "a photo of a triangle"]
+    (tmp_path / "q.txt").write_text("\n".join(listed) + "\n")
+    plan_path, out = tmp_path / "plan.json", tmp_path / "open.safetensors"
+    runner = CliRunner()
+    result = runner.invoke(main, ["balance", "builtin:world", "--out", str(plan_path), "--selection-draws", "2",
+                                  "--k", "20", "--queries", str(tmp_path / "q.txt"), "--balance-mode", "open"])
+    assert result.exit_code == 0, result.output
+    plan = SurgeryPlan.load(str(plan_path))
+    assert not plan.balance and len(plan.open_balance) == 1
+    prov = plan.open_balance[0].provenance
+    assert prov["queries"] == listed and len(prov["gate"]["neutral_leans"]) == 3
+    assert runner.invoke(main, ["bake", "builtin:world", str(plan_path), str(out)]).exit_code == 0
+    original, baked = surgery.load("builtin:world"), surgery.load(str(out))
+    texts = ["a photo of a ring", "a drawing of a star", "a photo of a red circle", "a photo of something blue"]
+    tokens = tokenize(texts, original.tokenizer)
+    with torch.no_grad():
+        raw = original.model.encode_text(tokens)
+        module = open_balance_module(plan.open_balance[0])
+        torch.testing.assert_close(baked.model.encode_text(tokens), module(raw), atol=1e-6, rtol=0)
+        gate = module.gate(raw)
+    assert gate[:2].min() > 0.5 and gate[2:].max() == 0.0  # unlisted neutral queries corrected, naming texts not
+    assert (module(raw)[:2] - raw[:2]).abs().max() > 1e-3
 
 
 def test_clipsurgery_balance_refuses_bad_probes_in_one_line(tmp_path):
