@@ -8,13 +8,14 @@ closed-form correction at run time from the bank. What is chosen here, from the 
 * the gate's unit and thresholds, from texts whose role is known without any query the user did not
   give (:func:`calibrate_gate`):
 
-  - neutral: the fitted neutral queries. ``gate_lo`` = the largest lean among them, so every text
-    leaning no more than a known neutral query is corrected fully;
+  - neutral: the fitted neutral queries, the most-leaning of which leans ``n``;
   - naming: each fitted query and each group prompt in equal parts, ``normalise(q + p_g)``, the
     embedding of a text that names both a concept and a group (on the dev worlds its lean,
     0.58-0.86, spans that of the worlds' own "a photo of a red circle" queries, 0.44-0.90).
-    ``gate_hi`` = halfway from ``gate_lo`` to the least-leaning of them: a text leaning past the
-    midpoint between what is known to be neutral and what is known to name a group is left alone.
+    ``gate_hi`` = halfway from ``n`` to the least-leaning of them: a text leaning past the midpoint
+    between what is known to be neutral and what is known to name a group is left alone, and
+    ``gate_lo`` = ``n + 0.75 (gate_hi - n)``: a text leaning less is corrected fully (a short query
+    list under-samples how far neutral texts lean, so the full correction reaches past its largest).
 
 The calibration never reads a query it was not given (tests spy on it), and the bank holds
 images only.
@@ -32,8 +33,13 @@ from surgery.edit.plan import MAX_OPEN_BANK, OpenBalanceEdit
 from surgery.errors import SurgeryError
 from surgery.model.open_balance import OpenBalance
 
-#: The smallest gap between gate_lo and gate_hi (in lean units) when the calibration texts overlap.
+#: The smallest gap between the most-leaning listed query and gate_hi (in lean units), when the
+#: calibration texts overlap.
 MIN_GATE_WIDTH = 0.02
+#: gate_lo sits this share of the way from the most-leaning listed query to gate_hi: a query list is
+#: a small sample of the neutral texts (3 queries on col3 left unlisted ones, leaning 0.20 where the
+#: listed ones leant at most 0.09, only half corrected; dev worlds)
+LO_SHARE = 0.75
 
 
 @dataclass
@@ -64,7 +70,7 @@ class GateCalibration:
     lean_ref: float
     gate_lo: float
     gate_hi: float
-    neutral_leans: list[float]  # the fitted queries' leans
+    neutral_leans: list[float]  # the fitted queries' leans (gate_lo is above their largest)
     naming_leans: list[float]  # the query+group mixtures' leans
     separable: bool  # the least-leaning mixture leans more than the most-leaning query
 
@@ -127,8 +133,9 @@ def calibrate_gate(queries: torch.Tensor, group_prompts: torch.Tensor) -> GateCa
     q, p = F.normalize(queries.float(), dim=-1), F.normalize(group_prompts.float(), dim=-1)
     mixtures = F.normalize(q[:, None, :] + p[None, :, :], dim=-1).reshape(-1, q.shape[1])  # (Q G, D)
     naming = leans(mixtures, contrast, ref)
-    lo, least_naming = float(neutral.max()), float(naming.min())
-    hi = max(lo + MIN_GATE_WIDTH, 0.5 * (lo + least_naming))
+    most_neutral, least_naming = float(neutral.max()), float(naming.min())
+    hi = max(most_neutral + MIN_GATE_WIDTH, 0.5 * (most_neutral + least_naming))
+    lo = most_neutral + LO_SHARE * (hi - most_neutral)
     return GateCalibration(ref, lo, hi, [round(float(x), 4) for x in neutral], [round(float(x), 4) for x in naming],
                            least_naming > lo)
 

@@ -256,8 +256,9 @@ def _edits_markdown(plan: dict | None) -> list[str]:
                   "per group) are given equal evidence, unless the text names a group. The "
                   f"{len(prov.get('queries', []))} queries listed ({', '.join(prov.get('queries', [])[:8])}"
                   f"{', ...' if len(prov.get('queries', [])) > 8 else ''}) only calibrate that gate: fully corrected "
-                  f"up to lean {edit['gate_lo']:.2f} (the most a listed query leans toward one group prompt, in units "
-                  f"of the group prompts' own lean), left alone from {edit['gate_hi']:.2f}"
+                  f"up to lean {edit['gate_lo']:.2f} toward one group prompt (in units of the group prompts' own lean; "
+                  f"the listed queries lean at most {max(gate.get('neutral_leans') or [0]):.2f}), left alone from "
+                  f"{edit['gate_hi']:.2f} (halfway to the least a listed query mixed with a group prompt leans)"
                   + ("" if gate.get("separable", True) else " (the listed queries lean as far as texts naming a group: "
                                                                 "the gate cannot tell them apart)") + "."]
         if held.get("cut") is not None:

@@ -135,8 +135,9 @@ def test_calibration_reads_only_the_queries_it_is_given(world):
     q, g = texts(neutral_queries(params)), texts(group_prompts(params))
     a = calibrate_gate(q[:3], g)
     assert len(a.neutral_leans) == 3 and len(a.naming_leans) == 3 * params.n_groups
-    assert a.gate_lo == max(a.neutral_leans) or abs(a.gate_lo - max(a.neutral_leans)) < 1e-3
-    assert a.gate_lo < a.gate_hi <= 0.5 * (a.gate_lo + min(a.naming_leans)) + 1e-3  # leans are stored to 4 places
+    most = max(a.neutral_leans)
+    assert abs(a.gate_hi - 0.5 * (most + min(a.naming_leans))) < 1e-3  # leans are stored to 4 places
+    assert abs(a.gate_lo - (most + ob.LO_SHARE * (a.gate_hi - most))) < 1e-3 and most < a.gate_lo < a.gate_hi
 
 
 def test_held_out_folds_never_fit_on_the_rows_they_measure(world, monkeypatch):
