@@ -45,6 +45,7 @@ from surgery.io.labels import load_labels, split_label_table, write_labels_csv
 from surgery.io.onnx import onnx_paths
 from surgery.io.queries import check_query_count, unique_queries
 from surgery.metrics.bias import BiasConventions
+from surgery.metrics.intervals import drop_interval, ratio_interval
 from surgery.model.encode import text_embeddings
 from surgery.model.loading import LoadedModel, load
 from surgery.model.preprocess import images_to_tensor
@@ -238,7 +239,7 @@ def run_debias(model_in: str, out: str, options: DebiasOptions, *, images_dir: s
         patched, exported = bake_and_export(loaded, plan, out, probes, options, say)
         plan.save(outputs.plan)
         plan_saved = True
-        result = compare_before_after(loaded, patched, out, probes, plan, outputs.report, work, say)
+        result = compare_before_after(loaded, patched, out, probes, plan, outputs.report, work, say, options)
     except BaseException:  # an error or SIGTERM: no SAE folder without the plan that refers to it
         if placed and not plan_saved:
             shutil.rmtree(outputs.sae, ignore_errors=True)
@@ -579,7 +580,7 @@ def bake_and_export(loaded: LoadedModel, plan: SurgeryPlan, out: str, probes: Pr
 
 
 def compare_before_after(loaded: LoadedModel, patched: LoadedModel, out: str, probes: Probes, plan: SurgeryPlan,
-                         report_dir: str, work: str, say: Say) -> dict:
+                         report_dir: str, work: str, say: Say, options: DebiasOptions | None = None) -> dict:
     """The exported model against the original on the report's images; writes the report. A tower
     that was not exported (--tower vision|text) is run as the patched PyTorch model."""
     vision_unchanged = not any(e.tower == "vision" for e in (*plan.heads, *plan.neurons, *plan.balance,
@@ -593,6 +594,8 @@ def compare_before_after(loaded: LoadedModel, patched: LoadedModel, out: str, pr
     if probes.eval_name:
         result["spec"]["images_dir"] = probes.eval_name
     result["plan"] = plan.to_dict()
+    if options is not None:
+        result["targets"] = target_checks(result, options)
     write_report(report_dir, result, title="clipsurgery debias")
     return result
 
@@ -706,31 +709,73 @@ def report_targets(result: dict, options: DebiasOptions) -> str:
 
 
 def check_targets(result: dict, options: DebiasOptions) -> tuple[bool, str]:
-    """(met, line): the budget checked on the report's images (not the selection probe)."""
+    """(met, line): the targets checked on the report's images (not the selection probe).
+
+    The bias target is met when mean MaxSkew@K after / before is at most the target. Each budget
+    (accuracy, group accuracy, Recall@5 both ways) is a drop in points measured on a sample, so it
+    is given with its 95% paired bootstrap interval over the report's images or caption queries
+    (:mod:`surgery.metrics.intervals`) and judged by a stated rule: **missed** only when the whole
+    interval is above the budget (the drop is resolved as too large); **unresolved** when the
+    interval is wider than the budget on either side (the report's images cannot tell a drop of the
+    budget's size from none: the line says so, and it is not counted as a miss); **held** otherwise.
+    A report without per-item outcomes (an older report) is judged on the point figures."""
+    checks = target_checks(result, options)
+    met = all(c["verdict"] != "missed" for c in checks)
+    parts = [c["text"] for c in checks]
+    if "zero_shot_accuracy" not in result["before"]:
+        parts.append("accuracy not measured (no concept labels)")
+    if "t2i@5" not in result["before"].get("retrieval", {}):
+        parts.append("recall not measured (no captions)")
+    unresolved = [c["name"] for c in checks if c["verdict"] == "unresolved"]
+    line = f"targets on the report's images ({'met' if met else 'NOT met'}): " + ", ".join(parts)
+    if unresolved:
+        line += (f"; not resolved by the report's images (interval wider than the budget): {', '.join(unresolved)}"
+                 " - more images or captions would gate them")
+    return bool(met), line
+
+
+def target_checks(result: dict, options: DebiasOptions) -> list[dict]:
+    """Every target and budget on the report's images: ``{"name", "value", "limit", "interval",
+    "verdict": held | missed | unresolved, "text"}`` (see :func:`check_targets` for the rule)."""
     before, after, budget = result["before"], result["after"], options.budget
-    parts, met = [], True
+    items_b, items_a = before.get("items") or {}, after.get("items") or {}
+    checks = []
     for name, summ in before["bias"].items():
         ratio = after["bias"][name]["max_skew"] / summ["max_skew"] if summ["max_skew"] > 0 else 1.0
-        met &= ratio <= budget.max_bias_ratio
-        parts.append(f"{name} MaxSkew@{options.k} ratio {ratio:.2f} (<= {budget.max_bias_ratio})")
+        per_b, per_a = (summ.get("per_query") or {}).get("max_skew"), (after["bias"][name].get("per_query") or {}).get("max_skew")
+        interval = ratio_interval(per_b, per_a) if per_b and per_a else None
+        verdict = "held" if ratio <= budget.max_bias_ratio else "missed"
+        shown = f" [95% {interval.low:.2f}, {interval.high:.2f}]" if interval else ""
+        checks.append({"name": f"{name} MaxSkew@{options.k} ratio", "value": ratio, "limit": budget.max_bias_ratio,
+                       "interval": interval.to_dict() if interval else None, "verdict": verdict,
+                       "text": f"{name} MaxSkew@{options.k} ratio {ratio:.2f}{shown} (<= {budget.max_bias_ratio})"})
+
+    def drop(label: str, b_items, a_items, b_value: float, a_value: float, limit: float) -> None:
+        value = 100 * (b_value - a_value)
+        interval = drop_interval(b_items, a_items) if b_items is not None and a_items is not None else None
+        if interval is None:
+            verdict = "missed" if value > 100 * limit + POINTS_TOLERANCE else "held"
+            text = f"{label} drop {value:.1f} points (<= {100 * limit:g})"
+        else:
+            low, high = 100 * interval.low, 100 * interval.high
+            verdict = ("missed" if low > 100 * limit + POINTS_TOLERANCE
+                       else "unresolved" if 100 * interval.half_width > 100 * limit else "held")
+            text = f"{label} drop {value:.1f} points [95% {low:.1f}, {high:.1f}] (<= {100 * limit:g}{', unresolved' if verdict == 'unresolved' else ''})"
+        checks.append({"name": f"{label} drop", "value": value, "limit": 100 * limit,
+                       "interval": interval.to_dict() if interval else None, "verdict": verdict, "text": text})
+
     if "zero_shot_accuracy" in before:
-        drop = 100 * (before["zero_shot_accuracy"] - after["zero_shot_accuracy"])
-        met &= drop <= 100 * budget.max_accuracy_drop + POINTS_TOLERANCE
-        parts.append(f"accuracy drop {drop:.1f} points (<= {100 * budget.max_accuracy_drop:g})")
-    else:
-        parts.append("accuracy not measured (no concept labels)")
+        drop("accuracy", items_b.get("concept_correct"), items_a.get("concept_correct"),
+             before["zero_shot_accuracy"], after["zero_shot_accuracy"], budget.max_accuracy_drop)
     for name, summ in before["bias"].items():
         if "group_accuracy" in summ:
-            drop = 100 * (summ["group_accuracy"] - after["bias"][name]["group_accuracy"])
-            met &= drop <= 100 * budget.max_group_accuracy_drop + POINTS_TOLERANCE
-            parts.append(f"{name} accuracy drop {drop:.1f} points (<= {100 * budget.max_group_accuracy_drop:g})")
-    if "t2i@5" in before.get("retrieval", {}):
-        for key, name in (("t2i@5", "text->image"), ("i2t@5", "image->text")):
-            if key not in before["retrieval"]:
-                continue
-            drop = 100 * (before["retrieval"][key] - after["retrieval"][key])
-            met &= drop <= 100 * budget.max_recall_drop + POINTS_TOLERANCE
-            parts.append(f"{name} Recall@5 drop {drop:.1f} points (<= {100 * budget.max_recall_drop:g})")
-    else:
-        parts.append("recall not measured (no captions)")
-    return bool(met), f"targets on the report's images ({'met' if met else 'NOT met'}): " + ", ".join(parts)
+            drop(f"{name} accuracy", (items_b.get("group_correct") or {}).get(name),
+                 (items_a.get("group_correct") or {}).get(name), summ["group_accuracy"],
+                 after["bias"][name]["group_accuracy"], budget.max_group_accuracy_drop)
+    ranks_b, ranks_a = items_b.get("retrieval_ranks") or {}, items_a.get("retrieval_ranks") or {}
+    for key, side, label in (("t2i@5", "t2i", "text->image Recall@5"), ("i2t@5", "i2t", "image->text Recall@5")):
+        if key in before.get("retrieval", {}) and key in after.get("retrieval", {}):
+            hits = lambda ranks: [int(r < 5) for r in ranks[side]] if side in ranks else None  # noqa: E731
+            drop(label, hits(ranks_b), hits(ranks_a), before["retrieval"][key], after["retrieval"][key],
+                 budget.max_recall_drop)
+    return checks

@@ -181,6 +181,19 @@ def _markdown(result: dict, rows: list[Row], single: bool, title: str) -> str:
         f"{conv['reduce']} over queries; recall is hit@k", "",
         format_table(rows, single), "", f"![before/after]({REPORT_PNG})", "",
     ]
+    if result.get("targets"):
+        parts += ["## Targets and budgets on these images", "",
+                  "Each budget is a drop measured on a sample: shown with its 95% paired bootstrap interval over "
+                  "the images (accuracy) or caption queries (recall). A budget is missed only when the whole "
+                  "interval is above it, and unresolved when the interval is wider than the budget (these images "
+                  "cannot tell a drop of that size from none).", "",
+                  "| figure | value | 95% interval | limit | verdict |", "| --- | ---: | --- | ---: | --- |"]
+        for c in result["targets"]:
+            iv = c.get("interval")
+            scale = 1 if "ratio" in c["name"] else 100
+            shown = f"[{scale * iv['low']:.2f}, {scale * iv['high']:.2f}]" if iv else "-"
+            parts.append(f"| {c['name']} | {c['value']:.2f} | {shown} | {c['limit']:g} | {c['verdict']} |")
+        parts.append("")
     for name, per in (result.get("per_query") or {}).items():
         parts += [f"## {name}: MaxSkew@{conv['k']} per neutral query", "",
                   f"Mean cut {_pct(per['mean_cut'])}; worst query cut {_pct(per['worst_cut'])} "

@@ -155,12 +155,16 @@ def evaluate(encoder: Encoder, spec: EvalSpec, options: EmbedOptions | None = No
         "bias": {},
     }
     predicted = None
+    # per-item outcomes (images, caption queries), in a fixed order for a given spec: what the
+    # intervals of before/after changes resample (surgery.metrics.intervals)
+    items: dict = {}
     if spec.concept_column:
         class_emb = F.normalize(embed_texts(encoder, spec.class_prompts, opt, identity), dim=-1)  # (C, D)
         truth, _ = spec.labels.codes(spec.concept_column, spec.concept_values)
         truth = torch.from_numpy(truth[kept])
         predicted = metrics.zero_shot_predict(image_emb, class_emb)
         report["zero_shot_accuracy"] = float((predicted == truth).double().mean())
+        items["concept_correct"] = (predicted == truth).int().tolist()
     for name in spec.attributes:
         codes, values = spec.labels.codes(name)
         codes_t = torch.from_numpy(codes[kept])
@@ -171,7 +175,9 @@ def evaluate(encoder: Encoder, spec: EvalSpec, options: EmbedOptions | None = No
         prompts = spec.group_prompts.get(name)
         if prompts and set(values) <= set(prompts):
             group_emb = F.normalize(embed_texts(encoder, [prompts[v] for v in values], opt, identity), dim=-1)
-            summary["group_accuracy"] = float((metrics.zero_shot_predict(image_emb, group_emb) == codes_t).double().mean())
+            correct = metrics.zero_shot_predict(image_emb, group_emb) == codes_t
+            summary["group_accuracy"] = float(correct.double().mean())
+            items.setdefault("group_correct", {})[name] = correct.int().tolist()
         if spec.wordings:
             summary["wordings"] = {}
             for wording, texts in spec.wordings.items():
@@ -188,7 +194,11 @@ def evaluate(encoder: Encoder, spec: EvalSpec, options: EmbedOptions | None = No
         text_emb = embed_texts(encoder, texts, opt, identity)
         ks = tuple(k for k in spec.recall_ks if k <= len(kept))
         keys = [" ".join(t.lower().split()) for t in texts]  # the tokenizer lower-cases and folds whitespace
-        report["retrieval"] = metrics.retrieval_recall(text_emb, image_emb, torch.from_numpy(owners), ks, text_keys=keys)
+        ranks: dict = {}
+        report["retrieval"] = metrics.retrieval_recall(text_emb, image_emb, torch.from_numpy(owners), ks, text_keys=keys,
+                                                       ranks=ranks)
+        items["retrieval_ranks"] = ranks
+    report["items"] = items
     return report
 
 

@@ -79,7 +79,7 @@ def recall_at_k(sim: Any, positives: Any, k: int) -> float:
 
 def retrieval_recall(
     text_emb: Any, image_emb: Any, text_to_image: Any, ks: Sequence[int] = (1, 5, 10),
-    text_keys: Sequence[str] | None = None,
+    text_keys: Sequence[str] | None = None, ranks: dict | None = None,
 ) -> dict[str, float]:
     """Text->image and image->text hit@K with cosine similarity.
 
@@ -93,6 +93,9 @@ def retrieval_recall(
     one query whose positives are every image they describe, and one gallery entry for
     image->text. Without it, a data set whose captions repeat (a generated world: ~100 images per
     caption) scores near zero for any model, because only one of the identical images counts.
+
+    ``ranks``: a dict to fill with each query's best positive rank (0-based), ``"t2i"`` per (merged)
+    caption query and ``"i2t"`` per image query, for intervals over the queries.
     """
     texts, images = _normalise(text_emb, "text_emb"), _normalise(image_emb, "image_emb")  # (T, D), (N, D)
     if texts.shape[1] != images.shape[1]:
@@ -120,6 +123,8 @@ def retrieval_recall(
             _check_k(k, sim.shape[0], "caption gallery")
     t2i = best_positive_rank(sim, mask)  # (T,) one pass for every K
     i2t = best_positive_rank(sim.T[has_text], mask.T[has_text])  # (N',)
+    if ranks is not None:
+        ranks["t2i"], ranks["i2t"] = t2i.tolist(), i2t.tolist()
     for k in ks:
         out[f"t2i@{k}"] = float((t2i < k).to(torch.float64).mean())
         if k <= sim.shape[0]:  # image->text needs K distinct captions (merged ones may be fewer)
