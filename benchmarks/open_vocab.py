@@ -181,8 +181,7 @@ def run_world(name: str, work: str, labels_only: bool) -> dict:
     return row
 
 
-def pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.0f}%"
+pct = suite._pct
 
 
 def table(rows: list[dict]) -> str:

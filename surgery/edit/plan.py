@@ -170,13 +170,7 @@ class BalanceEdit:
         if not isinstance(self.provenance, dict):
             raise PlanError(f"{where}: provenance must be a JSON object, got {type(self.provenance).__name__}")
         for name in ("u", "v"):
-            rows = getattr(self, name)
-            if not isinstance(rows, list) or not rows or not all(isinstance(r, list) for r in rows):
-                raise PlanError(f"{where}: {name} must be a non-empty list of rows (D x r numbers)")
-            if len({len(r) for r in rows}) != 1 or not rows[0]:
-                raise PlanError(f"{where}: {name} must have rows of one length r >= 1 (a D x r matrix)")
-            if not all(_finite(x) for r in rows for x in r):
-                raise PlanError(f"{where}: {name} must hold finite numbers only (no NaN, inf or strings)")
+            _matrix(getattr(self, name), f"{where}: {name}", "D x r")
         if (len(self.u), len(self.u[0])) != (len(self.v), len(self.v[0])):
             raise PlanError(f"{where}: u is {len(self.u)} x {len(self.u[0])} but v is {len(self.v)} x {len(self.v[0])};"
                             " they must have the same shape (D x r)")
@@ -218,8 +212,8 @@ class OpenBalanceEdit:
     def validate(self, where: str) -> None:
         if self.tower != "text":
             raise PlanError(f"{where}: the open balance acts on the text tower only, got tower {self.tower!r}")
-        _matrix(self.bank, f"{where}: bank")
-        _matrix(self.contrast, f"{where}: contrast")
+        _matrix(self.bank, f"{where}: bank", "n x D")
+        _matrix(self.contrast, f"{where}: contrast", "G x D")
         if len(self.bank) > MAX_OPEN_BANK:
             raise PlanError(f"{where}: the bank has {len(self.bank)} images; at most {MAX_OPEN_BANK} are allowed")
         if len(self.contrast[0]) != self.dim:
@@ -254,11 +248,12 @@ class OpenBalanceEdit:
                 "gate_lo": self.gate_lo, "gate_hi": self.gate_hi, "iterations": self.iterations}
 
 
-def _matrix(rows: Any, where: str) -> None:
+def _matrix(rows: Any, where: str, shape: str = "n x D") -> None:
+    """A plan's matrix: a non-empty list of equally long rows of finite numbers (``shape`` names it)."""
     if not isinstance(rows, list) or not rows or not all(isinstance(r, list) for r in rows):
-        raise PlanError(f"{where} must be a non-empty list of rows of numbers")
+        raise PlanError(f"{where} must be a non-empty list of rows ({shape} numbers)")
     if len({len(r) for r in rows}) != 1 or not rows[0]:
-        raise PlanError(f"{where} must have rows of one length >= 1")
+        raise PlanError(f"{where} must have rows of one length >= 1 (a {shape} matrix)")
     if not all(_finite(x) for r in rows for x in r):
         raise PlanError(f"{where} must hold finite numbers only (no NaN, inf or strings)")
 
