@@ -71,13 +71,14 @@ class ForkedCli:
     open_clip and surgery already: a separate process (its own pid, signals, exit status and
     memory, so kill tests hold) without the ~5 s of imports a fresh interpreter pays per run.
 
-    Output (stdout and stderr) goes to ``log``. ``setup`` runs in the child before the command
+    Output goes to ``log`` (stderr to ``err_log`` when given, else to ``log`` too); ``env`` updates
+    the child's environment (its subprocesses inherit it). ``setup`` runs in the child before the command
     (a writer held by hold_in_write.hold, a monkeypatch for the child alone). Popen's poll, wait,
     send_signal, kill and returncode (negative: killed by that signal). Not for tests of what
     differs between interpreters (hash seeds: tests/reliability/test_determinism.py runs fresh ones).
     """
 
-    def __init__(self, args, cwd, log, setup=None):
+    def __init__(self, args, cwd, log, setup=None, err_log=None, env=None):
         import os
         import sys
 
@@ -88,7 +89,7 @@ class ForkedCli:
         if self.pid == 0:  # the child: never returns into pytest
             code = 1
             try:
-                code = _forked_child(list(args), str(cwd), str(log), setup)
+                code = _forked_child(list(args), str(cwd), str(log), setup, err_log, env)
             finally:
                 os._exit(code)
 
@@ -124,7 +125,7 @@ class ForkedCli:
         self.send_signal(signal.SIGKILL)
 
 
-def _forked_child(args, cwd, log, setup) -> int:
+def _forked_child(args, cwd, log, setup, err_log=None, env=None) -> int:
     """Run the CLI in a forked child as ``python -m surgery`` would: fresh stdout/stderr on the
     log file, default signal handlers, the root logger without pytest's handlers; the exit code."""
     import io
@@ -134,10 +135,11 @@ def _forked_child(args, cwd, log, setup) -> int:
     import sys
     import traceback
 
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
+    for target, path in ((1, log), (2, err_log or log)):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if target == 1 or err_log else os.O_APPEND), 0o644)
+        os.dup2(fd, target)
+        os.close(fd)
+    os.environ.update(env or {})
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
     for sig in (signal.SIGTERM, signal.SIGINT):
