@@ -4,7 +4,13 @@ from __future__ import annotations
 import json
 import os
 
-import torch
+# One OpenMP thread per test process (and, inherited, per subprocess and forked child) unless the
+# caller chose: the models here are tiny, and on a shared 2-core CI machine a second spinning
+# OpenMP thread per process made runs up to 5x slower (tests/reliability/test_kills.py: 33 s with
+# one thread, 328 s with torch's default of two, beside other load).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 # Triton's @jit reads this at decoration time, so it must be set before triton_kernels is imported.
 if not torch.cuda.is_available():

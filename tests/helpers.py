@@ -64,3 +64,114 @@ def unit_texts(dim: int, count: int, seed: int) -> torch.Tensor:
     """(count, dim) random unit vectors standing in for text embeddings."""
     return torch.nn.functional.normalize(torch.randn(count, dim, generator=torch.Generator().manual_seed(seed)),
                                          dim=-1)
+
+
+class ForkedCli:
+    """``python -m surgery ARGS`` as a forked child of the test process, which has imported torch,
+    open_clip and surgery already: a separate process (its own pid, signals, exit status and
+    memory, so kill tests hold) without the ~5 s of imports a fresh interpreter pays per run.
+
+    Output goes to ``log`` (stderr to ``err_log`` when given, else to ``log`` too); ``env`` updates
+    the child's environment (its subprocesses inherit it). ``setup`` runs in the child before the command
+    (a writer held by hold_in_write.hold, a monkeypatch for the child alone). Popen's poll, wait,
+    send_signal, kill and returncode (negative: killed by that signal). Not for tests of what
+    differs between interpreters (hash seeds: tests/reliability/test_determinism.py runs fresh ones).
+    """
+
+    def __init__(self, args, cwd, log, setup=None, err_log=None, env=None):
+        import os
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.returncode = None
+        self.pid = os.fork()
+        if self.pid == 0:  # the child: never returns into pytest
+            code = 1
+            try:
+                code = _forked_child(list(args), str(cwd), str(log), setup, err_log, env)
+            finally:
+                os._exit(code)
+
+    def poll(self):
+        import os
+
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout=None):
+        import subprocess
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"forked clipsurgery (pid {self.pid})", timeout)
+            time.sleep(0.02)
+        return self.returncode
+
+    def send_signal(self, sig):
+        import os
+
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self):
+        import signal
+
+        self.send_signal(signal.SIGKILL)
+
+
+def _forked_child(args, cwd, log, setup, err_log=None, env=None) -> int:
+    """Run the CLI in a forked child as ``python -m surgery`` would: fresh stdout/stderr on the
+    log file, default signal handlers, the root logger without pytest's handlers; the exit code."""
+    import io
+    import logging
+    import os
+    import signal
+    import sys
+    import traceback
+
+    for target, path in ((1, log), (2, err_log or log)):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if target == 1 or err_log else os.O_APPEND), 0o644)
+        os.dup2(fd, target)
+        os.close(fd)
+    os.environ.update(env or {})
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.default_int_handler)
+    logging.root.handlers.clear()
+    os.chdir(cwd)
+    sys.argv = ["clipsurgery", *args]
+    code = 1
+    try:
+        if setup is not None:
+            setup()
+        from surgery.cli.main import main
+
+        main(prog_name="clipsurgery")
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001 - an uncaught error, as the interpreter would print it
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    return code
+
+
+def forked_cli(args, cwd, setup=None) -> tuple[int, str]:
+    """(exit code, output) of ``clipsurgery ARGS`` run to its end in a forked child, in ``cwd``."""
+    import pathlib
+
+    log = pathlib.Path(cwd).parent / f"{pathlib.Path(cwd).name}.forked.log"
+    proc = ForkedCli(args, cwd, log, setup)
+    rc = proc.wait(timeout=1200)
+    return rc, log.read_text()

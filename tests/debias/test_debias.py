@@ -139,6 +139,9 @@ def test_an_sae_that_no_kept_edit_uses_is_not_left_and_force_removes_the_previou
         tmp_path, monkeypatch):
     """The SAE is trained in staging; when the search keeps no latent it is removed, and --force
     takes the earlier run's plan and SAE away together (never a new plan beside an old SAE)."""
+    import functools
+
+    from surgery.cli import main as cli_main
     from surgery.debias import pipeline
     from surgery.debias.heads import SearchResult
 
@@ -148,6 +151,9 @@ def test_an_sae_that_no_kept_edit_uses_is_not_left_and_force_removes_the_previou
         return SearchResult({(3, 0): 0.0}, False, {"max_skew": 1.0}, {"max_skew": 0.9}, order=["L3.H0@0"])
 
     monkeypatch.setattr(pipeline, "run_search", heads_only)
+    # the SAE only has to exist, with candidates: a small one (480 images; candidates at tau 0.1)
+    monkeypatch.setattr(cli_main, "DebiasOptions", functools.partial(pipeline.DebiasOptions, sae_images=480))
+    monkeypatch.setattr(pipeline, "NeuronStageOptions", functools.partial(pipeline.NeuronStageOptions, tau=0.1))
     out = tmp_path / "m.onnx"
     (tmp_path / "m.sae").mkdir()
     (tmp_path / "m.sae" / "weights.safetensors").write_bytes(b"an earlier run's SAE")

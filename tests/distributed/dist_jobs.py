@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 
 import numpy as np
 from PIL import Image
@@ -15,9 +14,22 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
 def cli(*argv: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``python -m surgery ARGV`` (one process; --nproc in ARGV launches torchrun)."""
-    return subprocess.run([sys.executable, "-m", "surgery", *argv], capture_output=True, text=True,
-                          env={**ENV, **(env or {})}, timeout=timeout)
+    """``python -m surgery ARGV`` (one process; --nproc in ARGV launches torchrun), as a forked child
+    of the test process (helpers.ForkedCli: no interpreter start; torchrun's workers are fresh ones)."""
+    import tempfile
+
+    from helpers import ForkedCli
+
+    with tempfile.TemporaryDirectory(prefix="dist-cli-") as tmp:
+        out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+        proc = ForkedCli(argv, os.getcwd(), out, err_log=err, env={**ENV, **(env or {})})
+        try:
+            proc.wait(timeout=timeout)
+        finally:
+            proc.kill()
+            proc.wait()
+        with open(out) as fo, open(err) as fe:
+            return subprocess.CompletedProcess(["clipsurgery", *argv], proc.returncode, fo.read(), fe.read())
 
 
 def free_port() -> int:
@@ -27,18 +39,31 @@ def free_port() -> int:
 
 
 def ranks(argvs: list[list[str]], timeout: float = 300) -> list[subprocess.CompletedProcess]:
-    """Start one process per argv as ranks 0..n-1 of one gloo job (each may get other arguments)."""
+    """Start one process per argv as ranks 0..n-1 of one gloo job (each may get other arguments);
+    each a forked child of the test process, as :func:`cli`."""
+    import tempfile
+
+    from helpers import ForkedCli
+
     port = free_port()
-    procs = []
-    for rank, argv in enumerate(argvs):
-        env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-               "LOCAL_RANK": str(rank), "WORLD_SIZE": str(len(argvs)), "LOCAL_WORLD_SIZE": str(len(argvs))}
-        procs.append(subprocess.Popen([sys.executable, "-m", "surgery", *argv], stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True, env=env))
-    out = []
-    for proc in procs:
-        stdout, stderr = proc.communicate(timeout=timeout)
-        out.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    with tempfile.TemporaryDirectory(prefix="dist-ranks-") as tmp:
+        procs = []
+        for rank, argv in enumerate(argvs):
+            env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                   "LOCAL_RANK": str(rank), "WORLD_SIZE": str(len(argvs)), "LOCAL_WORLD_SIZE": str(len(argvs))}
+            logs = os.path.join(tmp, f"{rank}.out"), os.path.join(tmp, f"{rank}.err")
+            procs.append((argv, logs, ForkedCli(argv, os.getcwd(), logs[0], err_log=logs[1], env=env)))
+        out = []
+        try:
+            for _, _, proc in procs:
+                proc.wait(timeout=timeout)
+        finally:
+            for _, _, proc in procs:
+                proc.kill()
+                proc.wait()
+        for argv, (o, e), proc in procs:
+            with open(o) as fo, open(e) as fe:
+                out.append(subprocess.CompletedProcess(["clipsurgery", *argv], proc.returncode, fo.read(), fe.read()))
     return out
 
 

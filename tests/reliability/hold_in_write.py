@@ -8,6 +8,9 @@ writing a file whose name contains NAME writes that file as usual (to the tempor
 path the tool gave it), then writes MARKER (holding that path) and waits there for the test's
 signal. So the kill lands inside the write, known to be there: the bytes are on disk, the rename
 to the final path has not happened. Nothing in clipsurgery itself is changed.
+
+test_kills.py calls :func:`hold` in a forked child (helpers.ForkedCli) rather than this script in
+a fresh interpreter: the same patch, without an interpreter start per run.
 """
 from __future__ import annotations
 
@@ -18,9 +21,8 @@ import sys
 WRITERS = {"safetensors": ("safetensors.torch", "save_file"), "onnx": ("onnx", "save_model")}
 
 
-def main() -> None:
-    marker, writer, name, nth = sys.argv[1:5]
-    args = sys.argv[sys.argv.index("--") + 1:]
+def hold(marker: str, writer: str, name: str, nth: int) -> None:
+    """Patch WRITER so that its ``nth`` write of a file named like ``name`` stops there (see above)."""
     module_name, attr = WRITERS[writer]
     module = __import__(module_name, fromlist=[attr])
     original = getattr(module, attr)
@@ -41,7 +43,12 @@ def main() -> None:
         return result
 
     setattr(module, attr, held)
-    sys.argv = ["clipsurgery", *args]
+
+
+def main() -> None:
+    marker, writer, name, nth = sys.argv[1:5]
+    hold(marker, writer, name, int(nth))
+    sys.argv = ["clipsurgery", *sys.argv[sys.argv.index("--") + 1:]]
     from surgery.cli.main import main as cli
 
     cli()

@@ -8,6 +8,11 @@ checks: no file sits at a final path unless it is complete (the held one is not 
 SIGTERM leaves no temporary file behind, the re-run leaves none either, a re-run of embed keeps the
 parts finished before the kill and one of sae train resumes from its checkpoint (step > 0), and
 every re-run ends equal, byte for byte, to an unbroken run.
+
+Each run is a forked child of the test process (helpers.ForkedCli: a process of its own, with its
+own signals and exit status, without an interpreter start and ~5 s of imports per run); the hold
+is hold_in_write.hold, installed in the child. The debias case runs the removal path at a test's
+size (small_removal.py) and compares with the shared reference run made in a fresh interpreter.
 """
 from __future__ import annotations
 
@@ -15,53 +20,51 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import labelled_image_folder
+import small_removal
+from helpers import ForkedCli, forked_cli, labelled_image_folder
+from hold_in_write import hold
 
 pytestmark = pytest.mark.slow
-HOLD = str(Path(__file__).with_name("hold_in_write.py"))
 SIGNALS = (signal.SIGTERM, signal.SIGKILL)
 #: How long a held run may take to reach its write before the test gives up (a hang, not a timing check).
 REACH_LIMIT_S = 900
 
 
-def _cli(args, cwd) -> tuple[int, str]:
-    proc = subprocess.run([sys.executable, "-m", "surgery", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=1200)
-    return proc.returncode, proc.stdout + proc.stderr
-
-
-def _killed_inside(args, cwd: Path, writer: str, name: str, sig: signal.Signals, nth: int = 1) -> tuple[int, str, Path]:
+def _killed_inside(args, cwd: Path, writer: str, name: str, sig: signal.Signals, nth: int = 1, setup=None
+                   ) -> tuple[int, str, Path]:
     """Run ``args`` until it is inside its ``nth`` write of a file named like ``name``, check it is
     alive there, send ``sig``; returns (exit code, output, the file being written when killed)."""
     marker = cwd.parent / f"{cwd.name}.held"
     log = cwd.parent / f"{cwd.name}.log"
-    with open(log, "w") as out:  # a file, not a pipe: a full pipe would stall the run before its write
-        proc = subprocess.Popen([sys.executable, HOLD, str(marker), writer, name, str(nth), "--", *args], cwd=cwd,
-                                stdout=out, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + REACH_LIMIT_S
-            while not marker.exists():
-                if proc.poll() is not None:
-                    pytest.fail(f"the run ended (exit {proc.returncode}) before write {nth} of {name}: "
-                                f"{log.read_text()}")
-                if time.monotonic() > deadline:
-                    pytest.fail(f"the run did not reach write {nth} of {name}: {log.read_text()}")
-                time.sleep(0.05)
-            held = Path(marker.read_text())
-            assert proc.poll() is None  # alive, and stopped inside the write
-            assert held.is_file()  # the bytes are written, to a temporary or staging path
-            proc.send_signal(sig)
-            rc = proc.wait(timeout=600)
-        finally:
-            if proc.poll() is None:  # a failed check above: a held run would wait for ever
-                proc.kill()
-                proc.wait()
+
+    def stop_in_the_write():
+        if setup:
+            setup()
+        hold(str(marker), writer, name, nth)
+
+    proc = ForkedCli(args, cwd, log, setup=stop_in_the_write)  # output to a file: a full pipe would stall it
+    try:
+        deadline = time.monotonic() + REACH_LIMIT_S
+        while not marker.exists():
+            if proc.poll() is not None:
+                pytest.fail(f"the run ended (exit {proc.returncode}) before write {nth} of {name}: "
+                            f"{log.read_text()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"the run did not reach write {nth} of {name}: {log.read_text()}")
+            time.sleep(0.05)
+        held = Path(marker.read_text())
+        assert proc.poll() is None  # alive, and stopped inside the write
+        assert held.is_file()  # the bytes are written, to a temporary or staging path
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:  # a failed check above: a held run would wait for ever
+            proc.kill()
+            proc.wait()
     expected = 128 + signal.SIGTERM if sig == signal.SIGTERM else -signal.SIGKILL  # the CLI's handler: exit 143
     assert rc == expected, log.read_text()
     return rc, log.read_text(), held
@@ -81,23 +84,24 @@ def _leftovers(folder) -> list[str]:
 def _reference(tmp_path, args) -> Path:
     folder = tmp_path / "reference"
     folder.mkdir()
-    rc, output = _cli(args, folder)
+    rc, output = forked_cli(args, folder)
     assert rc == 0, output
     return folder
 
 
-def _kill_rerun(tmp_path, args, writer, name, finals, same, nth=1, after_kill=None, after_rerun=None):
-    """``finals``: outputs that cannot exist yet when the held write is killed."""
+def _kill_rerun(tmp_path, args, writer, name, finals, same, nth=1, after_kill=None, after_rerun=None, setup=None):
+    """``finals``: outputs that cannot exist yet when the held write is killed; ``setup``: run in
+    each child (killed or re-run) before the command."""
     for sig in SIGNALS:
         work = tmp_path / f"run-{sig.name}"
         work.mkdir()
-        _, output, held = _killed_inside(args, work, writer, name, sig, nth)
+        _, output, held = _killed_inside(args, work, writer, name, sig, nth, setup)
         assert not any((work / f).exists() for f in finals), output  # killed before the rename: no output
         if sig == signal.SIGTERM:
             assert _leftovers(work) == [] and not held.exists(), output  # SIGTERM unwinds: nothing left
         if after_kill:
             after_kill(work)
-        rc, output = _cli(args, work)  # no --force: nothing was left at an output path
+        rc, output = forked_cli(args, work, setup)  # no --force: nothing was left at an output path
         assert rc == 0, output
         assert _leftovers(work) == []  # a SIGKILL's temp files and staging are removed by the re-run
         if after_rerun:
@@ -185,15 +189,15 @@ def test_sae_train_killed_inside_a_checkpoint_write_resumes_from_the_last_checkp
                 after_kill=after_kill, after_rerun=after_rerun)
 
 
-def test_debias_killed_inside_its_sae_write_then_rerun(tmp_path):
-    args = ["debias", "builtin:world", "m.onnx", "--n-probe", "240", "--k", "20", "--selection-draws", "1",
-            "--allow-miss", "--removal", "always"]  # the removal path trains the SAE
-    reference = _reference(tmp_path, args)
+def test_debias_killed_inside_its_sae_write_then_rerun(tmp_path, small_removal_reference):
+    """The removal path at a test's size (small_removal.py); the unbroken run to compare with is
+    the shared one (a fresh interpreter, as test_determinism's)."""
+    args = small_removal.ARGS  # the removal path trains the SAE
     outputs = ["m.plan.json", "m.visual.onnx", "m.text.onnx", "m.sae", "m.report"]
 
     def same(work):
         for name in ("m.plan.json", "m.visual.onnx", "m.text.onnx", "m.sae/weights.safetensors"):
-            assert _sha(work / name) == _sha(reference / name), name
+            assert _sha(work / name) == _sha(small_removal_reference / name), name
 
     # the SAE is written in a staging folder beside m.sae and moved into place only with its plan
-    _kill_rerun(tmp_path, args, "safetensors", "weights.safetensors", outputs, same)
+    _kill_rerun(tmp_path, args, "safetensors", "weights.safetensors", outputs, same, setup=small_removal.install)
