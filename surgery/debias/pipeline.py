@@ -4,9 +4,12 @@
 the edits are chosen on, and the report's images), embed the prompts, choose the edits, write the
 plan (and move the SAE into place when the plan uses it), bake and export, compare before / after.
 
-Choosing the edits (:func:`choose_edits`) goes from cheap to dear: the balance edit (a closed-form
-fit on the probe's embeddings, seconds) is measured first; when it alone meets the targets on the
-selection draws, the removal edits are not searched (``removal="always"`` searches them anyway).
+Choosing the edits (:func:`choose_edits`) goes from cheap to dear: the open balance (every text's
+own correction from a bank of probe images, :mod:`surgery.debias.open_balance`) and then the fixed
+balance map (a closed-form fit on the probe's embeddings, seconds) are measured first; when one
+alone meets the targets on the selection draws, the removal edits are not searched
+(``removal="always"`` searches them anyway). The outputs are checked in :mod:`surgery.debias.outputs`,
+the targets on the report's images in :mod:`surgery.debias.targets`.
 Otherwise the heads are audited, an SAE is trained for social-neuron candidates, and one search
 chooses among the balance edit, head edits and neurons together (the balance refitted on top of
 every removal edit it is tried with).
@@ -24,11 +27,13 @@ import torch
 
 from surgery.audit.probe import ProbeSet, folder_probe_set, world_probe_set
 from surgery.audit.vision import AuditOptions, AuditResult, audit_vision
+from surgery.debias import targets
 from surgery.debias.balance import BalanceOptions
-from surgery.debias.budget import POINTS_TOLERANCE, Budget, bias_ratio
-from surgery.debias.open_balance import OpenBalanceFit, OpenBalanceOptions
+from surgery.debias.budget import Budget, bias_ratio
 from surgery.debias.heads import SearchResult, plan_from_search
 from surgery.debias.neurons import NeuronStageOptions, neuron_edit, train_social_sae
+from surgery.debias.open_balance import OpenBalanceFit, OpenBalanceOptions
+from surgery.debias.outputs import Outputs, check_exported_towers, edited_towers, remove_previous
 from surgery.debias.search import BalanceCandidate, EditSearchOptions, search_edits
 from surgery.edit.bake import bake_copy
 from surgery.edit.plan import NeuronEdit, SurgeryPlan
@@ -39,18 +44,15 @@ from surgery.eval.encoders import OnnxEncoder, TorchEncoder, open_encoder
 from surgery.eval.evaluate import PROTECTED_COLUMNS, EvalSpec, spec_from_folder
 from surgery.export.onnx import OnnxOptions, export_onnx
 from surgery.export.safetensors import export_safetensors
-from surgery.io.fs import check_output_folder, check_output_path, staging_dir
+from surgery.io.fs import staging_dir
 from surgery.io.images import resolve_images_dir
 from surgery.io.labels import load_labels, split_label_table, write_labels_csv
-from surgery.io.onnx import onnx_paths
 from surgery.io.queries import check_query_count, unique_queries
 from surgery.metrics.bias import BiasConventions
-from surgery.metrics.intervals import drop_interval, ratio_interval
 from surgery.model.encode import text_embeddings
 from surgery.model.loading import LoadedModel, load
 from surgery.model.preprocess import images_to_tensor
 from surgery.runtime.progress import StageProgress
-from surgery.sae.model import CONFIG_FILE, WEIGHTS_FILE
 from surgery.world.checkpoint import world_params_of
 from surgery.world.params import WorldParams
 from surgery.world.prompts import neutral_queries
@@ -69,7 +71,6 @@ REMOVAL_MODES = ("auto", "always")
 # "auto": the open balance (every text corrected at run time) when it alone meets the targets on the
 # selection draws, else the fixed map fitted on the query list; "open" / "fixed": that one only
 BALANCE_MODES = ("auto", "open", "fixed")
-SAE_FILES = (WEIGHTS_FILE, CONFIG_FILE)  # what an SAE folder the run writes holds: all --force ever removes there
 TEXT_BATCH = 256  # texts per forward pass of the text tower (a probe of thousands of captions stays in memory)
 
 
@@ -133,44 +134,6 @@ class DebiasOptions:
     def selection_budget(self) -> Budget:
         """The budget the searches aim for on the selection probes (tightened by the margins)."""
         return self.budget.tightened(self.selection_margin, self.selection_bias_margin)
-
-
-@dataclass(frozen=True)
-class Outputs:
-    """Every path a run writes, checked before any work starts."""
-
-    model: dict[str, str]  # {"vision"/"text": .onnx} or {"model": .safetensors}
-    plan: str  # <stem>.plan.json
-    report: str  # <stem>.report/
-    sae: str  # <stem>.sae/
-
-    @classmethod
-    def of(cls, out: str, tower: str) -> Outputs:
-        onnx = out.endswith(".onnx")
-        stem = out[: -len(".onnx")] if onnx else out[: -len(".safetensors")]
-        model = onnx_paths(out, tower) if onnx else {"model": out}
-        return cls(model, f"{stem}.plan.json", f"{stem}.report", f"{stem}.sae")
-
-    def check(self, model_in: str, force: bool, inputs: tuple = (), sae_needed: bool = True) -> None:
-        """Refuse, before any work: an output that is an input (``inputs``: the probe's folder, labels,
-        queries, group prompts), one that exists without ``force``, and (``sae_needed``: the run may
-        train an SAE) an SAE folder holding files clipsurgery did not write (--force never removes them)."""
-        for path in (*self.model.values(), self.plan):
-            check_output_path(path, inputs=(model_in, *inputs), force=force)
-        for folder in (self.report, self.sae):  # folders the run fills: refused now, not after minutes of work
-            check_output_folder(folder, force=force)
-        foreign = foreign_sae_files(self.sae)
-        if foreign and sae_needed:
-            raise SurgeryError(f"{self.sae} holds files clipsurgery did not write ({', '.join(foreign[:3])}"
-                               f"{' ...' if len(foreign) > 3 else ''}); the run's SAE goes there and --force removes "
-                               "only the tool's own files: move them away or choose another output")
-
-
-def foreign_sae_files(folder: str) -> list[str]:
-    """The entries of an SAE output folder that are not the files an SAE is saved as (sorted)."""
-    if not os.path.isdir(folder) or os.path.islink(folder):
-        return []
-    return sorted(name for name in os.listdir(folder) if name not in SAE_FILES)
 
 
 @dataclass
@@ -258,24 +221,6 @@ def possible_towers(options: DebiasOptions) -> set[str]:
     if options.balance:
         towers.add("text" if options.balance_options.side == "text" else "vision")
     return towers
-
-
-def edited_towers(plan: SurgeryPlan) -> set[str]:
-    """The towers ``plan`` changes."""
-    return {edit.tower for edit in (*plan.heads, *plan.neurons, *plan.balance, *plan.open_balance)}
-
-
-def check_exported_towers(out: str, tower: str, towers: set[str], every: bool = False) -> None:
-    """Refuse an ONNX export of ``tower`` that would carry none (``every``: not all) of the edits in
-    ``towers``: the shipped file would not be the debiased model the report measures."""
-    if not out.endswith(".onnx") or tower == "both" or not towers:
-        return
-    left_out = sorted(t for t in towers if t != tower)
-    if left_out and (every or tower not in towers):
-        raise SurgeryError(f"the edits {'chosen' if every else 'asked for'} change the {' and '.join(left_out)} "
-                           f"tower, which --tower {tower} does not export (the file would not carry them); pass "
-                           + ("--tower both" if tower in towers else f"--tower {left_out[0]} or --tower both")
-                           + ("; nothing was written" if every else ""))
 
 
 def checked_queries(queries: list[str] | None) -> list[str] | None:
@@ -506,21 +451,6 @@ def run_search(loaded: LoadedModel, probes: Probes, prompts: Prompts, options: D
                         caption_embs=prompts.captions, progress=say, group_emb=prompts.groups, balance=balance)
 
 
-def remove_previous(outputs: Outputs) -> None:
-    """Remove an earlier run's plan and SAE (``Outputs.check`` allowed it: --force), so a new plan
-    never sits beside an old SAE, nor an old plan beside a new SAE. Only the files clipsurgery
-    writes are removed: the SAE folder itself goes only when nothing else is left in it."""
-    if os.path.isfile(outputs.plan):
-        os.remove(outputs.plan)
-    if os.path.isdir(outputs.sae) and not os.path.islink(outputs.sae):
-        for name in SAE_FILES:
-            path = os.path.join(outputs.sae, name)
-            if os.path.isfile(path) or os.path.islink(path):
-                os.remove(path)
-        if not os.listdir(outputs.sae):
-            os.rmdir(outputs.sae)
-
-
 def make_plan(loaded: LoadedModel, choice: Choice, options: DebiasOptions, probes: Probes,
               neurons_entry: NeuronEdit | None) -> SurgeryPlan:
     """The SurgeryPlan of the chosen edits, with how they were chosen; refuses an empty plan."""
@@ -609,21 +539,6 @@ def report_queries(queries: list[str] | None, world: WorldParams | None) -> list
     return list(queries) + ([q for q in neutral_queries(world) if q not in queries] if world is not None else [])
 
 
-def held_out_line(result: dict, fitted: list[str], k: int) -> str | None:
-    """One line: the report's cut of its queries that the edits were not chosen on (None: there are none)."""
-    for name, per in result["per_query"].items():
-        rows = [r for r in per["queries"] if r["query"] not in fitted]
-        if rows:
-            before, after = sum(r["before"] for r in rows), sum(r["after"] for r in rows)
-            cuts = [r["cut"] for r in rows if r["cut"] is not None]
-            mean = f"{1 - after / before:.0%}" if before > 0 else "-"
-            worst = f"{min(cuts):.0%}" if cuts else "-"
-            return (f"{name}: queries not in the fitted list ({len(rows)}: {', '.join(r['query'] for r in rows[:4])}"
-                    f"{', ...' if len(rows) > 4 else ''}): MaxSkew@{k} cut {mean} on the mean, {worst} on the worst "
-                    "(report's images)")
-    return None
-
-
 def summarise(result: dict, choice: Choice, exported: list[str], outputs: Outputs, plan: SurgeryPlan,
               options: DebiasOptions, fitted: list[str] | None = None) -> dict:
     """The table and the lines the CLI prints."""
@@ -638,7 +553,7 @@ def summarise(result: dict, choice: Choice, exported: list[str], outputs: Output
              f"vs <= {selection.max_bias_ratio:g}, the target less a {options.selection_bias_margin:g} margin)",
              *contribution_lines(choice, options.k, options.heads or options.neurons),
              *format_query_cuts(result["per_query"], options.k)]
-    held = held_out_line(result, list(fitted), options.k) if fitted else None
+    held = targets.held_out_line(result, list(fitted), options.k) if fitted else None
     if held:
         lines.append(held)
     met_on_report, line = check_targets(result, options)
@@ -709,73 +624,10 @@ def report_targets(result: dict, options: DebiasOptions) -> str:
 
 
 def check_targets(result: dict, options: DebiasOptions) -> tuple[bool, str]:
-    """(met, line): the targets checked on the report's images (not the selection probe).
-
-    The bias target is met when mean MaxSkew@K after / before is at most the target. Each budget
-    (accuracy, group accuracy, Recall@5 both ways) is a drop in points measured on a sample, so it
-    is given with its 95% paired bootstrap interval over the report's images or caption queries
-    (:mod:`surgery.metrics.intervals`) and judged by a stated rule: **missed** only when the whole
-    interval is above the budget (the drop is resolved as too large); **unresolved** when the
-    interval is wider than the budget on either side (the report's images cannot tell a drop of the
-    budget's size from none: the line says so, and it is not counted as a miss); **held** otherwise.
-    A report without per-item outcomes (an older report) is judged on the point figures."""
-    checks = target_checks(result, options)
-    met = all(c["verdict"] != "missed" for c in checks)
-    parts = [c["text"] for c in checks]
-    if "zero_shot_accuracy" not in result["before"]:
-        parts.append("accuracy not measured (no concept labels)")
-    if "t2i@5" not in result["before"].get("retrieval", {}):
-        parts.append("recall not measured (no captions)")
-    unresolved = [c["name"] for c in checks if c["verdict"] == "unresolved"]
-    line = f"targets on the report's images ({'met' if met else 'NOT met'}): " + ", ".join(parts)
-    if unresolved:
-        line += (f"; not resolved by the report's images (interval wider than the budget): {', '.join(unresolved)}"
-                 " - more images or captions would gate them")
-    return bool(met), line
+    """(met, line): ``options``' budget checked on the report's images (:func:`surgery.debias.targets.check_targets`)."""
+    return targets.check_targets(result, options.budget, options.k)
 
 
 def target_checks(result: dict, options: DebiasOptions) -> list[dict]:
-    """Every target and budget on the report's images: ``{"name", "value", "limit", "interval",
-    "verdict": held | missed | unresolved, "text"}`` (see :func:`check_targets` for the rule)."""
-    before, after, budget = result["before"], result["after"], options.budget
-    items_b, items_a = before.get("items") or {}, after.get("items") or {}
-    checks = []
-    for name, summ in before["bias"].items():
-        ratio = after["bias"][name]["max_skew"] / summ["max_skew"] if summ["max_skew"] > 0 else 1.0
-        per_b, per_a = (summ.get("per_query") or {}).get("max_skew"), (after["bias"][name].get("per_query") or {}).get("max_skew")
-        interval = ratio_interval(per_b, per_a) if per_b and per_a else None
-        verdict = "held" if ratio <= budget.max_bias_ratio else "missed"
-        shown = f" [95% {interval.low:.2f}, {interval.high:.2f}]" if interval else ""
-        checks.append({"name": f"{name} MaxSkew@{options.k} ratio", "value": ratio, "limit": budget.max_bias_ratio,
-                       "interval": interval.to_dict() if interval else None, "verdict": verdict,
-                       "text": f"{name} MaxSkew@{options.k} ratio {ratio:.2f}{shown} (<= {budget.max_bias_ratio})"})
-
-    def drop(label: str, b_items, a_items, b_value: float, a_value: float, limit: float) -> None:
-        value = 100 * (b_value - a_value)
-        interval = drop_interval(b_items, a_items) if b_items is not None and a_items is not None else None
-        if interval is None:
-            verdict = "missed" if value > 100 * limit + POINTS_TOLERANCE else "held"
-            text = f"{label} drop {value:.1f} points (<= {100 * limit:g})"
-        else:
-            low, high = 100 * interval.low, 100 * interval.high
-            verdict = ("missed" if low > 100 * limit + POINTS_TOLERANCE
-                       else "unresolved" if 100 * interval.half_width > 100 * limit else "held")
-            text = f"{label} drop {value:.1f} points [95% {low:.1f}, {high:.1f}] (<= {100 * limit:g}{', unresolved' if verdict == 'unresolved' else ''})"
-        checks.append({"name": f"{label} drop", "value": value, "limit": 100 * limit,
-                       "interval": interval.to_dict() if interval else None, "verdict": verdict, "text": text})
-
-    if "zero_shot_accuracy" in before:
-        drop("accuracy", items_b.get("concept_correct"), items_a.get("concept_correct"),
-             before["zero_shot_accuracy"], after["zero_shot_accuracy"], budget.max_accuracy_drop)
-    for name, summ in before["bias"].items():
-        if "group_accuracy" in summ:
-            drop(f"{name} accuracy", (items_b.get("group_correct") or {}).get(name),
-                 (items_a.get("group_correct") or {}).get(name), summ["group_accuracy"],
-                 after["bias"][name]["group_accuracy"], budget.max_group_accuracy_drop)
-    ranks_b, ranks_a = items_b.get("retrieval_ranks") or {}, items_a.get("retrieval_ranks") or {}
-    for key, side, label in (("t2i@5", "t2i", "text->image Recall@5"), ("i2t@5", "i2t", "image->text Recall@5")):
-        if key in before.get("retrieval", {}) and key in after.get("retrieval", {}):
-            hits = lambda ranks: [int(r < 5) for r in ranks[side]] if side in ranks else None  # noqa: E731
-            drop(label, hits(ranks_b), hits(ranks_a), before["retrieval"][key], after["retrieval"][key],
-                 budget.max_recall_drop)
-    return checks
+    """Every target and budget on the report's images, judged (:func:`surgery.debias.targets.target_checks`)."""
+    return targets.target_checks(result, options.budget, options.k)

@@ -153,7 +153,7 @@ def test_selection_budget_is_the_budget_less_its_margins():
 
 
 def test_debias_outputs_sit_beside_the_model():
-    from surgery.debias.pipeline import Outputs
+    from surgery.debias.outputs import Outputs
 
     onnx = Outputs.of("dir/out.onnx", "both")
     assert onnx.model == {"vision": "dir/out.visual.onnx", "text": "dir/out.text.onnx"}

@@ -34,7 +34,7 @@ def test_debias_refuses_an_export_that_carries_none_of_the_edit(tmp_path):
 
 
 def test_a_chosen_plan_whose_edits_a_tower_leaves_out_is_refused():
-    from surgery.debias.pipeline import check_exported_towers, edited_towers
+    from surgery.debias.outputs import check_exported_towers, edited_towers
 
     both = SurgeryPlan(heads=[HeadEdit("vision", 0, 0, 0.0)], balance=[BalanceEdit("text", [[0.0]], [[0.0]])])
     assert edited_towers(both) == {"vision", "text"}

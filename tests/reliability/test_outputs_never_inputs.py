@@ -107,7 +107,7 @@ def test_no_writer_replaces_a_device_or_a_pipe(tmp_path):
 
 
 def test_debias_force_removes_only_the_sae_files_it_wrote(tmp_path):
-    from surgery.debias.pipeline import Outputs, remove_previous
+    from surgery.debias.outputs import Outputs, remove_previous
 
     outputs = Outputs.of(str(tmp_path / "m.onnx"), "both")
     sae = tmp_path / "m.sae"
@@ -129,7 +129,7 @@ def test_debias_force_removes_only_the_sae_files_it_wrote(tmp_path):
 
 
 def test_debias_outputs_are_never_its_inputs(tmp_path):
-    from surgery.debias.pipeline import Outputs
+    from surgery.debias.outputs import Outputs
 
     queries = tmp_path / "m.plan.json"  # a queries file where the plan would go
     queries.write_text('["a nurse"]')
