@@ -35,18 +35,25 @@ def test_equal_to_open_clip_token_for_token(context):
     np.testing.assert_array_equal(ServeTokenizer(context)(texts), want)
 
 
-def test_the_cache_stays_bounded_and_open_clips_own_cache_is_not_used():
+def test_the_cache_fills_is_cleared_at_its_limit_and_open_clips_own_cache_is_not_used():
+    """Distinct short words, one per text (so every one is encoded and cached: a text of many words
+    stops at the context), past the cache's limit twice: it reaches the limit, is cleared there and
+    never holds more, and the tokens stay open_clip's."""
     tok = ServeTokenizer(77)
     shared = len(open_clip.tokenizer._tokenizer.cache)
     rng = random.Random(0)
-    seen = 0
-    while seen < 3 * CACHE_ENTRIES:  # distinct words, well past the cache's size
-        words = [" ".join("".join(rng.choice(string.ascii_lowercase) for _ in range(9)) for _ in range(70))
-                 for _ in range(32)]
-        tok(words)
-        seen += 70 * 32
-        assert tok.cache_size <= CACHE_ENTRIES
+    words = list({"".join(rng.choice(string.ascii_lowercase) for _ in range(9)) for _ in range(2 * CACHE_ENTRIES + 500)})
+    assert len(words) > 2 * CACHE_ENTRIES  # distinct (26^9 choices: a repeat is rare)
+    sizes = []
+    for start in range(0, len(words), 1000):
+        tok(words[start:start + 1000])
+        sizes.append(tok.cache_size)
+        assert tok.cache_size <= CACHE_ENTRIES, f"the cache holds {tok.cache_size} words, over {CACHE_ENTRIES}"
+    assert max(sizes) == CACHE_ENTRIES  # it filled (every word up to the limit was cached) ...
+    assert any(b < a for a, b in zip(sizes, sizes[1:]))  # ... and was cleared there, not frozen
     assert len(open_clip.tokenizer._tokenizer.cache) == shared
+    sample = words[-300:] + words[:300]  # cached and evicted words give the same tokens
+    np.testing.assert_array_equal(tok(sample), open_clip.tokenize(sample).numpy())
 
 
 def test_only_the_words_that_fit_the_context_are_encoded(monkeypatch):
