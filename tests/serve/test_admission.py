@@ -3,8 +3,8 @@ headers and text bytes are measured before any decoding or tokenizing; a request
 now gets 503 with Retry-After, one that never fits 413, and the server's memory stays bounded."""
 from __future__ import annotations
 
-import concurrent.futures
 import io
+import threading
 
 import httpx
 import numpy as np
@@ -18,6 +18,44 @@ from surgery.serve.batcher import BatchOptions
 from surgery.serve.limits import ServeLimits
 
 WAIT_S = 60  # how long a test waits for a held call to be reached (a guard against hanging, not a timing)
+ANSWER_S = 20  # how long a request that needs no held call may take to be answered (the same kind of guard)
+
+
+class _Call:
+    """One request on a daemon thread. :meth:`result` waits at most ``timeout`` seconds and then fails
+    the test: a request the server never answers (a broken admission lets it wait behind a held call)
+    must fail the test, not hang it. (TestClient ignores httpx's timeout: the app runs in-process.)"""
+
+    def __init__(self, fn, *args, **kwargs):
+        self._box: dict = {}
+        self._thread = threading.Thread(target=self._run, args=(fn, args, kwargs), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn, args, kwargs) -> None:
+        try:
+            self._box["value"] = fn(*args, **kwargs)
+        except BaseException as exc:  # handed to result()
+            self._box["error"] = exc
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self, timeout: float):
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise AssertionError(f"no answer within {timeout} s: the request is waiting (hung)")
+        if "error" in self._box:
+            raise self._box["error"]
+        return self._box["value"]
+
+
+def _post(client: TestClient, url: str, **kwargs) -> httpx.Response:
+    """A request that must be answered without waiting for a held call: within ANSWER_S, or the test fails."""
+    return _Call(client.post, url, **kwargs).result(ANSWER_S)
+
+
+def _get(client: TestClient, url: str) -> httpx.Response:
+    return _Call(client.get, url).result(ANSWER_S)
 
 
 def _png(width: int, height: int) -> bytes:
@@ -37,7 +75,7 @@ def held():
     app = create_app(stub, BatchOptions(max_wait_s=0), ServeLimits(max_image_pixels=10_000))  # 20,000 px at once
     with TestClient(app) as client:
         for _ in range(600):
-            if client.get("/readyz").status_code == 200:
+            if _get(client, "/readyz").status_code == 200:
                 break
         yield client, stub
         stub.release()
@@ -46,17 +84,16 @@ def held():
 def test_image_pixels_are_admitted_from_the_headers_before_decoding(held):
     client, stub = held
     stub.hold("pixels")
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        first = pool.submit(client.post, "/v1/embeddings/image", files=_files((100, 100)))  # 10,000 px, held
-        assert stub.entered.wait(WAIT_S)
-        busy = client.post("/v1/embeddings/image", files=_files((100, 100), (100, 100)))  # 20,000: not now
-        assert busy.status_code == 503 and busy.headers["retry-after"] == "1", busy.text
-        assert busy.json()["error"]["code"] == "busy"
-        never = client.post("/v1/embeddings/image", files=_files((100, 100), (100, 100), (100, 60)))  # 26,000
-        assert never.status_code == 413 and never.json()["error"]["code"] == "request_too_large", never.text
-        stub.release()
-        assert first.result(WAIT_S).status_code == 200
-    again = client.post("/v1/embeddings/image", files=_files((100, 100), (100, 100)))  # the share was given back
+    first = _Call(client.post, "/v1/embeddings/image", files=_files((100, 100)))  # 10,000 px, held
+    assert stub.entered.wait(WAIT_S)
+    busy = _post(client, "/v1/embeddings/image", files=_files((100, 100), (100, 100)))  # 20,000: not now
+    assert busy.status_code == 503 and busy.headers["retry-after"] == "1", busy.text
+    assert busy.json()["error"]["code"] == "busy"
+    never = _post(client, "/v1/embeddings/image", files=_files((100, 100), (100, 100), (100, 60)))  # 26,000
+    assert never.status_code == 413 and never.json()["error"]["code"] == "request_too_large", never.text
+    stub.release()
+    assert first.result(WAIT_S).status_code == 200
+    again = _post(client, "/v1/embeddings/image", files=_files((100, 100), (100, 100)))  # the share was given back
     assert again.status_code == 200 and len(again.json()["data"]) == 2
 
 
@@ -65,22 +102,22 @@ def test_text_bytes_are_admitted_before_tokenizing_and_heavy_requests_never_fill
     stub.hold("tokens", min_items=2)  # requests of one text go through
     big = {"texts": ["a" * 4096] * 256}  # 1 MiB (heavy): four fit in 3/4 of the default 6 MiB of text in flight
     gauge = 'clipsurgery_admitted_work{budget="bytes of text being tokenized"} 4.194304e+06'
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        first = [pool.submit(client.post, "/v1/embeddings/text", json=big) for _ in range(4)]
-        for _ in range(WAIT_S * 50):  # all four admitted and held (one tokenizing, three waiting for the heavy thread)
-            if gauge in client.get("/metrics").text:
-                break
-            assert not any(f.done() for f in first), [f.result().text for f in first if f.done()]
-            stub.gate.wait(0.02)
-        else:
-            raise AssertionError("the four requests were never admitted together")
-        busy = client.post("/v1/embeddings/text", json=big)
-        assert busy.status_code == 503 and busy.json()["error"]["code"] == "busy", busy.text
-        # an ordinary request still finds room: heavy requests hold at most 3/4 of the budget
-        assert client.post("/v1/embeddings/text", json={"texts": ["a dog"]}).status_code == 200
-        stub.release()
-        assert [f.result(WAIT_S).status_code for f in first] == [200] * 4
-    assert client.post("/v1/embeddings/text", json=big).status_code == 200
+    first = [_Call(client.post, "/v1/embeddings/text", json=big) for _ in range(4)]
+    for _ in range(WAIT_S * 50):  # all four admitted and held (one tokenizing, three waiting for the heavy thread)
+        if gauge in _get(client, "/metrics").text:
+            break
+        assert not any(f.done() for f in first), [f.result(0).text for f in first if f.done()]
+        stub.gate.wait(0.02)
+    else:
+        raise AssertionError("the four requests were never admitted together")
+    # with the heavy share full, a fifth is answered 503 at once (without the share it would wait, held, behind them)
+    busy = _post(client, "/v1/embeddings/text", json=big)
+    assert busy.status_code == 503 and busy.json()["error"]["code"] == "busy", busy.text
+    # an ordinary request still finds room: heavy requests hold at most 3/4 of the budget
+    assert _post(client, "/v1/embeddings/text", json={"texts": ["a dog"]}).status_code == 200
+    stub.release()
+    assert [f.result(WAIT_S).status_code for f in first] == [200] * 4
+    assert _post(client, "/v1/embeddings/text", json=big).status_code == 200
 
 
 def _rss_kib(pid: int) -> int:
