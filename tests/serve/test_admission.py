@@ -120,6 +120,26 @@ def test_text_bytes_are_admitted_before_tokenizing_and_heavy_requests_never_fill
     assert _post(client, "/v1/embeddings/text", json=big).status_code == 200
 
 
+@pytest.mark.parametrize("char", ["é", "🙂"])  # 2 and 4 UTF-8 bytes
+def test_text_is_admitted_by_its_utf8_bytes_not_its_characters(char):
+    """A budget of 1,000 bytes of text: 600 ASCII characters fit; 600 characters of 2 or 4 bytes each
+    (1,200 or 2,400 bytes) never do, though they are as many characters."""
+    app = create_app(StubPair(), BatchOptions(max_wait_s=0), ServeLimits(max_text_bytes=1000))
+    with TestClient(app) as client:
+        for _ in range(600):
+            if _get(client, "/readyz").status_code == 200:
+                break
+        assert _post(client, "/v1/embeddings/text", json={"texts": ["e" * 600]}).status_code == 200
+        width = len(char.encode("utf-8"))
+        for url, body, size in [("/v1/embeddings/text", {"texts": [char * 600]}, 600 * width),
+                                ("/v1/embeddings/text", {"texts": [char * 450, "e" * 150]}, 450 * width + 150),
+                                ("/v1/embeddings", {"input": [char * 600]}, 600 * width)]:
+            answer = _post(client, url, json=body)  # 600 characters, over 1,000 bytes
+            assert answer.status_code == 413, (url, answer.status_code, answer.text)
+            assert answer.json()["error"]["code"] == "request_too_large"
+            assert f"brings {size:,} bytes of text" in answer.text, answer.text
+
+
 def _rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as fh:
         return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
