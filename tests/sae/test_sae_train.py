@@ -1,6 +1,7 @@
 """Activation cache, training, checkpoints and resume, evaluation."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -238,3 +239,32 @@ def test_the_plateau_rule_compares_each_epoch_with_the_best_before_it():
     rule = train_mod._Plateau(0.1, min_epochs=5)
     assert not any(rule.flat([1.0]) for _ in range(4))  # flat from the start, but min_epochs not reached
     assert rule.flat([1.0])
+    rule = train_mod._Plateau(0.1, min_epochs=2)
+    assert not rule.flat([8.0])
+    assert rule.flat([12.0])  # worse than the best: no improvement at all (not a 50% change)
+    rule = train_mod._Plateau(0.1, min_epochs=3)
+    assert not rule.flat([8.0]) and not rule.flat([12.0])  # (min_epochs not reached)
+    assert rule.flat([7.9])  # 34% below the epoch before, but 1% below the best (8.0): flat
+
+
+@pytest.mark.parametrize("loss", ["flat", "rising"])
+def test_a_run_whose_loss_stops_improving_stops_once_min_epochs_have_run(tmp_path, monkeypatch, loss):
+    """The loss stops improving from the first epoch on: with weights that barely move (lr 1e-7) each
+    pass has the same loss ('flat'), or that loss times 1, 1.5, 2, ... by epoch ('rising': worse than
+    the best is no improvement). Either way the plateau rule stops the run at the end of epoch
+    min_epochs (27 of 72 steps), not later and not before."""
+    cache, _ = _synthetic_cache(tmp_path)  # 9 batches of 64 per pass
+    if loss == "rising":
+        real, steps = train_mod.training_step, []
+
+        def rising(sae, x, rows_since_fired):
+            steps.append(None)
+            result = real(sae, x, rows_since_fired)
+            return dataclasses.replace(result, loss=result.loss * (1 + 0.5 * ((len(steps) - 1) // 9)))
+
+        monkeypatch.setattr(train_mod, "training_step", rising)
+    opts = TrainOptions(steps=1000, epochs=8, plateau=0.01, min_epochs=3, batch_size=64, lr=1e-7, warmup_steps=0)
+    _, history = train_sae(cache, _cfg(cache), opts)
+    assert history["stopped_on_plateau"] and history["steps"] == 27, history["steps"]
+    if loss == "rising":
+        assert len(steps) == 27 and history["loss_last"] > 1.9 * history["loss_first"]
