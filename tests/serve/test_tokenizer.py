@@ -42,7 +42,8 @@ def test_the_cache_fills_is_cleared_at_its_limit_and_open_clips_own_cache_is_not
     tok = ServeTokenizer(77)
     shared = len(open_clip.tokenizer._tokenizer.cache)
     rng = random.Random(0)
-    words = list({"".join(rng.choice(string.ascii_lowercase) for _ in range(9)) for _ in range(2 * CACHE_ENTRIES + 500)})
+    letters = string.ascii_lowercase
+    words = list({"".join(rng.choice(letters) for _ in range(9)) for _ in range(2 * CACHE_ENTRIES + 500)})
     assert len(words) > 2 * CACHE_ENTRIES  # distinct (26^9 choices: a repeat is rare)
     sizes = []
     for start in range(0, len(words), 1000):
