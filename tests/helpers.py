@@ -175,3 +175,20 @@ def forked_cli(args, cwd, setup=None) -> tuple[int, str]:
     proc = ForkedCli(args, cwd, log, setup)
     rc = proc.wait(timeout=1200)
     return rc, log.read_text()
+
+
+def run_cli(*args):
+    """``clipsurgery ARGS`` through click's CliRunner (arguments as strings)."""
+    from click.testing import CliRunner
+
+    from surgery.cli.main import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_one_line_error(result, message):
+    """Exit 1, the message in the output, no traceback, one line."""
+    assert result.exit_code == 1, result.output
+    assert message in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback
+    assert len(result.output.strip().splitlines()) == 1, result.output

@@ -6,23 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
-from helpers import labelled_image_folder
+from helpers import assert_one_line_error, labelled_image_folder, run_cli
 
-from surgery.cli.main import main
 from surgery.errors import DataError, PlanError
 from surgery.io.queries import MAX_QUERIES, load_group_prompts, load_queries
 
 
-def _run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def _one_line_error(result, message):
-    assert result.exit_code == 1, result.output
-    assert message in result.output, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback
-    assert len(result.output.strip().splitlines()) == 1, result.output
 
 
 @pytest.mark.parametrize("loader", [load_queries, load_group_prompts])
@@ -71,9 +60,9 @@ def test_debias_eval_and_compare_read_utf16_queries_in_one_line(tmp_path):
     queries = tmp_path / "q.txt"
     queries.write_text("a nurse\n", encoding="utf-16")
     for args in (["eval", "builtin:tiny"], ["compare", "builtin:tiny", "builtin:tiny"]):
-        _one_line_error(_run(*args, "--images", images, "--labels", labels, "--queries", queries, "--attributes",
+        assert_one_line_error(run_cli(*args, "--images", images, "--labels", labels, "--queries", queries, "--attributes",
                              "colour", "--k", "2", "--out", tmp_path / args[0]), "is not UTF-8 text")
-    _one_line_error(_run("debias", "builtin:world", tmp_path / "o.onnx", "--queries", queries), "is not UTF-8 text")
+    assert_one_line_error(run_cli("debias", "builtin:world", tmp_path / "o.onnx", "--queries", queries), "is not UTF-8 text")
 
 
 def test_the_query_count_is_capped_up_front(tmp_path):
@@ -81,9 +70,9 @@ def test_the_query_count_is_capped_up_front(tmp_path):
     many = tmp_path / "many.txt"
     many.write_text("".join(f"a photo of thing {i}\n" for i in range(MAX_QUERIES + 1)))
     common = ["--images", images, "--labels", labels, "--attributes", "colour", "--queries", many, "--k", "2"]
-    _one_line_error(_run("balance", "builtin:tiny", *common, "--out", tmp_path / "p.json"),
+    assert_one_line_error(run_cli("balance", "builtin:tiny", *common, "--out", tmp_path / "p.json"),
                     f"holds {MAX_QUERIES + 1} distinct queries; the balance fit takes at most {MAX_QUERIES}")
-    _one_line_error(_run("debias", "builtin:tiny", tmp_path / "o.onnx", *common),
+    assert_one_line_error(run_cli("debias", "builtin:tiny", tmp_path / "o.onnx", *common),
                     f"the balance fit takes at most {MAX_QUERIES}")
     assert not (tmp_path / "p.json").exists()
     repeated = tmp_path / "repeated.txt"  # repeats do not count: they are kept once
@@ -108,4 +97,4 @@ def test_bad_plan_numbers_and_provenance_are_one_line(tmp_path, edit, message):
         SurgeryPlan.load(str(path))
     plan = tmp_path / "p2.json"
     plan.write_text(path.read_text())
-    _one_line_error(_run("bake", "builtin:tiny", plan, tmp_path / "o.safetensors"), message)
+    assert_one_line_error(run_cli("bake", "builtin:tiny", plan, tmp_path / "o.safetensors"), message)

@@ -9,23 +9,12 @@ import os
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-from helpers import labelled_image_folder
+from helpers import assert_one_line_error, labelled_image_folder, run_cli
 
-from surgery.cli.main import main
 from surgery.errors import SurgeryError
 from surgery.io.fs import atomic_output, check_output_path
 
 
-def _run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def _one_line_error(result, message):
-    assert result.exit_code == 1, result.output
-    assert message in result.output, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback
-    assert len(result.output.strip().splitlines()) == 1, result.output
 
 
 def _probe(tmp_path):
@@ -43,10 +32,10 @@ def test_balance_force_never_overwrites_its_queries_group_prompts_or_images(tmp_
     before = {p: Path(p).read_bytes() for p in (queries, prompts, image, labels)}
     common = ["balance", "builtin:tiny", "--images", images, "--labels", labels, "--queries", queries,
               "--group-prompts", prompts, "--k", "2", "--force", "--out"]
-    _one_line_error(_run(*common, queries), "is the input file")
-    _one_line_error(_run(*common, prompts), "is the input file")
-    _one_line_error(_run(*common, labels), "is the input file")
-    _one_line_error(_run(*common, image), "lies in the input folder")
+    assert_one_line_error(run_cli(*common, queries), "is the input file")
+    assert_one_line_error(run_cli(*common, prompts), "is the input file")
+    assert_one_line_error(run_cli(*common, labels), "is the input file")
+    assert_one_line_error(run_cli(*common, image), "lies in the input folder")
     assert all(Path(p).read_bytes() == data for p, data in before.items())
 
 
@@ -57,7 +46,7 @@ def test_bake_force_never_overwrites_its_plan_or_the_plans_sae(tmp_path, tiny):
     plan_path = tmp_path / "p.safetensors"  # a plan under a model's suffix: bake's OUT could name it
     SurgeryPlan().save(str(plan_path))
     before = plan_path.read_bytes()
-    _one_line_error(_run("bake", "builtin:tiny", plan_path, plan_path, "--force"), "is the input file")
+    assert_one_line_error(run_cli("bake", "builtin:tiny", plan_path, plan_path, "--force"), "is the input file")
     assert plan_path.read_bytes() == before
 
     sae_dir = tmp_path / "sae"
@@ -67,7 +56,7 @@ def test_bake_force_never_overwrites_its_plan_or_the_plans_sae(tmp_path, tiny):
     SurgeryPlan(neurons=[NeuronEdit("vision", str(sae_dir), [1, 2], site="embedding")]).save(str(neuron_plan))
     weights = sae_dir / "weights.safetensors"
     kept = weights.read_bytes()
-    _one_line_error(_run("bake", "builtin:tiny", neuron_plan, weights, "--force"), "lies in the input folder")
+    assert_one_line_error(run_cli("bake", "builtin:tiny", neuron_plan, weights, "--force"), "lies in the input folder")
     assert weights.read_bytes() == kept
 
 
@@ -86,7 +75,7 @@ def test_force_never_replaces_a_named_pipe(tmp_path, command):
     else:
         images, labels = labelled_image_folder(tmp_path, 8)
         args = ["balance", "builtin:tiny", "--images", images, "--labels", labels, "--k", "2", "--out", pipe, "--force"]
-    _one_line_error(_run(*args), "is a named pipe, not a regular file")
+    assert_one_line_error(run_cli(*args), "is a named pipe, not a regular file")
     assert os.path.exists(pipe) and not os.path.isfile(pipe)
 
 
