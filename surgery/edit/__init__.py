@@ -7,6 +7,7 @@ from surgery.edit.bake import (  # noqa: F401
     bake,
     bake_balance,
     bake_neurons,
+    open_balance_module,
 )
 from surgery.edit.plan import (  # noqa: F401
     ABLATIONS,
@@ -16,5 +17,6 @@ from surgery.edit.plan import (  # noqa: F401
     BalanceEdit,
     HeadEdit,
     NeuronEdit,
+    OpenBalanceEdit,
     SurgeryPlan,
 )
