@@ -49,5 +49,5 @@ def test_a_cached_world_is_current_only_with_its_parameters_and_training_options
 def test_every_suite_world_has_a_role_and_the_new_worlds_are_apart(monkeypatch):
     module = _suite(monkeypatch)
     roles = {w.name: w.role for w in module.SUITE}
-    assert set(roles.values()) == {"dev", "held-out", "new", "open"}
+    assert set(roles.values()) == {"dev", "seen", "new", "open"}
     assert sum(r == "new" for r in roles.values()) >= 2
