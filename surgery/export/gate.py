@@ -13,6 +13,12 @@ On labelled probe images (a world model's own eval split, or ``--gate-images/--g
   file's, for every protected attribute. K must be below the number of probe images: MaxSkew@K
   over every image does not depend on the ranking, so such a gate could not fail.
 
+Every figure is measured at the batch sizes the file runs at: ``GATE_BATCH`` rows per call, and one
+row alone (``figures["at_batch_1"]``), as a lone request is served. Dynamic int8 computes its
+activation scales per call, so a row's embedding depends on the rows beside it (issue 29: up to
+0.014 between an image alone and in a batch of 64); a file is refused when its figures fail at
+either batch size.
+
 The accuracy and bias figures come from :func:`surgery.eval.evaluate.evaluate`, the same code as
 ``clipsurgery eval`` and ``compare``. A figure the gate needs that was not measured fails it.
 """
@@ -161,32 +167,52 @@ def gate_figures(reference: Encoder, candidate: Encoder, spec: EvalSpec, cache_d
     cos["text"] = _mean_cosine(embed_texts(reference, texts, opt), embed_texts(candidate, texts, opt))  # (T, D)
     before, after = evaluate(reference, spec, opt), evaluate(candidate, spec, opt)
     figures: dict = {"n_images": before["n_images"], "n_texts": len(texts), "k": spec.conventions.k,
-                     "mean_cosine": cos}
-    if "zero_shot_accuracy" in before:
-        figures["zero_shot_accuracy"] = _pair(before["zero_shot_accuracy"], after["zero_shot_accuracy"])
-    figures["max_skew"] = {name: _pair(before["bias"][name]["max_skew"], after["bias"][name]["max_skew"])
-                           for name in spec.attributes}
+                     "batch": GATE_BATCH, **_quality(before, after, cos, spec)}
+    # one row per call, as a lone request runs (no cache: it is keyed on the file, not the batch size)
+    lone = EmbedOptions(batch_size=1)
+    lone_img = embed_images(candidate, spec.images_dir, spec.labels.files, lone)
+    lone_cos = {"image": _mean_cosine(ref_img.embeddings, lone_img.embeddings),
+                "text": _mean_cosine(embed_texts(reference, texts, opt), embed_texts(candidate, texts, lone))}
+    figures["at_batch_1"] = _quality(before, evaluate(candidate, spec, lone, images=lone_img), lone_cos, spec)
     return figures
 
 
+def _quality(before: dict, after: dict, cos: dict, spec: EvalSpec) -> dict:
+    """Cosine, accuracy and MaxSkew of one candidate run against the reference's figures."""
+    out: dict = {"mean_cosine": cos}
+    if "zero_shot_accuracy" in before:
+        out["zero_shot_accuracy"] = _pair(before["zero_shot_accuracy"], after["zero_shot_accuracy"])
+    out["max_skew"] = {name: _pair(before["bias"][name]["max_skew"], after["bias"][name]["max_skew"])
+                       for name in spec.attributes}
+    return out
+
+
 def check_gate(figures: dict, options: GateOptions) -> list[str]:
-    """What failed, one phrase each (empty when the gate passes). NaN fails every check."""
-    failures = []
+    """What failed, one phrase each (empty when the gate passes). NaN fails every check. A check
+    that fails only at batch size 1 says so ("at batch 1: ..."); one failing at both is said once."""
+    batched = _failures(figures, options, figures["k"])
+    lone = _failures(figures["at_batch_1"], options, figures["k"]) if "at_batch_1" in figures else {}
+    return [*batched.values(), *(f"at batch 1: {msg}" for key, msg in lone.items() if key not in batched)]
+
+
+def _failures(figures: dict, options: GateOptions, k: int) -> dict[tuple, str]:
+    """{check: phrase} of what one set of figures fails."""
+    failures: dict[tuple, str] = {}
     for what, value in figures["mean_cosine"].items():
         if not value >= options.min_cosine:
-            failures.append(f"{what} mean cosine {value:.4f} < {options.min_cosine}")
+            failures[("cosine", what)] = f"{what} mean cosine {value:.4f} < {options.min_cosine}"
     acc = figures.get("zero_shot_accuracy")
     if acc is None:
-        failures.append("zero-shot accuracy was not measured (the probe labels name no concept)")
+        failures[("accuracy",)] = "zero-shot accuracy was not measured (the probe labels name no concept)"
     elif not abs(acc["change"]) <= options.max_accuracy_change + 1e-12:
-        failures.append(f"zero-shot accuracy moved {100 * acc['change']:+.2f} points "
-                        f"(limit {100 * options.max_accuracy_change:g})")
+        failures[("accuracy",)] = (f"zero-shot accuracy moved {100 * acc['change']:+.2f} points "
+                                   f"(limit {100 * options.max_accuracy_change:g})")
     if not figures["max_skew"]:
-        failures.append("MaxSkew was not measured (no protected attribute)")
+        failures[("skew",)] = "MaxSkew was not measured (no protected attribute)"
     for name, skew in figures["max_skew"].items():
         if not abs(skew["change"]) <= options.max_skew_change + 1e-12:
-            failures.append(f"mean MaxSkew@{figures['k']} ({name}) moved {skew['change']:+.4f} "
-                            f"(limit {options.max_skew_change:g})")
+            failures[("skew", name)] = (f"mean MaxSkew@{k} ({name}) moved {skew['change']:+.4f} "
+                                        f"(limit {options.max_skew_change:g})")
     return failures
 
 
@@ -202,6 +228,13 @@ def format_gate(figures: dict) -> str:
     for name, skew in figures["max_skew"].items():
         parts.append(f"mean MaxSkew@{figures['k']} ({name}) {skew['fp32']:.4f} -> {skew['quantized']:.4f} "
                      f"({skew['change']:+.4f})")
+    lone = figures.get("at_batch_1")
+    if lone is not None:
+        acc1 = lone.get("zero_shot_accuracy")
+        parts.append("at batch 1: mean cosine image {:.4f}, text {:.4f}{}{}".format(
+            lone["mean_cosine"]["image"], lone["mean_cosine"]["text"],
+            f", accuracy {100 * acc1['change']:+.2f} points" if acc1 else "",
+            "".join(f", MaxSkew ({n}) {s['change']:+.4f}" for n, s in lone["max_skew"].items())))
     return f"{'; '.join(parts)} on {figures['n_images']} images"
 
 

@@ -10,6 +10,7 @@ import os
 import numpy as np
 import onnx
 import pytest
+import torch
 from click.testing import CliRunner
 
 import surgery
@@ -282,3 +283,42 @@ def test_static_calibration_never_sees_the_gate_images(world, tmp_path):
     assert not glob.glob(str(tmp_path / "q*.onnx"))
     usage = CliRunner().invoke(main, [*args[:5], *args[7:], "--calibration-images", str(copies)])  # dynamic
     assert usage.exit_code == 2 and "--calibration static" in usage.output
+
+
+class _BatchDependent:
+    """An encoder whose rows depend on the batch they run in, as dynamic int8's do: alone (batch 1)
+    each image embedding is pushed along a fixed direction, in a batch it is the reference's."""
+
+    def __init__(self, inner, push: float):
+        self.inner, self.push = inner, push
+        self.name, self.identity = "batch-dependent", "batch-dependent"
+        self.preprocess, self.tokenizer = inner.preprocess, inner.tokenizer
+
+    def encode_images(self, images):
+        out = self.inner.encode_images(images)
+        if len(images) == 1:
+            direction = torch.ones_like(out) / out.shape[-1] ** 0.5
+            out = out + self.push * out.norm(dim=-1, keepdim=True) * direction
+        return out
+
+    def encode_texts(self, tokens):
+        return self.inner.encode_texts(tokens)
+
+
+def test_the_gate_measures_a_lone_request_too_and_refuses_a_file_that_fails_only_there(world, tmp_path):
+    """Issue 29: dynamic int8 answers a lone request differently from a batch. The gate's figures
+    hold at batch 1 as well as in batches, and a file that passes only in batches is refused."""
+    from surgery.eval.encoders import TorchEncoder
+    from surgery.export.gate import format_gate, gate_figures
+
+    spec = GateData.for_model(world).spec(str(tmp_path / "gate"))
+    reference = TorchEncoder(world)
+    same = gate_figures(reference, reference, spec)
+    assert same["at_batch_1"]["mean_cosine"]["image"] == pytest.approx(1.0, abs=1e-6)
+    assert check_gate(same, GateOptions()) == []
+    figures = gate_figures(reference, _BatchDependent(reference, push=0.5), spec)
+    assert figures["mean_cosine"]["image"] == pytest.approx(1.0, abs=1e-6)  # in batches it is the reference
+    failures = check_gate(figures, GateOptions())
+    assert failures and all(f.startswith("at batch 1: ") for f in failures), failures
+    assert any("image mean cosine" in f for f in failures)
+    assert "at batch 1: mean cosine image" in format_gate(figures)
