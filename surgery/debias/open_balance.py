@@ -11,7 +11,8 @@ closed-form correction at run time from the bank. What is chosen here, from the 
   - neutral: the fitted neutral queries, the most-leaning of which leans ``n``;
   - naming: each fitted query and each group prompt in equal parts, ``normalise(q + p_g)``, the
     embedding of a text that names both a concept and a group (on the dev worlds its lean,
-    0.58-0.86, spans that of the worlds' own "a photo of a red circle" queries, 0.44-0.90).
+    0.58-0.86, spans that of the worlds' own "a photo of a red circle" queries, 0.44-0.90;
+    `python benchmarks/gate_overlap.py MODEL` prints the extremes per world).
     ``gate_hi`` = halfway from ``n`` to the least-leaning of them: a text leaning past the midpoint
     between what is known to be neutral and what is known to name a group is left alone, and
     ``gate_lo`` = ``n + 0.75 (gate_hi - n)``: a text leaning less is corrected fully (a short query
@@ -38,19 +39,21 @@ from surgery.model.open_balance import OpenBalance
 MIN_GATE_WIDTH = 0.02
 #: gate_lo sits this share of the way from the most-leaning listed query to gate_hi: a query list is
 #: a small sample of the neutral texts (3 queries on col3 left unlisted ones, leaning 0.20 where the
-#: listed ones leant at most 0.09, only half corrected; dev worlds)
+#: listed ones leant at most 0.09, only half corrected; held-out cut 48% -> 84% on the report split,
+#: `clipsurgery debias col3.safetensors out.onnx --queries FIT`, the line "queries not in the fitted list")
 LO_SHARE = 0.75
 
 
 @dataclass
 class OpenBalanceOptions:
     # M: each group's bank images nearest a text that it is balanced on; None: debias's K (MaxSkew@K,
-    # the top results people look at). On the dev worlds (bundled, tex2, col3; 600/400 bank images per
-    # group, K 50) M = 25 and 50 cut 73-82%, 100 cut 46-68%
+    # the top results people look at). On the dev worlds' fresh draws (bundled, tex2, col3; K 50)
+    # M = 25 and 50 cut 75-84%, 100 cut 34-68% (`python benchmarks/open_balance_settings.py MODEL`)
     neighbours: int | None = 50
     bank_per_group: int = 512  # most bank images per group (the ONNX graph scores each text against all)
-    # neighbourhoods chosen under the corrected text and solved again: 2 moved tex2's fresh-draw cut from
-    # 76% to 79% (worst query 61% -> 65%) and left the bundled world's at 83-84% (dev worlds); 3 added nothing
+    # neighbourhoods chosen under the corrected text and solved again: at M 50, 2 moved the fresh-draw cut
+    # from 76% to 79% on tex2 (worst query 61% -> 65%) and 77% to 79% on col3, 84% to 83% on the bundled
+    # world; 3 added nothing (dev worlds, `python benchmarks/open_balance_settings.py MODEL`)
     iterations: int = 2
 
     def __post_init__(self) -> None:
