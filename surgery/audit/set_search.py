@@ -3,7 +3,7 @@ plan and ``clipsurgery debias``'s search (heads and social neurons in one pool; 
 neuron-only search of ``examples/sae_world.py``).
 
 Single-edit scores cannot rank sets of edits whose effects do not add up (#4: the audit's top 3 by
-single-head scores beat only 82-95% of all 3-head sets). So a set is grown one edit at a time,
+single-head scores beat only 82-95% of all 3-head sets, `python examples/audit_world.py --exhaustive`). So a set is grown one edit at a time,
 and every candidate set is *measured* (``evaluate``: real forward passes, or an SAE pass on
 cached embeddings), never predicted:
 

@@ -51,7 +51,8 @@ class BalanceOptions:
     # (bundled, tex2, col3) group accuracy then moved by 0.0-0.1 points against 0.1-0.5 at weight 1, at
     # the same bias cut (within 2 points); weight 1 let the prompts move on col2-weak (group accuracy
     # -2.1 points on a fresh draw), which is how the question came up (col2-weak counts as seen for
-    # this setting: benchmarks/RESULTS.md)
+    # this setting: benchmarks/RESULTS.md; rows "anchor weight 1 / 10" of
+    # `python benchmarks/balance_settings.py MODEL`)
     anchor_weight: float = 100.0
     iterations: int = 3  # neighbourhoods re-chosen under the edited queries, and the constraints refitted
 

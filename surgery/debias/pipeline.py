@@ -419,7 +419,8 @@ def balance_candidate(prompts: Prompts, options: DebiasOptions) -> BalanceCandid
 
     As anchors the captions moved less: over eight fresh draws the text->image Recall@5 drop kept its
     mean (tex2 1.0 -> 1.25, col3 1.5 -> 0.8 points) and its spread shrank (standard deviation 2.7 ->
-    1.7 and 3.1 -> 2.1), at the same bias cut (benchmarks/RESULTS.md, "balance edit"). Tried and
+    1.7 and 3.1 -> 2.1), at the same bias cut (benchmarks/RESULTS.md, "balance edit"; `python
+    benchmarks/balance_settings.py MODEL --fresh-draws 8`, rows "default" and "captions weigh 1"). Tried and
     dropped: the group values in four more phrasings as anchors ("{}", "a {} thing", "a photo of
     something {}", "a photo of a {} person"): a label is not always the model's word for its group
     (a texture world's "stripes" is "striped" in its captions), and on tex2 they raised that mean

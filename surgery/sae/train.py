@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.safetensors"
 METRICS_FILE = "metrics.json"
 Progress = Callable[[int, int, float], None]  # (step, total steps, loss)
-#: Inputs at least this wide train on the sparse path (measured on 2 CPU cores, F = 8 D, k = 8, B = 1024:
-#: 1.3x slower than dense at D = 64, 1.7x faster at D = 512).
+#: Inputs at least this wide train on the sparse path (2 CPU cores, F = 8 D, k = 8, B = 1024: as fast as
+#: dense at D = 64 (0.99x), 1.8x faster at D = 512 (0.56x); `python benchmarks/bench_sae_sparse.py`, 2026-12-04).
 SPARSE_MIN_WIDTH = 256
 
 
