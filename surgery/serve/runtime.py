@@ -74,6 +74,7 @@ class EncoderPair:
                 raise SurgeryError(f"{file}: ONNX Runtime cannot load this graph ({_first_line(exc)}); export the "
                                    "pair again") from None
         self.input_names = {t: s.get_inputs()[0].name for t, s in self.sessions.items()}
+        self._per_row = {t: self.per_row(t) for t in self.sessions}  # dynamic int8: one row per call
         self.preprocess = self._check_preprocess() if "vision" in self.files else None
         self.tokenizer = self._check_tokenizer() if "text" in self.files else None
         self._transform = image_transform(self.preprocess) if self.preprocess else None
@@ -140,9 +141,23 @@ class EncoderPair:
         """Texts -> ``(n, ctx)`` int64 token ids with the file's tokenizer (bounded work and memory)."""
         return self._tokenize(list(texts))
 
+    def per_row(self, tower: str) -> bool:
+        """Whether ``tower`` runs one row per call: a dynamic-int8 file computes its activation scales
+        per call, so a row's embedding would depend on the other requests batched with it (issue 29);
+        one row at a time it is what the quantization gate measured at batch 1, whoever else is served."""
+        try:
+            quantization = json.loads(self.metadata[tower].get(META_QUANTIZATION) or "{}")
+        except ValueError:
+            return False
+        return isinstance(quantization, dict) and quantization.get("calibration") == "dynamic"
+
     def embed(self, tower: str, rows: np.ndarray) -> np.ndarray:
         """``(B, 3, H, W)`` float32 pixels or ``(B, ctx)`` int64 ids -> ``(B, D)`` float32 embeddings."""
-        out = self.sessions[tower].run(None, {self.input_names[tower]: rows})[0]
+        session, name = self.sessions[tower], self.input_names[tower]
+        if self._per_row.get(tower):
+            out = np.concatenate([session.run(None, {name: rows[i:i + 1]})[0] for i in range(len(rows))])
+        else:
+            out = session.run(None, {name: rows})[0]
         return np.asarray(out, dtype=np.float32)
 
     def warm_up(self) -> None:

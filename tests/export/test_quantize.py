@@ -146,8 +146,31 @@ def test_the_server_serves_an_int8_pair_and_shows_its_gate(world, tmp_path):
         got = client.post("/v1/embeddings", json={"input": ["a photo of a circle", "a red square"]}).json()
     assert model["towers"]["vision"]["precision"] == "int8" and model["towers"]["text"]["gate"]["passed"] is True
     enc = OnnxEncoder(out)
-    want = enc.encode_texts(tokenize(["a photo of a circle", "a red square"], enc.tokenizer)).numpy()
+    # a dynamic-int8 file is served one row per call (next test): each row as ONNX Runtime gives it alone
+    want = np.concatenate([enc.encode_texts(tokenize([text], enc.tokenizer)).numpy()
+                           for text in ("a photo of a circle", "a red square")])
     np.testing.assert_allclose(np.array([d["embedding"] for d in got["data"]]), want, atol=1e-5, rtol=0)
+
+
+def test_a_served_dynamic_int8_row_does_not_depend_on_the_rows_batched_with_it(world, tmp_path):
+    """Issue 29: dynamic int8 scales activations per call, so served answers depended on other
+    clients' rows in the batch. The server runs such files one row per call: a row's embedding is
+    the same alone and beside any others (and is what the gate measured at batch 1)."""
+    from surgery.serve.runtime import EncoderPair
+
+    out = str(tmp_path / "w.onnx")
+    export_quantized(world, out, None, GateData.for_model(world))
+    pair = EncoderPair(out)
+    assert pair.per_row("vision") and pair.per_row("text")
+    split = generate(world_params_of(world), "eval", 24)
+    pixels = surgery.model.preprocess.images_to_tensor(split.images, world.preprocess).numpy()  # (24, 3, S, S)
+    batched = pair.embed("vision", pixels)
+    alone = np.concatenate([pair.embed("vision", pixels[i:i + 1]) for i in range(len(pixels))])
+    np.testing.assert_array_equal(batched, alone)
+    # the same file run in one call does depend on its batch (what the server avoids)
+    session = pair.sessions["vision"]
+    one_call = session.run(None, {pair.input_names["vision"]: pixels})[0]
+    assert np.abs(one_call - alone).max() > 0
 
 
 # --------------------------------------------------------------------------------- the gate's teeth
