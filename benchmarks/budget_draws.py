@@ -79,9 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         counts = ", ".join(f"{u} ({sum(u in d['unresolved'] for d in r['draws'])})" for u in unresolved) or "-"
         drops = " ".join(f"{d['t2i_drop']:+.1f}" if d["t2i_drop"] is not None else "-" for d in r["draws"])
         print(f"| {r['world']} | {r['exit']} | {verdicts} | {'yes' if r['agree'] else 'NO'} | {counts} | {drops} |")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=1)
+    suite.save_rows(args.json, rows)
     return 0
 
 

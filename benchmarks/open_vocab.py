@@ -231,9 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(f"[{name}] {json.dumps(row)}", flush=True)
     print(table(rows))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=1)
+    suite.save_rows(args.json, rows)
     return 0
 
 

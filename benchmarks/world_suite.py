@@ -500,10 +500,15 @@ def main(argv: list[str] | None = None) -> int:
         print(detail_table(rows))
     if not args.skip_audit and not args.labels_only:
         print(audit_table(rows))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=2)
+    save_rows(args.json, rows)
     return 0
+
+
+def save_rows(path: str | None, rows: list[dict]) -> None:
+    """The rows as JSON at ``path`` (``--json``; nothing when None)."""
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=2)
 
 
 if __name__ == "__main__":
