@@ -17,6 +17,7 @@ from surgery.io.captions import load_captions
 from surgery.io.images import ImageFolderDataset, data_hash, resolve_images_dir
 from surgery.io.labels import load_labels
 from surgery.io.queries import NEUTRAL_QUERIES, prompts_for_groups
+from surgery.io.retrieval import RetrievalSet
 from surgery.metrics.retrieval import retrieval_recall
 from surgery.model.preprocess import image_transform, images_to_tensor
 from surgery.world.generator import CAPTIONS_CSV, WORLD_JSON, generate, split_dir
@@ -90,15 +91,56 @@ def caption_recall(image_emb: torch.Tensor, caption_emb: torch.Tensor, captions:
     return caption_recalls(image_emb, caption_emb, captions, k)["t2i"]
 
 
-def caption_recalls(image_emb: torch.Tensor, caption_emb: torch.Tensor, captions: list[str], k: int = 5) -> dict:
+def caption_recalls(image_emb: torch.Tensor, caption_emb: torch.Tensor, captions: list[str], k: int = 5,
+                    owners: torch.Tensor | None = None) -> dict:
     """``{"t2i", "i2t"}``: hit@K in both directions, identical captions merged (as ``clipsurgery
     eval`` does): a caption text is one text->image query whose positives are every image it
-    describes, and one entry of the image->text gallery. ``image_emb (N, D)``, ``caption_emb (N, D)``."""
+    describes, and one entry of the image->text gallery. ``image_emb (N, D)``, ``caption_emb (T, D)``,
+    ``owners (T,)``: the image of each caption (None: caption i is image i's, T = N)."""
     keys = [" ".join(t.lower().split()) for t in captions]
-    owners = torch.arange(len(captions))
+    owners = torch.arange(len(captions)) if owners is None else owners
     out = retrieval_recall(caption_emb, image_emb, owners, (k,), text_keys=keys)
     # image->text needs K distinct captions; with fewer, every image's caption is in its top K
     return {"t2i": out[f"t2i@{k}"], "i2t": out.get(f"i2t@{k}", 1.0)}
+
+
+@dataclass
+class CaptionedImages:
+    """A retrieval set's images with their captions (``--retrieval``), for the recall budgets of an
+    edit search: ``captions (T,)`` with ``owners (T,)``, the index of each caption's image."""
+
+    images: torch.Tensor | FolderImages  # (N, 3, H, W) preprocessed, or decoded per batch
+    captions: list[str]
+    owners: torch.Tensor
+    source: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, slice]]:
+        """(images (b, 3, H, W), slice into the set) in order."""
+        for start in range(0, len(self), batch_size):
+            sl = slice(start, min(start + batch_size, len(self)))
+            yield self.images[sl], sl
+
+    def recalls(self, image_emb: torch.Tensor, caption_emb: torch.Tensor) -> dict:
+        """``{"recall", "recall_i2t"}`` (hit@5, the keys of :func:`edit_figures`) of normalised
+        ``image_emb (N, D)`` and ``caption_emb (T, D)``."""
+        both = caption_recalls(image_emb, caption_emb, self.captions, owners=self.owners)
+        return {"recall": both["t2i"], "recall_i2t": both["i2t"]}
+
+
+def captioned_images(retrieval: RetrievalSet, preprocess: dict, max_skipped_fraction: float = 0.05) -> CaptionedImages:
+    """A retrieval set's images (decoded per batch, unreadable ones left out with their captions)."""
+    dataset = ImageFolderDataset(retrieval.images_dir, retrieval.files, image_transform(preprocess),
+                                 max_skipped_fraction=max_skipped_fraction)
+    captions, owners = [], []
+    for row, index in enumerate(dataset.indices):
+        for text in retrieval.captions[retrieval.files[index]]:
+            captions.append(text)
+            owners.append(row)
+    return CaptionedImages(FolderImages(dataset), captions, torch.tensor(owners, dtype=torch.long),
+                           source={**retrieval.describe(), "skipped": [s.file for s in dataset.skipped]})
 
 
 def edit_figures(emb: torch.Tensor, probe: ProbeSet, query_emb: torch.Tensor, class_emb: torch.Tensor | None,

@@ -31,6 +31,7 @@ from surgery.export.onnx import OnnxOptions, export_onnx
 from surgery.export.safetensors import export_safetensors
 from surgery.io.fs import check_output_folder
 from surgery.io.queries import load_group_prompts, load_queries
+from surgery.io.retrieval import load_retrieval_set
 from surgery.metrics.bias import BiasConventions
 from surgery.model.inspect import describe_model, format_description
 from surgery.model.loading import load
@@ -207,6 +208,23 @@ _group_prompts_option = click.option(
          "still and the group-accuracy budget is measured with them.")
 
 
+
+def _retrieval_options(f):
+    f = click.option("--retrieval", "retrieval_path", default=None, type=click.Path(),
+                     help="Captioned images to measure recall on (and, in debias/balance, whose captions anchor the "
+                          "balance edit): a CSV of image,caption rows, for probes with group labels only.")(f)
+    f = click.option("--retrieval-images", "retrieval_images", default=None, type=click.Path(),
+                     help="Folder the --retrieval CSV's image paths are relative to (default: the CSV's folder, or "
+                          "its images/).")(f)
+    return f
+
+
+def _retrieval_set(retrieval_path, retrieval_images):
+    if retrieval_images is not None and retrieval_path is None:
+        raise click.UsageError("--retrieval-images goes with --retrieval")
+    return load_retrieval_set(retrieval_path, retrieval_images) if retrieval_path else None
+
+
 @main.command()
 @click.argument("model_in", metavar="IN")
 @click.argument("out", metavar="OUT")
@@ -217,6 +235,7 @@ _group_prompts_option = click.option(
               help="Neutral queries file (one per line or a JSON list; default: the world's concepts, or the "
                    "built-in occupations and traits).")
 @_group_prompts_option
+@_retrieval_options
 @click.option("--max-bias-ratio", type=float, default=0.5, show_default=True, help="Target: MaxSkew after/before.")
 @click.option("--max-accuracy-drop", type=float, default=2.0, show_default=True, help="Target: points of concept accuracy.")
 @click.option("--max-recall-drop", type=float, default=2.0, show_default=True,
@@ -249,7 +268,8 @@ _group_prompts_option = click.option(
 @click.option("--allow-miss", is_flag=True,
               help=f"Exit 0 even when the targets are not met on the report's images (default: exit {EXIT_TARGETS_MISSED}).")
 @_user_errors
-def debias(model_in, out, images_dir, labels_path, attributes, queries_path, group_prompts_path, max_bias_ratio, max_accuracy_drop, max_recall_drop,
+def debias(model_in, out, images_dir, labels_path, attributes, queries_path, group_prompts_path, retrieval_path,
+           retrieval_images, max_bias_ratio, max_accuracy_drop, max_recall_drop,
            max_group_accuracy_drop, max_heads, k, n_probe, selection_draws, holdout, tower, heads_only, neurons_only,
            balance_only, no_balance, search_trials, search_seconds, balance_mode, removal, force, allow_miss):
     """Choose edits for IN (balance, heads, neurons), bake them, export OUT (.onnx or .safetensors), and compare.
@@ -273,6 +293,8 @@ def debias(model_in, out, images_dir, labels_path, attributes, queries_path, gro
     if holdout is not None and images_dir is None:
         raise click.UsageError("--holdout applies to --images probes only (a world model's report is on its own "
                                "eval split)")
+    if retrieval_path is not None and images_dir is None:
+        raise click.UsageError("--retrieval goes with --images/--labels (a world model's draws carry their own captions)")
     budget = Budget(max_bias_ratio=max_bias_ratio, max_accuracy_drop=max_accuracy_drop / 100.0,
                     max_recall_drop=max_recall_drop / 100.0, max_group_accuracy_drop=max_group_accuracy_drop / 100.0)
     options = DebiasOptions(budget=budget, max_heads=max_heads, k=k, n_probe=n_probe,
@@ -287,6 +309,7 @@ def debias(model_in, out, images_dir, labels_path, attributes, queries_path, gro
                          queries=load_queries(queries_path) if queries_path else None,
                          group_prompts=load_group_prompts(group_prompts_path) if group_prompts_path else None,
                          inputs=(queries_path, group_prompts_path),
+                         retrieval=_retrieval_set(retrieval_path, retrieval_images),
                          progress=lambda msg: click.echo(msg, err=True))
     click.echo(summary["table"])
     for line in summary["lines"]:
@@ -307,6 +330,7 @@ def debias(model_in, out, images_dir, labels_path, attributes, queries_path, gro
               help="Neutral queries to balance (one per line or a JSON list; default: the world's concepts, or the "
                    "built-in occupations and traits).")
 @_group_prompts_option
+@_retrieval_options
 @click.option("--out", "plan_out", required=True, type=click.Path(), help="Plan JSON to write.")
 @click.option("--side", type=click.Choice(["text", "image"]), default="text", show_default=True,
               help="Which embedding the fixed map moves: text (folded into text_projection) or image (visual.proj).")
@@ -323,7 +347,8 @@ def debias(model_in, out, images_dir, labels_path, attributes, queries_path, gro
 @click.option("--allow-miss", is_flag=True,
               help=f"Exit 0 even when the bias target is missed on the probe (default: exit {EXIT_TARGETS_MISSED}).")
 @_user_errors
-def balance(model_in, images_dir, labels_path, attributes, queries_path, group_prompts_path, plan_out, side, balance_mode,
+def balance(model_in, images_dir, labels_path, attributes, queries_path, group_prompts_path, retrieval_path,
+            retrieval_images, plan_out, side, balance_mode,
             k, selection_draws,
             max_bias_ratio, max_accuracy_drop, max_recall_drop, max_group_accuracy_drop, force, allow_miss):
     """Fit only the balance edit of MODEL (equal evidence per group for each neutral query) and write its plan.
@@ -346,6 +371,7 @@ def balance(model_in, images_dir, labels_path, attributes, queries_path, group_p
                           queries=load_queries(queries_path) if queries_path else None,
                           group_prompts=load_group_prompts(group_prompts_path) if group_prompts_path else None,
                           force=force, inputs=(queries_path, group_prompts_path),
+                          retrieval=_retrieval_set(retrieval_path, retrieval_images),
                           progress=lambda msg: click.echo(msg, err=True))
     for line in summary["lines"]:
         click.echo(line)
@@ -420,7 +446,9 @@ def world_generate(out_dir, split, n, like, seed, concepts, groups, attribute_ki
 def _eval_options(f):
     f = click.option("--images", "images_dir", required=True, type=click.Path(), help="Image folder.")(f)
     f = click.option("--labels", "labels_path", required=True, type=click.Path(), help="Labels CSV (or the UTKFace folder).")(f)
-    f = click.option("--captions", "captions_path", default=None, type=click.Path(), help="Captions CSV or Karpathy JSON.")(f)
+    f = click.option("--captions", "captions_path", default=None, type=click.Path(),
+                     help="Captions of the labelled images: CSV or Karpathy JSON.")(f)
+    f = _retrieval_options(f)
     f = click.option("--queries", "queries_path", default=None, type=click.Path(), help="Neutral queries file (one per line or JSON list).")(f)
     f = click.option("--attributes", default=None, help="Comma-separated protected-attribute columns.")(f)
     f = click.option("--group-prompts", "group_prompts_path", default=None, type=click.Path(),
@@ -438,11 +466,11 @@ def _eval_options(f):
     return f
 
 
-def _spec_and_options(images_dir, labels_path, captions_path, queries_path, group_prompts_path, attributes, k, target,
-                      reduce, batch_size, cache_dir, out_dir, force):
+def _spec_and_options(images_dir, labels_path, captions_path, retrieval_path, retrieval_images, queries_path,
+                      group_prompts_path, attributes, k, target, reduce, batch_size, cache_dir, out_dir, force):
     check_output_folder(out_dir, force=force)
     spec = spec_from_folder(
-        images_dir, labels_path, captions_path=captions_path,
+        images_dir, labels_path, captions_path=captions_path, retrieval=_retrieval_set(retrieval_path, retrieval_images),
         queries=load_queries(queries_path) if queries_path else None,
         attributes=attributes.split(",") if attributes else None,
         conventions=BiasConventions(k=k, target=target, reduce=reduce),

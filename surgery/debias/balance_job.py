@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from surgery.audit.probe import folder_probe_set
+from surgery.audit.probe import captioned_images, folder_probe_set
 from surgery.debias.pipeline import (
     Choice,
     DebiasOptions,
@@ -25,6 +25,7 @@ from surgery.debias.pipeline import (
 from surgery.errors import SurgeryError
 from surgery.io.fs import check_output_path
 from surgery.io.images import resolve_images_dir
+from surgery.io.retrieval import RetrievalSet
 from surgery.model.loading import load
 from surgery.world.checkpoint import world_params_of
 
@@ -32,11 +33,17 @@ from surgery.world.checkpoint import world_params_of
 def run_balance(model_in: str, plan_out: str, options: DebiasOptions, *, images_dir: str | None = None,
                 labels_path: str | None = None, attribute: str | None = None, queries: list[str] | None = None,
                 group_prompts: dict[str, str] | None = None, force: bool = False, progress: Callable[[str], None] | None = None,
-                inputs: tuple = ()) -> dict:
+                inputs: tuple = (), retrieval: RetrievalSet | None = None) -> dict:
     """Fit the balance edit of ``model_in`` and save its plan to ``plan_out``; returns the lines to print.
-    ``inputs``: the other files the caller read (the queries and group-prompts files): never overwritten."""
+    ``inputs``: the other files the caller read (the queries and group-prompts files): never overwritten.
+    ``retrieval``: captioned images (all of them: there is no report) whose captions anchor the edit
+    and on which the recall budgets are measured."""
     say = progress or (lambda msg: None)
-    check_output_path(plan_out, inputs=(model_in, labels_path, images_dir, *inputs), force=force)
+    check_output_path(plan_out, inputs=(model_in, labels_path, images_dir, *inputs,
+                                        *((retrieval.source,) if retrieval is not None else ())), force=force)
+    if retrieval is not None and not images_dir:
+        raise SurgeryError("--retrieval goes with an --images/--labels probe (a world model's draws carry their own "
+                           "captions)")
     queries = checked_queries(queries)
     loaded = load(model_in)
     params = world_params_of(loaded)
@@ -45,6 +52,10 @@ def run_balance(model_in: str, plan_out: str, options: DebiasOptions, *, images_
                                  queries=queries, group_prompts=group_prompts)
         probes = Probes([probe], None, None, None, source={"images": images_dir, "labels": labels_path,
                                                        "selection_images": len(probe)})
+        if retrieval is not None:
+            probes.retrieval = captioned_images(retrieval, loaded.preprocess)
+            probes.selection = [dataclasses.replace(probe, captions=None)]  # recall is the retrieval set's
+            probes.source["retrieval"] = retrieval.describe()
     elif params is not None:
         probes = Probes(world_selection(loaded, params, options, queries), None, None, params)
         say(f"probing on {len(probes.selection)} generated draws of the model's world")

@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from surgery.audit.probe import ProbeSet, folder_probe_set, world_probe_set
+from surgery.audit.probe import CaptionedImages, ProbeSet, captioned_images, folder_probe_set, world_probe_set
 from surgery.audit.vision import AuditOptions, AuditResult, audit_vision
 from surgery.debias import targets
 from surgery.debias.balance import BalanceOptions
@@ -48,6 +48,7 @@ from surgery.io.fs import staging_dir
 from surgery.io.images import resolve_images_dir
 from surgery.io.labels import load_labels, split_label_table, write_labels_csv
 from surgery.io.queries import check_query_count, unique_queries
+from surgery.io.retrieval import RetrievalSet
 from surgery.metrics.bias import BiasConventions
 from surgery.model.encode import text_embeddings
 from surgery.model.loading import LoadedModel, load
@@ -148,6 +149,8 @@ class Probes:
     source: dict | None = None  # folder probes: recorded in the plan's provenance
     spec: EvalSpec | None = None
     eval_name: str | None = None  # how the report names generated images (their temp folder is gone after the run)
+    # a retrieval set's selection part (--retrieval): the search measures recall on it, its captions anchor the balance
+    retrieval: CaptionedImages | None = None
 
     @property
     def first(self) -> ProbeSet:
@@ -158,14 +161,15 @@ class Probes:
 class Prompts:
     """Normalised text embeddings the searches score with: neutral queries (Q, D), class prompts
     (C, D) or None, group prompts (G, D), per selection draw each image's caption (N, D) or None,
-    and every distinct caption of the selection draws (U, D) (texts a balance edit must not move
-    needlessly)."""
+    and every distinct caption of the selection draws and the retrieval set (U, D) (texts a balance
+    edit must not move needlessly)."""
 
     queries: torch.Tensor
     classes: torch.Tensor | None
     captions: list[torch.Tensor | None]
     groups: torch.Tensor
     distinct_captions: torch.Tensor | None = None
+    retrieval: torch.Tensor | None = None  # (T, D) the retrieval set's captions (selection part), one per row
 
 
 Say = Callable[[str], None]
@@ -173,14 +177,20 @@ Say = Callable[[str], None]
 
 def run_debias(model_in: str, out: str, options: DebiasOptions, *, images_dir: str | None = None,
                labels_path: str | None = None, attribute: str | None = None, queries: list[str] | None = None,
-               group_prompts: dict[str, str] | None = None, progress: Say | None = None, inputs: tuple = ()) -> dict:
+               group_prompts: dict[str, str] | None = None, progress: Say | None = None, inputs: tuple = (),
+               retrieval: RetrievalSet | None = None) -> dict:
     """Debias ``model_in`` into ``out`` (.onnx or .safetensors); returns the table and summary lines.
     ``inputs``: the other files the caller read (queries, group prompts): no output may be one of them.
     ``queries``: the neutral queries (default: the world's concepts, or the built-in occupations and traits).
-    ``group_prompts``: how a folder probe's group values are named (default: as people)."""
+    ``group_prompts``: how a folder probe's group values are named (default: as people).
+    ``retrieval``: captioned images for a folder probe (``--retrieval``): split like the probe
+    (``holdout``), one part anchors the balance edit and gates recall in the search, the other is
+    the report's recall."""
     say = progress or (lambda msg: None)
     outputs = Outputs.of(out, options.tower)
-    outputs.check(model_in, options.force, (images_dir, labels_path, *inputs), sae_needed=options.neurons)
+    outputs.check(model_in, options.force, (images_dir, labels_path, *inputs,
+                                            *((retrieval.source, retrieval.images_dir) if retrieval is not None else ())),
+                  sae_needed=options.neurons)
     queries = checked_queries(queries)
     check_exported_towers(out, options.tower, possible_towers(options))
     loaded = load(model_in)
@@ -188,7 +198,7 @@ def run_debias(model_in: str, out: str, options: DebiasOptions, *, images_dir: s
     neurons, placed, plan_saved = None, False, False
     try:
         probes = build_probes(loaded, model_in, options, work, images_dir, labels_path, attribute, say, queries,
-                              group_prompts)
+                              group_prompts, retrieval)
         prompts = embed_prompts(loaded, probes, say)
         choice = choose_edits(loaded, probes, prompts, options, outputs.sae, say)
         neurons, search = choice.neurons, choice.search
@@ -234,9 +244,13 @@ def checked_queries(queries: list[str] | None) -> list[str] | None:
 
 def build_probes(loaded: LoadedModel, model_in: str, options: DebiasOptions, work: str, images_dir: str | None,
                  labels_path: str | None, attribute: str | None, say: Say, queries: list[str] | None = None,
-                 group_prompts: dict[str, str] | None = None) -> Probes:
+                 group_prompts: dict[str, str] | None = None, retrieval: RetrievalSet | None = None) -> Probes:
     """Folder probes (``--images``: a held-out part for the report) or draws of a world model's own world."""
     params = world_params_of(loaded)
+    report_retrieval = None
+    if retrieval is not None and not images_dir:
+        raise SurgeryError("--retrieval goes with an --images/--labels probe (a world model's draws carry their own "
+                           "captions)")
     if images_dir:
         images_dir = resolve_images_dir(images_dir)
         eval_labels = selection_labels = labels_path
@@ -255,6 +269,16 @@ def build_probes(loaded: LoadedModel, model_in: str, options: DebiasOptions, wor
         probes = Probes([probe], images_dir, eval_labels, None,
                         source={"images": images_dir, "labels": labels_path, "holdout": options.holdout,
                                 "selection_images": len(probe)})
+        if retrieval is not None:
+            chosen_on, report_retrieval = retrieval.split(options.holdout)
+            probes.retrieval = captioned_images(chosen_on, loaded.preprocess)
+            probes.selection = [dataclasses.replace(probe, captions=None)]  # recall is the retrieval set's
+            probes.source["retrieval"] = {**retrieval.describe(), "selection_images": len(probes.retrieval),
+                                          "report_images": len(report_retrieval)}
+            say(f"retrieval set: {len(retrieval)} captioned images ({retrieval.n_captions} captions); the recall budgets "
+                f"are measured on them" + (f", the edits chosen on {len(probes.retrieval)} and reported on the other "
+                                           f"{len(report_retrieval)}" if options.holdout > 0 else "")
+                + "; their captions anchor the balance edit")
     elif params is not None:
         n = world_probe_size(params, options)
         selection = world_selection(loaded, params, options, queries)
@@ -270,7 +294,7 @@ def build_probes(loaded: LoadedModel, model_in: str, options: DebiasOptions, wor
     # The report's images are checked (K, groups, labels) before anything is chosen or written.
     probes.spec = spec_from_folder(probes.eval_images, probes.eval_labels, conventions=BiasConventions(k=options.k),
                                    queries=report_queries(queries, probes.world),
-                                   group_prompts=group_prompts if images_dir else None)
+                                   group_prompts=group_prompts if images_dir else None, retrieval=report_retrieval)
     return probes
 
 
@@ -291,7 +315,8 @@ def world_selection(loaded: LoadedModel, params: WorldParams, options: DebiasOpt
 def embed_prompts(loaded: LoadedModel, probes: Probes, say: Say) -> Prompts:
     """The neutral queries, class prompts and captions of the selection probes, and which budgets they can check."""
     probe = probes.first
-    distinct = sorted({c for p in probes.selection for c in (p.captions or [])})
+    retrieval = probes.retrieval.captions if probes.retrieval is not None else []
+    distinct = sorted({c for p in probes.selection for c in (p.captions or [])} | set(retrieval))
     # every distinct text once (a world's class prompts are its queries; captions repeat across draws)
     texts = list(dict.fromkeys([*probe.queries, *(probe.class_prompts or []), *probe.group_prompts, *distinct]))
     row = {text: i for i, text in enumerate(texts)}
@@ -303,11 +328,13 @@ def embed_prompts(loaded: LoadedModel, probes: Probes, say: Say) -> Prompts:
         classes=pick(probe.class_prompts) if probe.class_prompts else None,
         captions=[pick(p.captions) if p.captions is not None else None for p in probes.selection],
         groups=pick(probe.group_prompts),
-        distinct_captions=pick(distinct) if distinct else None)
+        distinct_captions=pick(distinct) if distinct else None,
+        retrieval=pick(retrieval) if retrieval else None)
     if prompts.classes is None or probe.concepts is None:
         say("warning: the probe has no concept labels, so the accuracy budget cannot be checked")
-    if all(c is None for c in prompts.captions):
-        say("warning: the probe has no captions, so the recall budget cannot be checked")
+    if all(c is None for c in prompts.captions) and prompts.retrieval is None:
+        say("warning: the probe has no captions, so the recall budget cannot be checked (--retrieval CSV: "
+            "captioned images to measure it on)")
     return prompts
 
 
@@ -414,8 +441,8 @@ def balance_stages(balance: BalanceCandidate) -> list[tuple[BalanceCandidate, st
 def balance_candidate(prompts: Prompts, options: DebiasOptions) -> BalanceCandidate:
     """The balance edit's texts that weigh its change, all normalised: the class prompts (weight 1),
     and the anchors at ``anchor_weight``: the group prompts and every distinct caption of the
-    selection draws (texts that must keep their meaning: captions name their images' groups, and
-    caption retrieval is budgeted).
+    selection draws and of the retrieval set's selection part (texts that must keep their meaning:
+    captions name their images' groups, and caption retrieval is budgeted).
 
     As anchors the captions moved less: over eight fresh draws the text->image Recall@5 drop kept its
     mean (tex2 1.0 -> 1.25, col3 1.5 -> 0.8 points) and its spread shrank (standard deviation 2.7 ->
@@ -449,7 +476,8 @@ def run_search(loaded: LoadedModel, probes: Probes, prompts: Prompts, options: D
                                        max_seconds=options.search_seconds)
     return search_edits(loaded.model, probes.selection, audit, prompts.queries, prompts.classes, search_options,
                         sae=neurons.sae if neurons else None, latents=neurons.candidates if neurons else (),
-                        caption_embs=prompts.captions, progress=say, group_emb=prompts.groups, balance=balance)
+                        caption_embs=prompts.captions, progress=say, group_emb=prompts.groups, balance=balance,
+                        retrieval=probes.retrieval, retrieval_emb=prompts.retrieval)
 
 
 def make_plan(loaded: LoadedModel, choice: Choice, options: DebiasOptions, probes: Probes,

@@ -34,7 +34,7 @@ from torch import nn
 from surgery import sae as S
 from surgery.audit.ablation import head_edited_embeddings
 from surgery.audit.head_set import head_shortlist
-from surgery.audit.probe import ProbeSet, edit_figures
+from surgery.audit.probe import CaptionedImages, ProbeSet, edit_figures
 from surgery.audit.set_search import forward_select
 from surgery.audit.vision import AuditResult
 from surgery.debias.balance import BalanceFit, BalanceOptions, Draw, Texts, fit_balance, held_out_queries
@@ -116,34 +116,46 @@ def search_edits(model: nn.Module, probes: Sequence[ProbeSet], audit: AuditResul
                  class_emb: torch.Tensor | None, options: EditSearchOptions, sae=None,
                  latents: Sequence[int] = (), caption_embs: Sequence[torch.Tensor | None] | None = None,
                  progress=None, group_emb: torch.Tensor | None = None,
-                 balance: BalanceCandidate | None = None) -> SearchResult:
+                 balance: BalanceCandidate | None = None, retrieval: CaptionedImages | None = None,
+                 retrieval_emb: torch.Tensor | None = None) -> SearchResult:
     """Choose the balance edit, head edits and latent deactivations together (see the module docstring).
 
     ``probes``: the selection draws; ``audit``: the head audit (None: no head candidates);
     ``sae`` / ``latents``: the trained SAE and its social-neuron candidates (none: no latents);
     ``caption_embs``: per draw, its images' caption embeddings (or None), for the recall budget;
     ``group_emb`` (G, D): the group prompts, for the group-accuracy budget; ``balance``: the
-    balance candidate (None: removal edits only); ``progress(line)``: told after each step.
+    balance candidate (None: removal edits only); ``progress(line)``: told after each step;
+    ``retrieval`` / ``retrieval_emb (T, D)``: a retrieval set's images and its captions' embeddings
+    (``--retrieval``): the recall budgets are measured on it (with every edit of a set applied, as
+    on the draws) instead of on the draws' captions.
     All text embeddings are normalised.
     """
+    if (retrieval is None) != (retrieval_emb is None):
+        raise ValueError("a retrieval set needs its caption embeddings, and they need the set")
     probes = list(probes)
     captions = list(caption_embs) if caption_embs is not None else [None] * len(probes)
     means = audit.means if audit is not None else None
     n_groups = len(probes[0].group_names)
     # room for a step's head trials plus the chosen head set, whose embeddings every latent trial reuses
     size = max(options.cache_size, 2 * options.confirm * len(options.scales) + 2)
+    # per head set: each draw's image embeddings, then the retrieval set's (when there is one)
+    image_sets = probes + ([retrieval] if retrieval is not None else [])
     cache = _EmbeddingCache(lambda heads: [head_edited_embeddings(model, p, heads, means, options.batch_size)
-                                           for p in probes], size)
+                                           for p in image_sets], size)
 
     def split(items: Sequence[Edit]) -> tuple[dict[HeadKey, float], list[int]]:
         heads = {item[1]: item[2] for item in items if item[0] == "head"}
         return heads, [int(item[1]) for item in items if item[0] == "latent"]
 
     def embeddings(items: Sequence[Edit]) -> list[torch.Tensor]:
-        """Per draw, (n_i, D) unnormalised image embeddings with the set's removal edits."""
+        """Per draw, (n_i, D) unnormalised image embeddings with the set's removal edits (and the
+        retrieval set's last, when there is one)."""
         heads, ids = split(items)
         fix = S.deactivation(sae, ids, options.alpha, options.form) if ids else None
         return [fix(emb) if fix is not None else emb for emb in cache(heads)]
+
+    def draw_embeddings(items: Sequence[Edit]) -> list[torch.Tensor]:
+        return embeddings(items)[:len(probes)]
 
     def fit(embs: list[torch.Tensor], kind: Edit = BALANCE) -> BalanceFit | OpenBalanceFit:
         draws = [Draw(e, p.groups) for e, p in zip(embs, probes)]
@@ -157,15 +169,18 @@ def search_edits(model: nn.Module, probes: Sequence[ProbeSet], audit: AuditResul
 
     def evaluate(items: list[Edit]) -> dict:
         embs = embeddings(items)
-        texts = [query_emb, class_emb, group_emb, *captions]
+        texts = [query_emb, class_emb, group_emb, retrieval_emb, *captions]
         kind = chosen_balance(items)
         if kind is not None:
-            fitted = fit(embs, kind)
+            fitted = fit(embs[:len(probes)], kind)
             embs = [fitted.apply_images(e) for e in embs]
             texts = [None if t is None else F.normalize(fitted.apply_texts(t), dim=-1) for t in texts]
-        q, c, g, *caps = texts
-        return mean_figures([edit_figures(F.normalize(emb, dim=-1), probe, q, c, options.k, cap, g)
-                             for emb, probe, cap in zip(embs, probes, caps)])
+        q, c, g, r, *caps = texts
+        figures = mean_figures([edit_figures(F.normalize(emb, dim=-1), probe, q, c, options.k, cap, g)
+                                for emb, probe, cap in zip(embs, probes, caps)])
+        if retrieval is not None:
+            figures.update(retrieval.recalls(F.normalize(embs[-1], dim=-1), r))
+        return figures
 
     def shortlist(chosen: list[Edit], open_: list[Edit]) -> list[Edit]:
         heads, ids = split(chosen)
@@ -205,7 +220,7 @@ def search_edits(model: nn.Module, probes: Sequence[ProbeSet], audit: AuditResul
     fitted = held_out = None
     kind = chosen_balance(selection.chosen)
     if kind is not None:
-        embs = embeddings(selection.chosen)
+        embs = draw_embeddings(selection.chosen)
         fitted = fit(embs, kind)
         draws = [Draw(e, p.groups) for e, p in zip(embs, probes)]
         if kind == OPEN:

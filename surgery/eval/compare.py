@@ -37,14 +37,19 @@ def compare(before: Encoder, after: Encoder, spec: EvalSpec, options: EmbedOptio
     ``same_images``: the two encoders' image towers are the same (an edit of the text side only),
     so the images are embedded once, by ``before``, and both evaluations read those embeddings.
     """
+    retrieval = spec.retrieval
     if same_images:
         images = embed_images(before, spec.images_dir, spec.labels.files, options, progress)
-        rep_before = evaluate(before, spec, options, progress, images=images)
-        rep_after = evaluate(after, spec, options, progress, images=images)
+        gallery = embed_images(before, retrieval.images_dir, retrieval.files, options, progress) \
+            if retrieval is not None else None
+        rep_before = evaluate(before, spec, options, progress, images=images, retrieval_images=gallery)
+        rep_after = evaluate(after, spec, options, progress, images=images, retrieval_images=gallery)
         rep_after["images_from"] = "before (the image tower is unchanged)"
     else:
         if options is not None and options.cache_dir:
             embed_images_multi([before, after], spec.images_dir, spec.labels.files, options, progress)
+            if retrieval is not None:
+                embed_images_multi([before, after], retrieval.images_dir, retrieval.files, options, progress)
         rep_before = evaluate(before, spec, options, progress)
         rep_after = evaluate(after, spec, options, progress)
     rows = summary_rows(rep_before, rep_after, spec.conventions.k)
@@ -164,6 +169,13 @@ def write_report(out_dir: str, result: dict, *, title: str = "clipsurgery compar
     return paths
 
 
+def _retrieval_line(described: dict, measured: dict) -> str:
+    """Where recall was measured when it is not on the labelled images (``--retrieval``)."""
+    n = measured.get("n_images", described["images"])
+    return (f"- recall: on a retrieval set, {n} images with {described['captions']} captions from "
+            f"`{described['csv']}` (not the labelled images)")
+
+
 def _markdown(result: dict, rows: list[Row], single: bool, title: str) -> str:
     spec = result["spec"]
     conv = spec["conventions"]
@@ -177,6 +189,8 @@ def _markdown(result: dict, rows: list[Row], single: bool, title: str) -> str:
         f"- images: {result['before']['n_images']} from `{spec['images_dir']}`"
         + (f" ({len(skipped)} unreadable, skipped: {', '.join(s['file'] for s in skipped[:10])})" if skipped else ""),
         f"- neutral queries: {spec['n_queries']}; attributes: {', '.join(spec['attributes'])}",
+        *([_retrieval_line(spec["retrieval_set"], result["before"].get("retrieval_set", {}))]
+          if spec.get("retrieval_set") else []),
         f"- conventions: K={conv['k']}, target {conv['target']}, empty groups p_top = {conv['zero_count']}/K, "
         f"{conv['reduce']} over queries; recall is hit@k", "",
         format_table(rows, single), "", f"![before/after]({REPORT_PNG})", "",

@@ -23,6 +23,7 @@ from surgery.io.captions import caption_pairs, load_captions
 from surgery.io.images import resolve_images_dir
 from surgery.io.labels import LabelTable, load_labels
 from surgery.io.queries import NEUTRAL_QUERIES, prompts_for_groups
+from surgery.io.retrieval import RetrievalSet
 from surgery.world.generator import CAPTIONS_CSV, WORLD_JSON, split_dir
 from surgery.world.params import load_params
 from surgery.world.prompts import cell_queries, neutral_queries, query_wordings
@@ -52,6 +53,8 @@ class EvalSpec:
     wordings: dict[str, list[str]] = field(default_factory=dict)
     # group-naming queries with the labels their top K should carry: [("a photo of a red circle", {"group": "red", ...})]
     cell_queries: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    # captioned images apart from the labelled ones (--retrieval): recall is measured on them instead
+    retrieval: RetrievalSet | None = None
 
     def describe(self) -> dict:
         return {
@@ -61,6 +64,7 @@ class EvalSpec:
             "n_queries": len(self.queries),
             "concept_column": self.concept_column,
             "captions": self.captions is not None,
+            "retrieval_set": self.retrieval.describe() if self.retrieval is not None else None,
             "wordings": list(self.wordings),
             "cell_queries": len(self.cell_queries),
             "conventions": self.conventions.to_dict(),
@@ -72,11 +76,14 @@ class EvalSpec:
 def spec_from_folder(images_dir: str, labels_path: str, *, captions_path: str | None = None,
                      queries: list[str] | None = None, attributes: list[str] | None = None,
                      conventions: metrics.BiasConventions | None = None,
-                     group_prompts: dict[str, str] | None = None) -> EvalSpec:
+                     group_prompts: dict[str, str] | None = None, retrieval: RetrievalSet | None = None) -> EvalSpec:
     """Build an :class:`EvalSpec`; a world split (world.json beside the labels) fills in the rest.
     ``images_dir`` may be the split folder itself (its ``images/`` is used). ``group_prompts``
     (``--group-prompts``) names each group value for zero-shot group accuracy; an attribute whose
-    values it does not name uses the people template."""
+    values it does not name uses the people template. ``retrieval`` (``--retrieval``): recall is
+    measured on that set's images and captions, not on captions of the labelled images."""
+    if retrieval is not None and captions_path is not None:
+        raise DataError("--captions and --retrieval both say where recall is measured; pass one of them")
     images_dir = resolve_images_dir(images_dir)
     if not os.path.isdir(images_dir):
         raise DataError(f"images folder {images_dir!r} does not exist; check --images")
@@ -97,7 +104,7 @@ def spec_from_folder(images_dir: str, labels_path: str, *, captions_path: str | 
         attributes = attributes or ["group"]
         prompts_of = {"group": dict(zip(params.groups, world_group_prompts(params)))}
         cells = cell_queries(params)
-        if captions_path is None and (world_dir / CAPTIONS_CSV).is_file():
+        if captions_path is None and retrieval is None and (world_dir / CAPTIONS_CSV).is_file():
             captions_path = str(world_dir / CAPTIONS_CSV)
     if attributes is None:
         attributes = [c for c in PROTECTED_COLUMNS if c in labels.attributes]
@@ -130,13 +137,16 @@ def spec_from_folder(images_dir: str, labels_path: str, *, captions_path: str | 
     return EvalSpec(images_dir=images_dir, labels=labels, attributes=attributes, queries=list(queries),
                     concept_column=concept_column, class_prompts=class_prompts, concept_values=concept_values,
                     captions=captions, conventions=conv, group_prompts=prompts_of, wordings=wordings,
-                    cell_queries=[c for c in cells if all(col in labels.attributes for col in c[1])])
+                    cell_queries=[c for c in cells if all(col in labels.attributes for col in c[1])],
+                    retrieval=retrieval)
 
 
 def evaluate(encoder: Encoder, spec: EvalSpec, options: EmbedOptions | None = None,
-             progress: Progress | None = None, images: ImageEmbeddings | None = None) -> dict:
+             progress: Progress | None = None, images: ImageEmbeddings | None = None,
+             retrieval_images: ImageEmbeddings | None = None) -> dict:
     """All metrics of one encoder on ``spec``; JSON-able. ``images``: the labelled images'
-    embeddings when they are already computed (an embed cache); otherwise the encoder embeds them."""
+    embeddings when they are already computed (an embed cache); otherwise the encoder embeds them.
+    ``retrieval_images``: the same for the retrieval set's images (``spec.retrieval``)."""
     opt = options or EmbedOptions()
     identity = encoder.identity  # hashes the weights: once per evaluation
     imgs = images if images is not None else embed_images(encoder, spec.images_dir, spec.labels.files, opt, progress)
@@ -188,18 +198,38 @@ def evaluate(encoder: Encoder, spec: EvalSpec, options: EmbedOptions | None = No
         report["bias"][name] = summary
     if spec.cell_queries:
         report["cell_precision"] = cell_precision(encoder, spec, image_emb, kept, opt, identity)
-    if spec.captions is not None:
-        kept_files = [spec.labels.files[i] for i in kept]
-        texts, owners = caption_pairs(spec.captions, kept_files)
+    recall = recall_images(encoder, spec, image_emb, kept, opt, progress, retrieval_images)
+    if recall is not None:
+        gallery, files, captions = recall
+        texts, owners = caption_pairs(captions, files)
         text_emb = embed_texts(encoder, texts, opt, identity)
-        ks = tuple(k for k in spec.recall_ks if k <= len(kept))
+        ks = tuple(k for k in spec.recall_ks if k <= len(files))
         keys = [" ".join(t.lower().split()) for t in texts]  # the tokenizer lower-cases and folds whitespace
         ranks: dict = {}
-        report["retrieval"] = metrics.retrieval_recall(text_emb, image_emb, torch.from_numpy(owners), ks, text_keys=keys,
+        report["retrieval"] = metrics.retrieval_recall(text_emb, gallery, torch.from_numpy(owners), ks, text_keys=keys,
                                                        ranks=ranks)
+        if spec.retrieval is not None:
+            report["retrieval_set"] = {"n_images": len(files), "skipped": len(spec.retrieval) - len(files)}
         items["retrieval_ranks"] = ranks
     report["items"] = items
     return report
+
+
+def recall_images(encoder: Encoder, spec: EvalSpec, image_emb: torch.Tensor, kept: list[int], opt: EmbedOptions,
+                  progress: Progress | None, retrieval_images: ImageEmbeddings | None
+                  ) -> tuple[torch.Tensor, list[str], dict[str, list[str]]] | None:
+    """What recall is measured on: (normalised image embeddings (n, D), their files, file -> captions):
+    the retrieval set's images when the spec has one, else the labelled images with captions; None
+    without either."""
+    if spec.retrieval is not None:
+        r = spec.retrieval
+        embedded = retrieval_images if retrieval_images is not None else embed_images(
+            encoder, r.images_dir, r.files, opt, progress)
+        files = [r.files[i] for i in embedded.indices.tolist()]
+        return F.normalize(embedded.embeddings, dim=-1), files, r.captions
+    if spec.captions is not None:
+        return image_emb, [spec.labels.files[i] for i in kept], spec.captions
+    return None
 
 
 def cell_precision(encoder: Encoder, spec: EvalSpec, image_emb: torch.Tensor, kept: list[int], opt: EmbedOptions,
