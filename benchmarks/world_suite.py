@@ -22,7 +22,9 @@ Checks per world (one table at the end; the world models are not part of the tes
              t2i@5 change on --noise-draws more fresh draws (its spread is the metric's noise floor)
   labels     the group-labels-only path: `debias --images FOLDER --labels CSV --queries FILE` on a
              folder with a `file,group` CSV only (no concepts, captions or world.json) and the world's
-             concept queries as the list; the pair is then compared on the eval split and the fresh draw
+             concept queries as the list; the pair is then compared on the eval split and the fresh draw.
+             With --retrieval, debias also gets `--retrieval captions.csv` (another draw's images and
+             captions, no labels) and its own report (recall on that set's held-out half) is a row too
 Runs one job at a time (2 cores).
 """
 from __future__ import annotations
@@ -52,6 +54,7 @@ from surgery.world.train import WorldTrainOptions, evaluate_world_model, train_w
 FRESH_SEED_OFFSET = 5000  # a fresh draw: another seed of the same world than any the tool generated
 NOISE_SEED_OFFSET = 5100  # more fresh draws, for the spread of t2i@5 (seed + 5100 + i)
 LABELS_SEED_OFFSET = 4000  # the group-labels-only probe: another draw than the tool's own selection draws
+RETRIEVAL_SEED_OFFSET = 4500  # the labels-only path's retrieval set (--retrieval): yet another draw
 AUDIT_CHOOSE_OFFSET, AUDIT_MEASURE_OFFSET = 6000, 7000  # the audit's set is chosen on one draw, measured on another
 
 
@@ -185,6 +188,12 @@ def met(f: dict) -> bool:
             and f["worst_cut"] >= 0.3 and all(d <= 2.0 + 1e-9 for d in drops))
 
 
+def verdicts(report_json: str) -> dict:
+    """Each budget's verdict in a debias report (held / missed / unresolved / not measured)."""
+    with open(report_json, encoding="utf-8") as f:
+        return {c["name"]: c["verdict"] for c in json.load(f).get("targets", [])}
+
+
 def plan_figures(plan_json: str) -> dict:
     """What the plan says: edit counts, whether removal edits were searched, what each kind
     contributed (selection draws), the balance edit's held-out-query cut."""
@@ -234,11 +243,12 @@ def is_current(world: SuiteWorld) -> bool:
             and trained == dataclasses.asdict(train_options(world)))
 
 
-def labels_only_row(world: SuiteWorld, work: str, group_prompts_file: bool = True) -> dict:
+def labels_only_row(world: SuiteWorld, work: str, group_prompts_file: bool = True, retrieval: bool = False) -> dict:
     """Only the group-labels-only path (``--labels-only``): a fresh draw, then :func:`labels_only_check`."""
     fresh = os.path.join(work, f"{world.name}-fresh")
     error = generate_split(world, fresh, world_params(world).seed + FRESH_SEED_OFFSET)
-    return {"error": error} if error else {"labels_only": labels_only_check(world, work, fresh, group_prompts_file)}
+    return {"error": error} if error else {"labels_only": labels_only_check(world, work, fresh, group_prompts_file,
+                                                                            retrieval)}
 
 
 def check(world: SuiteWorld, work: str, noise_draws: int = 3, labels_path: bool = True) -> dict:
@@ -273,11 +283,14 @@ def check(world: SuiteWorld, work: str, noise_draws: int = 3, labels_path: bool 
     return row
 
 
-def labels_only_check(world: SuiteWorld, work: str, fresh: str, group_prompts_file: bool = True) -> dict:
+def labels_only_check(world: SuiteWorld, work: str, fresh: str, group_prompts_file: bool = True,
+                      retrieval: bool = False) -> dict:
     """debias on a folder whose CSV has only file,group (a fresh draw of 2x the usual size; half of it
     held out for debias's own report), the world's concept queries as a list and, unless
     ``group_prompts_file`` is off, the world's group prompts as ``--group-prompts``; then compared
-    on the world's eval split and on the fresh draw with every figure."""
+    on the world's eval split and on the fresh draw with every figure. ``retrieval``: debias also
+    gets ``--retrieval`` (another draw of the usual size, its captions.csv: image,caption rows) and
+    its own report (recall on that set's held-out half, the targets' verdicts) is returned as "report"."""
     params = world_params(world)
     folder = os.path.join(work, f"{world.name}-labels")
     n = 2 * balanced_size(params)
@@ -298,15 +311,25 @@ def labels_only_check(world: SuiteWorld, work: str, fresh: str, group_prompts_fi
         f.write("group,prompt\n" + "".join(f"{g},{p}\n" for g, p in zip(params.groups, group_prompts(params))))
     out = os.path.join(work, f"{world.name}-labels.onnx")
     named = ["--group-prompts", os.path.join(group_only, "group_prompts.csv")] if group_prompts_file else []
+    if retrieval:
+        captioned = os.path.join(work, f"{world.name}-retrieval")
+        error = generate_split(world, captioned, params.seed + RETRIEVAL_SEED_OFFSET)
+        if error:
+            return {"error": error}
+        named += ["--retrieval", os.path.join(captioned, "captions.csv")]
     run = _cli("debias", model_path(world), out, "--images", os.path.join(folder, "images"), "--labels",
                os.path.join(group_only, "labels.csv"), "--queries", os.path.join(group_only, "queries.txt"), *named)
     if run.returncode not in (0, 3):
         return {"error": (run.stderr.strip().splitlines() or ["?"])[-1]}
+    own = {}
+    if retrieval:
+        own_json = os.path.join(work, f"{world.name}-labels.report", "report.json")
+        own = {"report": figures(own_json), "verdicts": verdicts(own_json)}
     report = os.path.join(work, f"{world.name}-labels-eval")
     error = generate_split(world, report, params.seed)
     if error:
         return {"error": error}
-    return {"exit": run.returncode,
+    return {"exit": run.returncode, **own,
             "eval": compare_on(world, model_path(world), out, report, report + ".report"),
             "fresh": compare_on(world, model_path(world), out, fresh, os.path.join(work, f"{world.name}-labels-fresh"))}
 
@@ -411,7 +434,7 @@ def table(rows: list[dict]) -> str:
         if r.get("labels_only") and "error" not in r["labels_only"]:
             runs.append((f"labels only (exit {r['labels_only']['exit']})", r["labels_only"]))
         for run, source in runs:
-            for split in ("eval", "fresh"):
+            for split in ("report", "eval", "fresh"):
                 f = source.get(split)
                 if f is None or "error" in f:
                     continue
@@ -463,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-group-prompts", action="store_true",
                     help="labels-only path without --group-prompts (groups named as people)")
     ap.add_argument("--skip-labels-only", action="store_true", help="skip the group-labels-only path")
+    ap.add_argument("--retrieval", action="store_true",
+                    help="labels-only path with --retrieval (another draw's captioned images, no labels)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="torch threads (1 when other jobs share the cores: oversubscribed threads thrash)")
     ap.add_argument("--device", default="cpu", help="where the missing worlds train (cuda: seconds per world; the "
@@ -485,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         for world in worlds:
             row = {"world": world.name, "role": world.role, **quality_of(world)}
             if args.labels_only:
-                row.update(labels_only_row(world, work, not args.no_group_prompts))
+                row.update(labels_only_row(world, work, not args.no_group_prompts, args.retrieval))
             elif not args.skip_debias:
                 row.update(check(world, work, args.noise_draws, not args.skip_labels_only))
             if not args.skip_audit and not args.labels_only:
