@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from surgery import metrics
 from surgery.audit.probe import caption_recalls, world_probe_set
 from surgery.debias.balance import BalanceOptions, Draw, Texts, fit_balance
-from surgery.debias.pipeline import SELECTION_SEED_OFFSET
+from surgery.debias.probes import SELECTION_SEED_OFFSET
 from surgery.model.encode import caption_embeddings, image_embeddings, text_embeddings
 from surgery.model.loading import load
 from surgery.world.checkpoint import world_params_of

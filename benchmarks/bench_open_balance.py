@@ -31,7 +31,7 @@ import surgery  # noqa: E402
 from surgery.audit.probe import world_probe_set  # noqa: E402
 from surgery.debias.balance import Draw  # noqa: E402
 from surgery.debias.open_balance import OpenBalanceOptions, fit_open_balance  # noqa: E402
-from surgery.debias.pipeline import SELECTION_SEED_OFFSET  # noqa: E402
+from surgery.debias.probes import SELECTION_SEED_OFFSET  # noqa: E402
 from surgery.edit.bake import bake  # noqa: E402
 from surgery.edit.plan import SurgeryPlan  # noqa: E402
 from surgery.export.onnx import OnnxOptions, export_onnx  # noqa: E402

@@ -19,7 +19,7 @@ import surgery
 from surgery.audit.probe import edit_figures, world_probe_set
 from surgery.debias.balance import Draw
 from surgery.debias.open_balance import OpenBalanceOptions, fit_open_balance
-from surgery.debias.pipeline import SELECTION_SEED_OFFSET
+from surgery.debias.probes import SELECTION_SEED_OFFSET
 from surgery.model.encode import text_embeddings
 from surgery.world.checkpoint import world_params_of
 from surgery.world.prompts import group_prompts, neutral_queries

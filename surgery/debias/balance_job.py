@@ -10,18 +10,9 @@ import dataclasses
 from collections.abc import Callable
 
 from surgery.audit.probe import captioned_images, folder_probe_set
-from surgery.debias.pipeline import (
-    Choice,
-    DebiasOptions,
-    Probes,
-    balance_candidate,
-    checked_queries,
-    contribution_lines,
-    embed_prompts,
-    make_plan,
-    run_search,
-    world_selection,
-)
+from surgery.debias.options import DebiasOptions
+from surgery.debias.pipeline import Choice, balance_candidate, contribution_lines, make_plan, run_search
+from surgery.debias.probes import Probes, checked_queries, embed_prompts, world_selection
 from surgery.errors import SurgeryError
 from surgery.io.fs import check_output_path
 from surgery.io.images import resolve_images_dir

@@ -90,7 +90,8 @@ def test_anchor_weights_hold_the_anchors_still():
 def test_the_debias_pool_weighs_anchors_at_anchor_weight():
     """Mutations: balance_candidate weighting captions or group prompts 1 (or class prompts 100), or
     the default anchor weight changed from the 100 the README documents."""
-    from surgery.debias.pipeline import DebiasOptions, Prompts, balance_candidate
+    from surgery.debias.pipeline import DebiasOptions, balance_candidate
+    from surgery.debias.probes import Prompts
 
     dim = 6
     prompts = Prompts(queries=torch.eye(dim)[:2], classes=torch.eye(dim)[:3], captions=[None],

@@ -46,7 +46,7 @@ def test_a_chosen_plan_whose_edits_a_tower_leaves_out_is_refused():
 
 
 def test_duplicate_queries_are_kept_once_in_their_first_order(tmp_path):
-    from surgery.debias.pipeline import checked_queries
+    from surgery.debias.probes import checked_queries
     from surgery.io.queries import load_queries
 
     text = tmp_path / "q.txt"
