@@ -201,7 +201,8 @@ def plan_figures(plan_json: str) -> dict:
         plan = json.load(f)
     prov = plan["provenance"]
     out = {"heads": len(plan["heads"]), "neurons": sum(len(n["ids"]) for n in plan["neurons"]),
-           "balance": [b["tower"] for b in plan.get("balance", [])], "removal_searched": prov.get("removal_searched"),
+           "balance": [b["tower"] for b in plan.get("balance", [])], "open_balance": len(plan.get("open_balance", [])),
+           "removal_searched": prov.get("removal_searched"),
            "contributions": {k: (v or {}).get("max_skew") for k, v in (prov.get("contributions") or {}).items()},
            "selection_before": prov.get("before", {}).get("max_skew")}
     for edit in plan.get("balance", []):
@@ -324,7 +325,8 @@ def labels_only_check(world: SuiteWorld, work: str, fresh: str, group_prompts_fi
     own = {}
     if retrieval:
         own_json = os.path.join(work, f"{world.name}-labels.report", "report.json")
-        own = {"report": figures(own_json), "verdicts": verdicts(own_json)}
+        own = {"report": figures(own_json), "verdicts": verdicts(own_json),
+               "plan": plan_figures(os.path.join(work, f"{world.name}-labels.plan.json"))}
     report = os.path.join(work, f"{world.name}-labels-eval")
     error = generate_split(world, report, params.seed)
     if error:
@@ -432,7 +434,9 @@ def table(rows: list[dict]) -> str:
             continue
         runs = [(f"debias (exit {r.get('exit')})", r)]
         if r.get("labels_only") and "error" not in r["labels_only"]:
-            runs.append((f"labels only (exit {r['labels_only']['exit']})", r["labels_only"]))
+            lo = r["labels_only"]
+            edit = ("open" if lo["plan"]["open_balance"] else "fixed") if "plan" in lo else None
+            runs.append((f"labels only (exit {lo['exit']}" + (f", {edit} balance" if edit else "") + ")", lo))
         for run, source in runs:
             for split in ("report", "eval", "fresh"):
                 f = source.get(split)
