@@ -47,6 +47,13 @@ class FolderImages:
         return torch.stack([torch.as_tensor(x) for x, _ in items])
 
 
+def image_batches(images: torch.Tensor | FolderImages, batch_size: int) -> Iterator[tuple[torch.Tensor, slice]]:
+    """(images (b, 3, H, W), slice into ``images``) in order."""
+    for start in range(0, len(images), batch_size):
+        sl = slice(start, min(start + batch_size, len(images)))
+        yield images[sl], sl
+
+
 @dataclass
 class ProbeSet:
     images: torch.Tensor | FolderImages  # (N, 3, H, W) preprocessed, or decoded per batch
@@ -79,9 +86,7 @@ class ProbeSet:
 
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, slice]]:
         """(images (b, 3, H, W), slice into the set) in order."""
-        for start in range(0, len(self), batch_size):
-            sl = slice(start, min(start + batch_size, len(self)))
-            yield self.images[sl], sl
+        return image_batches(self.images, batch_size)
 
 
 def caption_recall(image_emb: torch.Tensor, caption_emb: torch.Tensor, captions: list[str], k: int = 5) -> float:
@@ -119,9 +124,7 @@ class CaptionedImages:
 
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, slice]]:
         """(images (b, 3, H, W), slice into the set) in order."""
-        for start in range(0, len(self), batch_size):
-            sl = slice(start, min(start + batch_size, len(self)))
-            yield self.images[sl], sl
+        return image_batches(self.images, batch_size)
 
     def recalls(self, image_emb: torch.Tensor, caption_emb: torch.Tensor) -> dict:
         """``{"recall", "recall_i2t"}`` (hit@5, the keys of :func:`edit_figures`) of normalised
