@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 from click.testing import CliRunner
 
 from surgery.cli.main import main
@@ -112,27 +113,36 @@ def test_debias_on_a_folder_reports_on_held_out_images(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("o2")]
 
 
-def test_debias_exits_3_when_a_target_is_missed_and_allow_miss_exits_0(tmp_path):
-    args = ["--n-probe", "240", "--k", "20", "--selection-draws", "1", "--heads-only", "--max-heads", "1",
-            "--max-bias-ratio", "0.01"]  # one head cannot cut MaxSkew by 99%
-    missed = CliRunner().invoke(main, ["debias", "builtin:world", str(tmp_path / "a.onnx"), *args])
+MISS_ARGS = ["--n-probe", "240", "--k", "20", "--selection-draws", "1", "--heads-only", "--max-heads", "1",
+             "--max-bias-ratio", "0.01"]  # one head cannot cut MaxSkew by 99%
+
+
+@pytest.fixture(scope="module")
+def missed_but_allowed(tmp_path_factory):
+    """(folder, result) of a one-head debias that misses its target, run with --allow-miss (as b.onnx);
+    read by the exit-code test and the report-naming test."""
+    folder = tmp_path_factory.mktemp("allowed")
+    return folder, CliRunner().invoke(main, ["debias", "builtin:world", str(folder / "b.onnx"), *MISS_ARGS,
+                                             "--allow-miss"])
+
+
+def test_debias_exits_3_when_a_target_is_missed_and_allow_miss_exits_0(tmp_path, missed_but_allowed):
+    missed = CliRunner().invoke(main, ["debias", "builtin:world", str(tmp_path / "a.onnx"), *MISS_ARGS])
     assert missed.exit_code == 3, missed.output
     assert "targets on the report's images (NOT met)" in missed.output
     assert (tmp_path / "a.plan.json").is_file() and (tmp_path / "a.visual.onnx").is_file()  # the outputs are written
-    allowed = CliRunner().invoke(main, ["debias", "builtin:world", str(tmp_path / "b.onnx"), *args, "--allow-miss"])
+    _, allowed = missed_but_allowed
     assert allowed.exit_code == 0, allowed.output
     assert "(NOT met)" in allowed.output
     assert "MaxSkew@20 cut" in allowed.output and "on the worst query" in allowed.output
 
 
-def test_debias_report_names_generated_images_not_their_temp_folder(tmp_path):
-    out = tmp_path / "o.onnx"
-    result = CliRunner().invoke(main, ["debias", "builtin:world", str(out), "--n-probe", "240", "--k", "20",
-                                       "--selection-draws", "1", "--heads-only", "--max-heads", "1", "--allow-miss"])
+def test_debias_report_names_generated_images_not_their_temp_folder(missed_but_allowed):
+    folder, result = missed_but_allowed  # the run above: images generated from the model's world
     assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "o.report" / "report.json").read_text())
+    report = json.loads((folder / "b.report" / "report.json").read_text())
     assert report["spec"]["images_dir"].startswith("the model's own world, eval split (seed 0, 240 images")
-    assert "clipsurgery-debias-" not in (tmp_path / "o.report" / "report.md").read_text()
+    assert "clipsurgery-debias-" not in (folder / "b.report" / "report.md").read_text()
 
 
 def test_an_sae_that_no_kept_edit_uses_is_not_left_and_force_removes_the_previous_runs_plan_and_sae(

@@ -2,7 +2,8 @@
 
     torchrun --standalone --nproc-per-node 2 sae_worker.py CACHE OUT SPEC_JSON
 
-SPEC_JSON: a list of {"name", "cfg": SAEConfig kwargs, "options": TrainOptions kwargs, "stop_at"}.
+SPEC_JSON: a list of {"name", "cfg": SAEConfig kwargs, "options": TrainOptions kwargs, "stop_at", "cache"}
+("cache": that run's cache folder instead of CACHE, so one job trains on caches of several widths).
 Rank 0 saves each run's state dict as OUT/NAME.safetensors; ``stop_at`` interrupts a run (on every
 rank) after that step, as a kill would, leaving its checkpoints.
 """
@@ -27,8 +28,8 @@ def main() -> None:
     cache_dir, out_dir, spec = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     torch.set_num_threads(1)
     ranks = init_ranks()
-    cache = open_cache(cache_dir)
     for run in spec:
+        cache = open_cache(run.get("cache", cache_dir))
         cfg = SAEConfig(d_in=cache.d, **run["cfg"])
         options = TrainOptions(**run["options"])
 

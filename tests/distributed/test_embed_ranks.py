@@ -87,7 +87,9 @@ def test_a_rank_killed_mid_run_resumes_to_the_same_cache(data, tmp_path):
     root, _, _ = data
     args = ["embed", MODEL, "--images", str(root / "imgs"), "--site", "embedding", "--unit-images", "4",
             "--batch-size", "4", "--nproc", "2"]
-    _ok(cli(*args, "--out", str(tmp_path / "unbroken")))
+    # the unbroken cache to compare with, made in one process (no torchrun launch): a two-rank run
+    # writes the same cache bit for bit (the two tests above)
+    _ok(cli(*args[:-2], "--out", str(tmp_path / "unbroken")))
     killed = cli(*args, "--out", str(tmp_path / "resumed"), env={KILL_AT_PART_ENV: "5"})
     assert killed.returncode != 0
     assert not os.path.exists(tmp_path / "resumed" / "cache.json")  # no manifest: not readable as a cache

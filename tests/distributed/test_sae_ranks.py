@@ -69,24 +69,23 @@ def _batch_sizes(cache) -> list[int]:
 
 
 def test_two_ranks_train_the_same_sae_as_one_process(tmp_path):
-    by_width: dict[int, list[dict]] = {}
-    for run in RUNS:
-        by_width.setdefault(run["d"], []).append(run)
-    for d, runs in by_width.items():
-        cache = _cache(tmp_path / f"cache{d}", d)
+    caches = {d: _cache(tmp_path / f"cache{d}", d) for d in sorted({run["d"] for run in RUNS})}
+    for cache in caches.values():
         sizes = _batch_sizes(cache)
         assert sorted(set(sizes)) == [37, BATCH] and STEPS > len(sizes)  # every batch is visited, the short one too
         assert all(n // 2 != n - n // 2 for n in sizes)  # two ranks' shares differ on every step
-        spec = [{"name": r["name"], "cfg": r["cfg"], "options": _options()} for r in runs]
-        _torchrun(cache, tmp_path / "ranks", spec)
-        torch.set_num_threads(1)
-        for run in runs:
-            one, _ = train_sae(cache, SAEConfig(d_in=d, **run["cfg"]), TrainOptions(**_options()))
-            two = load_file(str(tmp_path / "ranks" / f"{run['name']}.safetensors"))
-            for key, value in one.state_dict().items():
-                torch.testing.assert_close(two[key], value, atol=2e-5, rtol=2e-5, msg=f"{run['name']}: {key}")
-            if run["cfg"]["kind"] == "batchtopk":
-                assert float(one.threshold) > 0  # the threshold was learned, and equals across runs
+    # one torchrun job for every run (each on its width's cache): one launch instead of one per width
+    spec = [{"name": r["name"], "cfg": r["cfg"], "options": _options(), "cache": str(caches[r["d"]].path)}
+            for r in RUNS]
+    _torchrun(caches[RUNS[0]["d"]], tmp_path / "ranks", spec)
+    torch.set_num_threads(1)
+    for run in RUNS:
+        one, _ = train_sae(caches[run["d"]], SAEConfig(d_in=run["d"], **run["cfg"]), TrainOptions(**_options()))
+        two = load_file(str(tmp_path / "ranks" / f"{run['name']}.safetensors"))
+        for key, value in one.state_dict().items():
+            torch.testing.assert_close(two[key], value, atol=2e-5, rtol=2e-5, msg=f"{run['name']}: {key}")
+        if run["cfg"]["kind"] == "batchtopk":
+            assert float(one.threshold) > 0  # the threshold was learned, and equals across runs
 
 
 def test_a_two_rank_run_resumed_from_its_checkpoint_equals_an_unbroken_one(tmp_path):

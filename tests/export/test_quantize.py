@@ -38,6 +38,15 @@ def world():
     return surgery.load("builtin:world")
 
 
+@pytest.fixture(scope="module")
+def int8_pair(world, tmp_path_factory) -> str:
+    """OUT.onnx of the world model's dynamic-int8 pair, through export_quantized and its default gate;
+    shared by the tests that only read it (served, run row by row)."""
+    out = str(tmp_path_factory.mktemp("int8") / "w.onnx")
+    export_quantized(world, out, None, GateData.for_model(world))
+    return out
+
+
 def test_world_model_int8_passes_the_gate_with_its_figures_in_the_metadata(world, tmp_path):
     out = tmp_path / "w.onnx"
     result = CliRunner().invoke(main, ["export", "builtin:world", str(out), "--quantize", "int8"])
@@ -126,7 +135,7 @@ def test_gate_options_are_checked():
         GateData(images_dir="x")
 
 
-def test_the_server_serves_an_int8_pair_and_shows_its_gate(world, tmp_path):
+def test_the_server_serves_an_int8_pair_and_shows_its_gate(int8_pair):
     import time
 
     from starlette.testclient import TestClient
@@ -135,8 +144,7 @@ def test_the_server_serves_an_int8_pair_and_shows_its_gate(world, tmp_path):
     from surgery.model.preprocess import tokenize
     from surgery.serve.server import build_app
 
-    out = str(tmp_path / "w.onnx")
-    export_quantized(world, out, None, GateData.for_model(world))
+    out = int8_pair
     with TestClient(build_app(out)) as client:
         for _ in range(600):  # warm-up runs in the background: wait for readiness (no timing asserted)
             if client.get("/readyz").status_code == 200:
@@ -152,15 +160,13 @@ def test_the_server_serves_an_int8_pair_and_shows_its_gate(world, tmp_path):
     np.testing.assert_allclose(np.array([d["embedding"] for d in got["data"]]), want, atol=1e-5, rtol=0)
 
 
-def test_a_served_dynamic_int8_row_does_not_depend_on_the_rows_batched_with_it(world, tmp_path):
+def test_a_served_dynamic_int8_row_does_not_depend_on_the_rows_batched_with_it(world, int8_pair):
     """Issue 29: dynamic int8 scales activations per call, so served answers depended on other
     clients' rows in the batch. The server runs such files one row per call: a row's embedding is
     the same alone and beside any others (and is what the gate measured at batch 1)."""
     from surgery.serve.runtime import EncoderPair
 
-    out = str(tmp_path / "w.onnx")
-    export_quantized(world, out, None, GateData.for_model(world))
-    pair = EncoderPair(out)
+    pair = EncoderPair(int8_pair)
     assert pair.per_row("vision") and pair.per_row("text")
     split = generate(world_params_of(world), "eval", 24)
     pixels = surgery.model.preprocess.images_to_tensor(split.images, world.preprocess).numpy()  # (24, 3, S, S)
@@ -334,7 +340,9 @@ def test_the_gate_measures_a_lone_request_too_and_refuses_a_file_that_fails_only
     from surgery.eval.encoders import TorchEncoder
     from surgery.export.gate import format_gate, gate_figures
 
-    spec = GateData.for_model(world).spec(str(tmp_path / "gate"))
+    # a 240-image world split as the gate's folder (the default gate generates 1200; batch 1 runs each one alone)
+    split = write_split(generate(world_params_of(world), "eval", 240), tmp_path / "split")
+    spec = GateData.for_model(world, str(split / "images"), str(split / "labels.csv"), k=20).spec(str(tmp_path / "gate"))
     reference = TorchEncoder(world)
     same = gate_figures(reference, reference, spec)
     assert same["at_batch_1"]["mean_cosine"]["image"] == pytest.approx(1.0, abs=1e-6)

@@ -85,6 +85,14 @@ def running_server(model: str, *args: str):
         proc.stdout.close()
 
 
+@pytest.fixture(scope="session")
+def default_server(tiny_pair):
+    """One server of tiny_pair with the default options, shared by the tests that only send it requests
+    and read the answers (no counts of /metrics, no options, no signals): one start-up (~5 s) for them all."""
+    with running_server(tiny_pair) as server:
+        yield server
+
+
 @pytest.fixture
 def start_server():
     """``with start_server(model, *cli_args) as server:`` -> :class:`Server` (killed afterwards if still up)."""

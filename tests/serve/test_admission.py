@@ -146,7 +146,7 @@ def _rss_kib(pid: int) -> int:
 
 
 @pytest.mark.slow
-def test_server_memory_stays_flat_over_many_distinct_long_texts(tiny_pair, start_server):
+def test_server_memory_stays_flat_over_many_distinct_long_texts(default_server):
     rng = np.random.default_rng(0)
 
     def request() -> dict:  # 64 texts of 4,096 characters of new 9-letter words: 262 KB, as in the issue
@@ -154,13 +154,13 @@ def test_server_memory_stays_flat_over_many_distinct_long_texts(tiny_pair, start
         letters[:, 9::10] = ord(" ")
         return {"texts": [row.tobytes().decode() for row in letters]}
 
-    with start_server(tiny_pair) as server:
-        for _ in range(5):  # settle: sessions, allocator pools, the tokenizer's first words
-            assert httpx.post(server.url + "/v1/embeddings/text", json=request(), timeout=120).status_code == 200
-        before = _rss_kib(server.proc.pid)
-        for _ in range(40):
-            assert httpx.post(server.url + "/v1/embeddings/text", json=request(), timeout=120).status_code == 200
-        grown = _rss_kib(server.proc.pid) - before
+    server = default_server  # shared with other tests: the growth is measured over this test's own requests
+    for _ in range(5):  # settle: sessions, allocator pools, the tokenizer's first words
+        assert httpx.post(server.url + "/v1/embeddings/text", json=request(), timeout=120).status_code == 200
+    before = _rss_kib(server.proc.pid)
+    for _ in range(40):
+        assert httpx.post(server.url + "/v1/embeddings/text", json=request(), timeout=120).status_code == 200
+    grown = _rss_kib(server.proc.pid) - before
     # open_clip's cache kept ~5.4 MB per such request (40 requests: ~200 MB); bounded now
     assert grown < 40 * 1024, f"RSS grew {grown / 1024:.0f} MiB over 40 requests of new words"
     print(f"RSS grew {grown / 1024:.1f} MiB over 40 requests of new words")

@@ -52,19 +52,18 @@ def _rows(response: httpx.Response) -> np.ndarray:
     return np.array([d["embedding"] for d in body["data"]], dtype=np.float32)
 
 
-def test_embeddings_equal_onnx_runtime(tiny_pair, start_server):
+def test_embeddings_equal_onnx_runtime(tiny_pair, default_server):
     images = [_png(0), _png(1, (40, 40)), _png(2, (31, 57))]
     want = _direct(tiny_pair, images, TEXTS)
-    with start_server(tiny_pair) as server:
-        url = server.url
-        multipart = httpx.post(url + "/v1/embeddings/image", files=[("image", (f"{i}.png", b, "image/png"))
-                                                                     for i, b in enumerate(images)])
-        b64 = httpx.post(url + "/v1/embeddings/image", json={"images": [base64.b64encode(b).decode() for b in images]})
-        text = httpx.post(url + "/v1/embeddings/text", json={"texts": TEXTS})
-        openai = httpx.post(url + "/v1/embeddings", json={"input": TEXTS, "model": "tiny"})
-        one = httpx.post(url + "/v1/embeddings", json={"input": TEXTS[1]})
-        packed = httpx.post(url + "/v1/embeddings", json={"input": TEXTS, "encoding_format": "base64"})
-        model = httpx.get(url + "/v1/model").json()
+    url = default_server.url
+    multipart = httpx.post(url + "/v1/embeddings/image", files=[("image", (f"{i}.png", b, "image/png"))
+                                                                 for i, b in enumerate(images)])
+    b64 = httpx.post(url + "/v1/embeddings/image", json={"images": [base64.b64encode(b).decode() for b in images]})
+    text = httpx.post(url + "/v1/embeddings/text", json={"texts": TEXTS})
+    openai = httpx.post(url + "/v1/embeddings", json={"input": TEXTS, "model": "tiny"})
+    one = httpx.post(url + "/v1/embeddings", json={"input": TEXTS[1]})
+    packed = httpx.post(url + "/v1/embeddings", json={"input": TEXTS, "encoding_format": "base64"})
+    model = httpx.get(url + "/v1/model").json()
     np.testing.assert_allclose(_rows(multipart), want["image"], atol=1e-5, rtol=0)
     np.testing.assert_allclose(_rows(b64), want["image"], atol=1e-5, rtol=0)
     np.testing.assert_allclose(_rows(text), want["text"], atol=1e-5, rtol=0)
@@ -216,21 +215,20 @@ def test_the_servers_pixel_cap_refuses_images_below_pillows_own_limit(tiny_pair,
                                 timeout=60)).shape == (1, 32)  # 1,600 pixels
 
 
-def test_multipart_rows_match_the_items_sent_and_the_model_field_names_the_served_model(tiny_pair, start_server):
+def test_multipart_rows_match_the_items_sent_and_the_model_field_names_the_served_model(tiny_pair, default_server):
     images = [_png(20), _png(21)]
-    with start_server(tiny_pair) as server:
-        url = server.url
-        # issue 23: a form field beside the files was dropped, and the answer had fewer rows than items sent
-        mixed = httpx.post(url + "/v1/embeddings/image", data={"caption": "a dog"},
-                           files=[("f", ("a.png", images[0], "image/png"))], timeout=60)
-        assert mixed.status_code == 400 and mixed.json()["error"]["code"] == "invalid_multipart", mixed.text
-        assert "caption" in mixed.json()["error"]["message"]
-        both = _rows(httpx.post(url + "/v1/embeddings/image", files=[("f", b) for b in images], timeout=60))
-        np.testing.assert_allclose(both, _direct(tiny_pair, images)["image"], atol=1e-5, rtol=0)
-        # issue 23: the OpenAI route's `model` was ignored; the served name is accepted, another is 404
-        named = httpx.post(url + "/v1/embeddings", json={"input": ["a dog"], "model": "tiny"}, timeout=60)
-        assert _rows(named).shape == (1, 32) and named.json()["model"] == "tiny"
-        other = httpx.post(url + "/v1/embeddings", json={"input": ["a dog"], "model": "text-embedding-3-small"},
-                           timeout=60)
-        assert other.status_code == 404 and other.json()["error"]["code"] == "model_not_found", other.text
-        assert "'tiny'" in other.json()["error"]["message"]
+    url = default_server.url
+    # issue 23: a form field beside the files was dropped, and the answer had fewer rows than items sent
+    mixed = httpx.post(url + "/v1/embeddings/image", data={"caption": "a dog"},
+                       files=[("f", ("a.png", images[0], "image/png"))], timeout=60)
+    assert mixed.status_code == 400 and mixed.json()["error"]["code"] == "invalid_multipart", mixed.text
+    assert "caption" in mixed.json()["error"]["message"]
+    both = _rows(httpx.post(url + "/v1/embeddings/image", files=[("f", b) for b in images], timeout=60))
+    np.testing.assert_allclose(both, _direct(tiny_pair, images)["image"], atol=1e-5, rtol=0)
+    # issue 23: the OpenAI route's `model` was ignored; the served name is accepted, another is 404
+    named = httpx.post(url + "/v1/embeddings", json={"input": ["a dog"], "model": "tiny"}, timeout=60)
+    assert _rows(named).shape == (1, 32) and named.json()["model"] == "tiny"
+    other = httpx.post(url + "/v1/embeddings", json={"input": ["a dog"], "model": "text-embedding-3-small"},
+                       timeout=60)
+    assert other.status_code == 404 and other.json()["error"]["code"] == "model_not_found", other.text
+    assert "'tiny'" in other.json()["error"]["message"]
