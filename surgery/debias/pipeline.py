@@ -319,7 +319,8 @@ def compare_before_after(loaded: LoadedModel, patched: LoadedModel, out: str, pr
                                       if vision_unchanged else ""))
     after = OnnxEncoder(out, fallback=TorchEncoder(patched)) if out.endswith(".onnx") else open_encoder(out)
     result = compare(TorchEncoder(loaded), after, probes.spec, EmbedOptions(cache_dir=os.path.join(work, "cache")),
-                     progress=StageProgress(say, "embedding the report's images", "images"), same_images=vision_unchanged)
+                     progress=StageProgress(say, "embedding the report's images", "images"), same_images=vision_unchanged,
+                     retrieval_progress=StageProgress(say, "embedding the retrieval set's report images", "images"))
     if probes.eval_name:
         result["spec"]["images_dir"] = probes.eval_name
     result["plan"] = plan.to_dict()

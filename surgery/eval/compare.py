@@ -30,17 +30,20 @@ class Row:
 
 
 def compare(before: Encoder, after: Encoder, spec: EvalSpec, options: EmbedOptions | None = None,
-            progress: Progress | None = None, same_images: bool = False) -> dict:
+            progress: Progress | None = None, same_images: bool = False,
+            retrieval_progress: Progress | None = None) -> dict:
     """Evaluate both encoders; returns ``{"spec", "before", "after", "rows"}`` (JSON-able).
 
     With a cache, both models embed the images in one pass over the decoded images first.
     ``same_images``: the two encoders' image towers are the same (an edit of the text side only),
     so the images are embedded once, by ``before``, and both evaluations read those embeddings.
+    ``retrieval_progress``: told while a retrieval set's images are embedded (default: ``progress``).
     """
     retrieval = spec.retrieval
+    told = retrieval_progress or progress
     if same_images:
         images = embed_images(before, spec.images_dir, spec.labels.files, options, progress)
-        gallery = embed_images(before, retrieval.images_dir, retrieval.files, options, progress) \
+        gallery = embed_images(before, retrieval.images_dir, retrieval.files, options, told) \
             if retrieval is not None else None
         rep_before = evaluate(before, spec, options, progress, images=images, retrieval_images=gallery)
         rep_after = evaluate(after, spec, options, progress, images=images, retrieval_images=gallery)
@@ -49,9 +52,9 @@ def compare(before: Encoder, after: Encoder, spec: EvalSpec, options: EmbedOptio
         if options is not None and options.cache_dir:
             embed_images_multi([before, after], spec.images_dir, spec.labels.files, options, progress)
             if retrieval is not None:
-                embed_images_multi([before, after], retrieval.images_dir, retrieval.files, options, progress)
-        rep_before = evaluate(before, spec, options, progress)
-        rep_after = evaluate(after, spec, options, progress)
+                embed_images_multi([before, after], retrieval.images_dir, retrieval.files, options, told)
+        rep_before = evaluate(before, spec, options, progress, retrieval_progress=told)
+        rep_after = evaluate(after, spec, options, progress, retrieval_progress=told)
     rows = summary_rows(rep_before, rep_after, spec.conventions.k)
     return {
         "spec": spec.describe(),

@@ -143,10 +143,11 @@ def spec_from_folder(images_dir: str, labels_path: str, *, captions_path: str | 
 
 def evaluate(encoder: Encoder, spec: EvalSpec, options: EmbedOptions | None = None,
              progress: Progress | None = None, images: ImageEmbeddings | None = None,
-             retrieval_images: ImageEmbeddings | None = None) -> dict:
+             retrieval_images: ImageEmbeddings | None = None, retrieval_progress: Progress | None = None) -> dict:
     """All metrics of one encoder on ``spec``; JSON-able. ``images``: the labelled images'
     embeddings when they are already computed (an embed cache); otherwise the encoder embeds them.
-    ``retrieval_images``: the same for the retrieval set's images (``spec.retrieval``)."""
+    ``retrieval_images``: the same for the retrieval set's images (``spec.retrieval``), embedded with
+    ``retrieval_progress`` (default: ``progress``) otherwise."""
     opt = options or EmbedOptions()
     identity = encoder.identity  # hashes the weights: once per evaluation
     imgs = images if images is not None else embed_images(encoder, spec.images_dir, spec.labels.files, opt, progress)
@@ -198,7 +199,7 @@ def evaluate(encoder: Encoder, spec: EvalSpec, options: EmbedOptions | None = No
         report["bias"][name] = summary
     if spec.cell_queries:
         report["cell_precision"] = cell_precision(encoder, spec, image_emb, kept, opt, identity)
-    recall = recall_images(encoder, spec, image_emb, kept, opt, progress, retrieval_images)
+    recall = recall_images(encoder, spec, image_emb, kept, opt, retrieval_progress or progress, retrieval_images)
     if recall is not None:
         gallery, files, captions = recall
         texts, owners = caption_pairs(captions, files)

@@ -149,3 +149,20 @@ def test_captioned_images_pair_every_caption_with_its_image(splits, tmp_path):
     keys = [c.lower() for c in images.captions]
     plain = retrieval_recall(cap, img, torch.tensor([i // 2 for i in range(16)]), (5,), text_keys=keys)
     assert both["t2i"] == plain["t2i@5"] and both["i2t"] == plain["i2t@5"]
+
+
+@pytest.mark.parametrize("same_images", [True, False])
+def test_the_retrieval_sets_images_are_told_to_their_own_progress(splits, same_images, tmp_path):
+    """A long report says which images it is embedding: the labelled ones (60) to ``progress``,
+    the retrieval set's (48) to ``retrieval_progress``, with or without an embedding cache pass."""
+    from surgery.eval.embedding import EmbedOptions
+
+    labelled, ret_dir = splits
+    spec = spec_from_folder(str(labelled), str(labelled / "labels.csv"), conventions=BiasConventions(k=10),
+                            retrieval=load_retrieval_set(str(ret_dir / "captions.csv")))
+    main, other = [], []
+    encoder = TorchEncoder(surgery.load("builtin:world"))
+    compare(encoder, encoder, spec, EmbedOptions(cache_dir=str(tmp_path / "cache")),
+            progress=lambda done, total: main.append(total), same_images=same_images,
+            retrieval_progress=lambda done, total: other.append(total))
+    assert set(main) == {60} and set(other) == {48}
