@@ -12,7 +12,6 @@ chose the balance it chose. World models from the suite's cache (train them with
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import tempfile
@@ -42,11 +41,7 @@ def folders(world: ws.SuiteWorld, work: str) -> tuple[str, str, str]:
                       "--n", str(n))
         if run.returncode != 0:
             raise SystemExit(run.stderr.strip().splitlines()[-1])
-    with open(os.path.join(probe, "labels.csv"), encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    labels = os.path.join(work, "group-only.csv")
-    with open(labels, "w", encoding="utf-8") as f:
-        f.write("file,group\n" + "".join(f"{r['file']},{r['group']}\n" for r in rows))
+    labels = os.path.join(ws.write_group_only(probe, params), "labels.csv")
     return os.path.join(probe, "images"), labels, os.path.join(retrieval, "captions.csv")
 
 

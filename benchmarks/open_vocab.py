@@ -44,7 +44,7 @@ from surgery.model.encode import text_embeddings  # noqa: E402
 from surgery.model.loading import load  # noqa: E402
 from surgery.world.checkpoint import world_params_of  # noqa: E402
 from surgery.world.generator import balanced_size  # noqa: E402
-from surgery.world.prompts import cell_queries, group_prompts, neutral_queries, query_wordings  # noqa: E402
+from surgery.world.prompts import cell_queries, neutral_queries, query_wordings  # noqa: E402
 
 HELD_OUT_CONCEPTS = 2  # the world's last concepts, left out of --queries
 BUNDLED = "bundled"
@@ -148,14 +148,7 @@ def run_world(name: str, work: str, labels_only: bool) -> dict:
     if labels_only:
         folder = os.path.join(work, f"{name}-labels")
         split(model, folder, params.seed + suite.LABELS_SEED_OFFSET, 2 * n)
-        with open(os.path.join(folder, "labels.csv"), encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-        group_only = os.path.join(folder, "group-only")
-        os.makedirs(group_only)
-        with open(os.path.join(group_only, "labels.csv"), "w", encoding="utf-8") as f:
-            f.write("file,group\n" + "".join(f"{r['file']},{r['group']}\n" for r in rows))
-        with open(os.path.join(group_only, "group_prompts.csv"), "w", encoding="utf-8") as f:
-            f.write("group,prompt\n" + "".join(f"{g},{p}\n" for g, p in zip(params.groups, group_prompts(params))))
+        group_only = suite.write_group_only(folder, params)
         args = ["--images", os.path.join(folder, "images"), "--labels", os.path.join(group_only, "labels.csv"),
                 "--group-prompts", os.path.join(group_only, "group_prompts.csv")]
     else:

@@ -299,17 +299,7 @@ def labels_only_check(world: SuiteWorld, work: str, fresh: str, group_prompts_fi
                str(params.seed + LABELS_SEED_OFFSET), "--n", str(n))
     if gen.returncode != 0:
         return {"error": gen.stderr.strip().splitlines()[-1]}
-    with open(os.path.join(folder, "labels.csv"), encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    group_only = os.path.join(folder, "group-only")
-    os.makedirs(group_only)
-    with open(os.path.join(group_only, "labels.csv"), "w", encoding="utf-8") as f:
-        f.write("file,group\n" + "".join(f"{r['file']},{r['group']}\n" for r in rows))
-    with open(os.path.join(group_only, "queries.txt"), "w", encoding="utf-8") as f:
-        f.write("\n".join(neutral_queries(params)) + "\n")
-    # how the groups are named, as a user with non-people groups writes it (the people template names none)
-    with open(os.path.join(group_only, "group_prompts.csv"), "w", encoding="utf-8") as f:
-        f.write("group,prompt\n" + "".join(f"{g},{p}\n" for g, p in zip(params.groups, group_prompts(params))))
+    group_only = write_group_only(folder, params)
     out = os.path.join(work, f"{world.name}-labels.onnx")
     named = ["--group-prompts", os.path.join(group_only, "group_prompts.csv")] if group_prompts_file else []
     if retrieval:
@@ -334,6 +324,24 @@ def labels_only_check(world: SuiteWorld, work: str, fresh: str, group_prompts_fi
     return {"exit": run.returncode, **own,
             "eval": compare_on(world, model_path(world), out, report, report + ".report"),
             "fresh": compare_on(world, model_path(world), out, fresh, os.path.join(work, f"{world.name}-labels-fresh"))}
+
+
+def write_group_only(split: str, params: WorldParams) -> str:
+    """``split``/group-only/: the split's labels as ``file,group`` only (no concepts, captions or
+    world.json: the group-labels-only case), the world's concept queries (queries.txt) and its group
+    prompts as a user with non-people groups writes them (group_prompts.csv: the people template
+    names none of a world's groups). Returns that folder."""
+    with open(os.path.join(split, "labels.csv"), encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    group_only = os.path.join(split, "group-only")
+    os.makedirs(group_only)
+    with open(os.path.join(group_only, "labels.csv"), "w", encoding="utf-8") as f:
+        f.write("file,group\n" + "".join(f"{r['file']},{r['group']}\n" for r in rows))
+    with open(os.path.join(group_only, "queries.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(neutral_queries(params)) + "\n")
+    with open(os.path.join(group_only, "group_prompts.csv"), "w", encoding="utf-8") as f:
+        f.write("group,prompt\n" + "".join(f"{g},{p}\n" for g, p in zip(params.groups, group_prompts(params))))
+    return group_only
 
 
 def audit_check(world: SuiteWorld, sweep_top: int | None = DEFAULT_SWEEP_TOP) -> dict:
