@@ -9,10 +9,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from surgery.audit.probe import captioned_images, folder_probe_set
+from surgery.audit.probe import folder_probe_set
 from surgery.debias.options import DebiasOptions
 from surgery.debias.pipeline import Choice, balance_candidate, contribution_lines, make_plan, run_search
-from surgery.debias.probes import Probes, checked_queries, embed_prompts, world_selection
+from surgery.debias.probes import Probes, attach_retrieval, checked_queries, embed_prompts, world_selection
 from surgery.errors import SurgeryError
 from surgery.io.fs import check_output_path
 from surgery.io.images import resolve_images_dir
@@ -44,9 +44,7 @@ def run_balance(model_in: str, plan_out: str, options: DebiasOptions, *, images_
         probes = Probes([probe], None, None, None, source={"images": images_dir, "labels": labels_path,
                                                        "selection_images": len(probe)})
         if retrieval is not None:
-            probes.retrieval = captioned_images(retrieval, loaded.preprocess)
-            probes.selection = [dataclasses.replace(probe, captions=None)]  # recall is the retrieval set's
-            probes.source["retrieval"] = retrieval.describe()
+            attach_retrieval(probes, retrieval, loaded.preprocess)
     elif params is not None:
         probes = Probes(world_selection(loaded, params, options, queries), None, None, params)
         say(f"probing on {len(probes.selection)} generated draws of the model's world")

@@ -119,10 +119,8 @@ def build_probes(loaded: LoadedModel, model_in: str, options: DebiasOptions, wor
                                 "selection_images": len(probe)})
         if retrieval is not None:
             chosen_on, report_retrieval = retrieval.split(options.holdout)
-            probes.retrieval = captioned_images(chosen_on, loaded.preprocess)
-            probes.selection = [dataclasses.replace(probe, captions=None)]  # recall is the retrieval set's
-            probes.source["retrieval"] = {**retrieval.describe(), "selection_images": len(probes.retrieval),
-                                          "report_images": len(report_retrieval)}
+            attach_retrieval(probes, chosen_on, loaded.preprocess, whole=retrieval,
+                             report_images=len(report_retrieval))
             say(f"retrieval set: {len(retrieval)} captioned images ({retrieval.n_captions} captions); the recall budgets "
                 f"are measured on them" + (f", the edits chosen on {len(probes.retrieval)} and reported on the other "
                                            f"{len(report_retrieval)}" if options.holdout > 0 else "")
@@ -145,6 +143,17 @@ def build_probes(loaded: LoadedModel, model_in: str, options: DebiasOptions, wor
                                    group_prompts=group_prompts if images_dir else None, retrieval=report_retrieval)
     return probes
 
+
+
+def attach_retrieval(probes: Probes, chosen_on: RetrievalSet, preprocess: dict, whole: RetrievalSet | None = None,
+                     **source) -> None:
+    """Folder probes measure recall on ``chosen_on`` (a retrieval set, or its selection part) instead of
+    their own captions, whose distinct captions then anchor the balance; the plan records ``whole``
+    (default: ``chosen_on``) with ``source``."""
+    probes.retrieval = captioned_images(chosen_on, preprocess)
+    probes.selection = [dataclasses.replace(p, captions=None) for p in probes.selection]  # recall is the set's
+    probes.source["retrieval"] = {**(whole or chosen_on).describe(), "selection_images": len(probes.retrieval),
+                                  **source}
 
 
 def world_probe_size(params: WorldParams, options: DebiasOptions) -> int:
